@@ -1,0 +1,61 @@
+# Every target is a thin wrapper over a Python / Hydra entry point.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+METHOD ?= swav
+BACKBONE ?=
+ARGS ?=
+# Torch threads: use every core unless told otherwise.
+export OMP_NUM_THREADS ?= $(shell nproc)
+
+.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench lint clean
+
+install: $(STAMP)
+
+# uv (not pip) installs torch: this machine's pip prefers a local CPU-only torch
+# wheel whose ABI does not match torchvision's compiled ops. The registry's
+# torch 2.13.0 runs fine on a CPU.
+$(STAMP): setup.cfg
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev,eval]'
+	$(PY) -c "import torch, torchvision; b = torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10]]); \
+	k = torchvision.ops.nms(b, torch.tensor([0.9, 0.8]), 0.5); assert k.tolist() == [0], k; \
+	print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'nms ok')"
+	touch $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py $(ARGS)
+
+test: install
+	$(VENV)/bin/pytest -m "not slow" -q $(ARGS)
+
+test-full: install
+	$(VENV)/bin/pytest -q $(ARGS)
+
+pretrain: install
+	$(PY) -m pretrain method=$(METHOD) $(ARGS)
+
+finetune: install
+	$(PY) -m finetune $(if $(BACKBONE),backbone.checkpoint=$(BACKBONE)) $(ARGS)
+
+pipeline: install
+	$(PY) scripts/pipeline.py $(ARGS)
+
+sweep: install
+	$(PY) scripts/sweep.py $(ARGS)
+
+report: install
+	$(PY) scripts/report.py $(ARGS)
+
+bench: install
+	$(PY) scripts/bench_pretrain.py
+	$(PY) scripts/bench_finetune.py
+
+lint: install
+	$(VENV)/bin/ruff check pretrain finetune scripts tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""Detection fine-tuning (Faster R-CNN, RetinaNet) on few labels, evaluation and prediction."""

@@ -1,0 +1,1 @@
+"""Labeled (COCO JSON) and unlabeled data: datasets, converters, splitter, synthetic data."""
