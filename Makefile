@@ -54,7 +54,7 @@ bench: install
 	$(PY) scripts/bench_finetune.py
 
 lint: install
-	$(VENV)/bin/ruff check pretrain finetune scripts tests
+	$(VENV)/bin/ruff check --line-length 110 pretrain finetune scripts tests
 	$(VENV)/bin/mypy
 
 clean:

@@ -1,0 +1,157 @@
+"""Collect every fine-tuning run's metrics.json under a folder into one table and plots.
+
+The table has the literature's shape (backbone, method, epochs, prototypes, AP, AP50,
+APs, APm, APl); runs that share a setting (seeds, folds) are also summarised as
+mean ± std.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("backbone", "method", "epochs", "prototypes", "detector", "AP", "AP50", "APs", "APm", "APl")
+METRICS = ("AP", "AP50", "APs", "APm", "APl")
+SETTING = ("backbone", "method", "epochs", "prototypes", "detector")
+
+
+def load_rows(root: str | Path) -> list[dict[str, Any]]:
+    """One row per fine-tuning run found below ``root`` (its metrics.json)."""
+    rows = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"[report] skipped unreadable {path}: {e}")
+            continue
+        if m.get("stage") != "finetune":
+            continue
+        rows.append(row_of(m, path.parent, Path(root)))
+    return rows
+
+
+def row_of(m: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+    bb = m.get("backbone") or {}
+    pretrained = bool(bb.get("checkpoint"))
+    coco = m.get("coco") or {}
+    row: dict[str, Any] = {
+        "backbone": bb.get("arch", "?"),
+        "method": (bb.get("method") or "pretrained") if pretrained else "random init",
+        "epochs": bb.get("epochs") if pretrained else None,
+        "prototypes": bb.get("num_prototypes") if pretrained else None,
+        "detector": m.get("detector", "?"),
+        "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
+    }
+    for k in METRICS:
+        v = coco.get(k)
+        row[k] = None if v is None or v < 0 else float(v)
+    return row
+
+
+def _fmt(v: Any, scale: float = 100.0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v * scale:.1f}"
+    return str(v)
+
+
+def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std of the metrics over runs with the same setting."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in SETTING)].append(r)
+    out = []
+    for key, rs in groups.items():
+        s: dict[str, Any] = dict(zip(SETTING, key))
+        s["n"] = len(rs)
+        for k in METRICS:
+            vals = [r[k] for r in rs if r[k] is not None]
+            s[k] = statistics.fmean(vals) if vals else None
+            s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(s)
+    return sorted(out, key=_sort_key)
+
+
+def _sort_key(r: dict[str, Any]) -> tuple:
+    return tuple((v is None, str(v) if not isinstance(v, (int, float)) else f"{v:012.4f}") for v in (r[k] for k in SETTING))
+
+
+def markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join((*COLUMNS, "run")) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    for r in sorted(rows, key=_sort_key):
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in (*COLUMNS, "run")) + " |")
+    if any(s["n"] > 1 for s in summary):
+        lines += ["", "Mean ± std over runs with the same setting (AP in %):", ""]
+        lines.append("| " + " | ".join((*SETTING, "n", *METRICS)) + " |")
+        lines.append("|" + "---|" * (len(SETTING) + 1 + len(METRICS)))
+        for s in summary:
+            cells = [_fmt(s[k]) for k in SETTING] + [str(s["n"])]
+            cells += [f"{_fmt(s[k])} ± {_fmt(s[k + '_std'])}" if s[k] is not None else "-" for k in METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict[str, Any]], x: str, path: Path) -> Path | None:
+    """AP against ``x`` (epochs or prototypes), one line per backbone/method/other setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [k for k in SETTING if k not in (x,)]
+    lines: dict[tuple, list[tuple[float, float, float]]] = defaultdict(list)
+    for s in summary:
+        if s[x] is None or s["AP"] is None:
+            continue
+        lines[tuple(s[k] for k in others)].append((float(s[x]), s["AP"] * 100, s["AP_std"] * 100))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        pts.sort()
+        xs, ys, es = zip(*pts)
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, key) if v is not None)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+    for s in summary:
+        if s["method"] == "random init" and s["AP"] is not None:
+            ax.axhline(s["AP"] * 100, ls="--", color="gray", label=f"random init ({s['detector']})")
+    ax.set_xlabel(x)
+    ax.set_ylabel("AP (%)")
+    ax.set_title(f"COCO AP against {x}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, report.csv and the AP plots for every run under ``root``."""
+    root = Path(root)
+    out_dir = Path(out) if out else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(root)
+    if not rows:
+        raise FileNotFoundError(f"no fine-tuning metrics.json under {root}")
+    summary = summarise(rows)
+    files = {"md": out_dir / "report.md", "csv": out_dir / "report.csv"}
+    files["md"].write_text(markdown(rows, summary))
+    with files["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "run"])
+        w.writeheader()
+        for r in sorted(rows, key=_sort_key):
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in (*COLUMNS, "run")})
+    for x in ("epochs", "prototypes"):
+        p = plot(summary, x, out_dir / f"ap_vs_{x}.png")
+        if p is not None:
+            files[x] = p
+    return files
+
+

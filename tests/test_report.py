@@ -1,0 +1,54 @@
+"""The report collects fine-tuning runs into one table, mean ± std and plots."""
+
+import csv
+import json
+
+import pytest
+
+from finetune.report import load_rows, summarise, write_report
+
+
+def _run(root, name, ap, method="swav", epochs=1, prototypes=10, checkpoint="x/backbone.safetensors"):
+    d = root / name
+    d.mkdir(parents=True)
+    coco = {"AP": ap, "AP50": ap + 0.2, "AP75": ap, "APs": -1.0, "APm": ap, "APl": ap}
+    bb = {"checkpoint": checkpoint, "arch": "resnet18", "method": method, "epochs": epochs,
+          "num_prototypes": prototypes}
+    (d / "metrics.json").write_text(json.dumps({"stage": "finetune", "detector": "fasterrcnn",
+                                                "coco": coco, "backbone": bb}))
+
+
+def test_rows_summary_and_files(tmp_path):
+    root = tmp_path / "sweep"
+    _run(root, "0/finetune", 0.30, epochs=1, prototypes=10)
+    _run(root, "1/finetune", 0.40, epochs=2, prototypes=10)
+    _run(root, "2/finetune", 0.20, epochs=1, prototypes=20)
+    _run(root, "3/finetune", 0.24, epochs=1, prototypes=20)  # same setting as 2: a second seed
+    _run(root, "base", 0.10, checkpoint=None)
+    (root / "0" / "metrics.json").write_text(json.dumps({"stage": "pretrain", "final_loss": 1.0}))
+
+    rows = load_rows(root)
+    assert len(rows) == 5  # the pretrain metrics.json is not a row
+    base = next(r for r in rows if r["run"] == "base")
+    assert base["method"] == "random init" and base["epochs"] is None
+    assert all(r["APs"] is None for r in rows)  # COCO's -1 (no such objects) is not a score
+
+    summary = summarise(rows)
+    pair = next(s for s in summary if s["prototypes"] == 20)
+    assert pair["n"] == 2
+    assert pair["AP"] == pytest.approx(0.22)
+    assert pair["AP_std"] == pytest.approx(0.0282843, rel=1e-4)
+
+    files = write_report(root, tmp_path / "out")
+    md = files["md"].read_text()
+    assert md.count("| resnet18 |") == 5 + 4  # five runs, four settings in the mean ± std table
+    assert "22.0 ± 2.8" in md
+    with files["csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == 5
+    for kind in ("epochs", "prototypes"):
+        assert files[kind].stat().st_size > 1000
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fine-tuning metrics.json"):
+        write_report(tmp_path)
