@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 METHOD ?= swav
 BACKBONE ?=
 ARGS ?=
+# make sweep: one pretraining per combination, each followed by its fine-tune.
+PROTOTYPES ?= 1000,2000,3000
+EPOCHS ?= 100,200
+# make report: the folder whose runs are collected.
+DIR ?= multirun
 # Torch threads: use every core unless told otherwise.
 export OMP_NUM_THREADS ?= $(shell nproc)
 
@@ -44,10 +49,11 @@ pipeline: install
 	$(PY) scripts/pipeline.py $(ARGS)
 
 sweep: install
-	$(PY) scripts/sweep.py $(ARGS)
+	$(PY) -m pretrain -m +chain=finetune method=$(METHOD) method.num_prototypes=$(PROTOTYPES) \
+		trainer.max_epochs=$(EPOCHS) $(ARGS)
 
 report: install
-	$(PY) scripts/report.py $(ARGS)
+	$(PY) scripts/report.py $(DIR) $(ARGS)
 
 bench: install
 	$(PY) scripts/bench_pretrain.py

@@ -100,19 +100,29 @@ class FinetuneAfterPretrain(Callback):
 
         python -m pretrain -m +chain=finetune method.num_prototypes=1000,2000 trainer.max_epochs=100,200
 
-    Each job's fine-tune lands in ``<job dir>/finetune``.
+    Each job's fine-tune lands in ``<job dir>/finetune``. The pretraining job's
+    ``experiment`` (smoke, demo, ...) is passed on to the fine-tune unless
+    ``overrides`` names one: both stages define the same presets.
     """
 
     def __init__(self, overrides: Sequence[str] = (), baseline: bool = False) -> None:
         self.overrides = list(overrides)
         self.baseline = baseline
 
+    def finetune_overrides(self, config: DictConfig) -> list[str]:
+        experiment = config.hydra.runtime.choices.get("experiment")
+        inherited = []
+        if experiment not in (None, "null") and not any(o.startswith("experiment=") for o in self.overrides):
+            inherited = [f"experiment={experiment}"]
+        return [*inherited, *self.overrides]
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         job_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status != JobStatus.COMPLETED:
             log.warning("pretraining in %s did not complete: no fine-tune", job_dir)
             return
+        overrides = self.finetune_overrides(config)
         ckpt = [f"backbone.checkpoint={quote(backbone_of(job_dir))}"]
-        run_stage("finetune", job_dir / "finetune", [*self.overrides, *ckpt])
+        run_stage("finetune", job_dir / "finetune", [*overrides, *ckpt])
         if self.baseline:
-            run_stage("finetune", job_dir / "baseline", [*self.overrides, "backbone.checkpoint=null"])
+            run_stage("finetune", job_dir / "baseline", [*overrides, "backbone.checkpoint=null"])
