@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny synthetic detection set and the real datasets beside the checkout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.data.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny synthetic set (12 train, 6 val, 16 unlabeled images of 96 px), made once per session.
+
+    Returns:
+        ``{"root", "train_json", "val_json", "unlabeled"}`` (``unlabeled`` is the image folder).
+    """
+    out = make_synthetic(tmp_path_factory.mktemp("synthetic"), seed=0, num_train=12, num_val=6,
+                         num_unlabeled=16, image_size=96)
+    return {k: out[k] for k in ("root", "train_json", "val_json", "unlabeled")}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real small datasets (chess, bccd, coco128) in ``../shared/data``; skips if absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (CI keeps ../shared beside the checkout)")
+    return SHARED_DATA
