@@ -1,0 +1,144 @@
+"""Detection augmentation on ``(image, target)`` pairs with torchvision.transforms.v2.
+
+Boxes follow every geometric change because they travel as ``tv_tensors.BoundingBoxes``; after
+the geometric steps, boxes are clamped to the canvas and degenerate ones are removed together
+with their labels, areas and crowd flags (``v2.SanitizeBoundingBoxes``). ``area`` keeps the
+annotation's value: torchvision's detectors do not read it, and COCO evaluation takes areas from
+the untransformed annotation file.
+
+Scale jitter is done as *large scale jitter* (Ghiasi et al. 2021, "Simple Copy-Paste"): the
+image is resized by a random factor and then cropped or zero-padded back to its own size. A plain
+resize would be pointless here, because the detector's transform resizes every image to
+``min_size`` again; multi-scale training at the detector level is ``min_size`` given as a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+Target = dict[str, Any]
+_SANITIZED_KEYS = ("labels", "area", "iscrowd")
+
+
+class RandomScaleJitter(v2.Transform):
+    """Resize by a factor drawn from ``scale_range``, then crop/pad back to the input size.
+
+    Factors above 1 zoom in (a random crop of the enlarged image), factors below 1 zoom out (the
+    shrunk image is placed at a random position on a zero canvas). Works on every tv_tensor
+    (images, boxes, masks) at once, so boxes stay consistent.
+    """
+
+    def __init__(self, scale_range: tuple[float, float]) -> None:
+        super().__init__()
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_jitter needs 0 < min <= max, got {scale_range}")
+        self.scale_range = (lo, hi)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * float(torch.rand(()))  # torch RNG, like the other v2 transforms
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        # Negative offsets make F.crop pad, which places a shrunk image inside the canvas.
+        top = _randint(min(0, h - height), max(0, h - height))
+        left = _randint(min(0, w - width), max(0, w - width))
+        return {"size": [h, w], "top": top, "left": left, "height": height, "width": width}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        inpt = self._call_kernel(F.resize, inpt, params["size"], antialias=True)
+        return self._call_kernel(F.crop, inpt, params["top"], params["left"], params["height"], params["width"])
+
+
+class DetectionTransforms:
+    """Callable ``(image, target) -> (image, target)`` around a v2 pipeline.
+
+    It makes sure the image is a float32 ``tv_tensors.Image`` in [0, 1] and that ``target["boxes"]``
+    is a ``BoundingBoxes`` (a plain XYXY tensor is wrapped), since v2 would pass a plain tensor
+    through untouched and let the boxes drift from the image.
+    """
+
+    def __init__(self, pipeline: v2.Transform, train: bool) -> None:
+        self.pipeline = pipeline
+        self.train = train
+
+    def __call__(self, image: Any, target: Target) -> tuple[tv_tensors.Image, Target]:
+        image = v2.functional.to_image(image) if not isinstance(image, tv_tensors.Image) else image
+        image = v2.functional.to_dtype(image, torch.float32, scale=True)
+        target = dict(target)
+        boxes = target.get("boxes")
+        if boxes is not None and not isinstance(boxes, tv_tensors.BoundingBoxes):
+            target["boxes"] = tv_tensors.BoundingBoxes(
+                torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                format="XYXY",
+                canvas_size=tuple(image.shape[-2:]),
+            )
+        return self.pipeline(image, target)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(train={self.train}, {self.pipeline})"
+
+
+def build_transforms(
+    train: bool,
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    color_jitter: float = 0.0,
+    noise_std: float = 0.0,
+    scale_jitter: tuple[float, float] | None = None,
+) -> Callable[[Any, Target], tuple[tv_tensors.Image, Target]]:
+    """Training augmentation or the evaluation pass-through for detection samples.
+
+    Args:
+        train: False gives the evaluation transform (only the float32/BoundingBoxes checks).
+        hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip (useful for aerial/microscopy images, not for
+            natural scenes).
+        color_jitter: strength s of colour jitter (brightness/contrast/saturation 0.8 s, hue
+            0.2 s, capped at 0.5, SimCLR's proportions), applied with probability 0.8; 0 = off.
+        noise_std: standard deviation of additive Gaussian noise on the [0, 1] image; 0 = off.
+        scale_jitter: (min, max) zoom factor for large scale jitter, e.g. (0.5, 2.0); None = off.
+
+    Returns:
+        A callable ``(image, target) -> (image, target)``.
+    """
+    for name, p in (("hflip", hflip), ("vflip", vflip)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
+    if color_jitter < 0 or noise_std < 0:
+        raise ValueError("color_jitter and noise_std must be >= 0")
+    steps: list[v2.Transform] = []
+    if train:
+        if scale_jitter is not None:
+            steps.append(RandomScaleJitter(tuple(scale_jitter)))  # type: ignore[arg-type]
+        if hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(p=hflip))
+        if vflip > 0:
+            steps.append(v2.RandomVerticalFlip(p=vflip))
+        if color_jitter > 0:
+            s = color_jitter
+            steps.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.5, 0.2 * s))], p=0.8))
+        if noise_std > 0:
+            steps.append(v2.GaussianNoise(sigma=noise_std, clip=True))
+        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_getter)]
+    return DetectionTransforms(v2.Compose(steps) if steps else v2.Identity(), train=train)
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high], both included."""
+    return int(torch.randint(low, high + 1, ()))
+
+
+def _labels_getter(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Per-box tensors of the target that must be filtered together with the boxes."""
+    target = inputs[1] if isinstance(inputs, (tuple, list)) else inputs
+    n = len(target["boxes"])
+    return tuple(
+        target[k] for k in _SANITIZED_KEYS if isinstance(target.get(k), torch.Tensor) and target[k].shape[:1] == (n,)
+    )
