@@ -1,0 +1,150 @@
+"""COCO evaluation of a trained detector checkpoint on a COCO-JSON set.
+
+Usage::
+
+    python -m finetune.evaluate CKPT --ann COCO_JSON [--images ROOT] [--out DIR]
+        [--backend pycocotools|faster_coco_eval] [--batch-size 4] [--device auto]
+
+writes ``metrics.json`` (12-number COCO summary, per-class AP, the annotation file used) and
+``predictions.json`` (COCO results with the original category ids, original image coordinates)
+into ``--out`` (default ``<run dir>/eval/<annotation file stem>``), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from finetune.coco_eval import BACKENDS, CocoEvalResult, detections_to_coco, evaluate_coco, write_predictions
+from finetune.data.coco import CocoDetection, collate_fn
+from finetune.module import DetectionModule, load_detection_checkpoint, original_scale
+from finetune.transforms import build_transforms
+from pretrain.runtime import write_json
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def predict_dataset(
+    module: DetectionModule,
+    dataset: CocoDetection,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Run the detector over a CocoDetection set.
+
+    Returns:
+        COCO results (original category ids, boxes in the annotation file's image frame) and the
+        ids of every image predicted on, including those without detections.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_fn)
+    model = module.model.eval().to(device)
+    lookup = module.label_map.label_to_cat_id
+    preds: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for images, targets in loader:
+        outputs = model([im.to(device) for im in images])
+        for image, out, t in zip(images, outputs, targets):
+            iid = int(t["image_id"])
+            ids.append(iid)
+            preds += detections_to_coco(iid, out["boxes"], out["scores"], out["labels"], lookup,
+                                        scale=original_scale(dataset.coco.imgs[iid], image))
+    return preds, ids
+
+
+def evaluate_module(
+    module: DetectionModule,
+    dataset: CocoDetection,
+    out_dir: str | Path,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    backend: str = "pycocotools",
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[CocoEvalResult, list[dict[str, Any]], dict[str, Any]]:
+    """Predict on ``dataset``, evaluate, write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
+
+    Args:
+        extra: further metrics.json entries, written first (``stage``, ``backbone``, ...).
+
+    Returns:
+        The evaluation result, the predictions and the metrics dict written.
+    """
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    preds, ids = predict_dataset(module, dataset, batch_size, num_workers, device)
+    t1 = time.perf_counter()
+    names = dict(zip(module.label_map.cat_ids, module.label_map.class_names))
+    result = evaluate_coco(dataset.coco, preds, image_ids=ids, class_names=names, backend=backend)
+    t2 = time.perf_counter()
+    result.ann_file = str(dataset.ann_file)
+    write_predictions(out / "predictions.json", preds)
+    metrics = {
+        **dict(extra or {}),
+        "detector": module.cfg["detector"]["name"],
+        **result.to_dict(),
+        "image_root": str(dataset.image_root),
+        "score_thresh": module.cfg["detector"].get("score_thresh"),
+        "detections_per_img": module.cfg["detector"].get("detections_per_img"),
+        "timing_s": {"predict": round(t1 - t0, 3), "coco_eval": round(t2 - t1, 3)},
+    }
+    write_json(out / "metrics.json", metrics)
+    return result, preds, metrics
+
+
+def default_out_dir(ckpt: Path, ann_file: Path) -> Path:
+    """``<run dir>/eval/<annotation stem>`` next to the checkpoint's run."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    stem = ann_file.stem if ann_file.stem not in ("_annotations.coco", "_annotations") else ann_file.parent.name
+    return run_dir / "eval" / stem
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("ckpt", type=Path, help="fine-tuning checkpoint (checkpoints/best.ckpt of a run)")
+    parser.add_argument("--ann", type=Path, required=True, help="COCO JSON with the ground truth")
+    parser.add_argument("--images", type=Path, default=None, help="image folder (default: the JSON's folder)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval/<ann stem>)")
+    parser.add_argument("--backend", choices=BACKENDS, default="pycocotools")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--missing", choices=("error", "skip"), default="error",
+                        help="images whose files are missing: fail, or leave them out of the evaluation")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    module = load_detection_checkpoint(args.ckpt)
+    dataset = CocoDetection(args.ann, args.images, transforms=build_transforms(train=False), train=False,
+                            label_map=module.label_map, missing=args.missing)
+    out = args.out or default_out_dir(args.ckpt, args.ann)
+    result, _, metrics = evaluate_module(
+        module, dataset, out, batch_size=args.batch_size, num_workers=args.workers,
+        device=resolve_device(args.device), backend=args.backend,
+        extra={"stage": "evaluate", "checkpoint": str(args.ckpt), "checkpoint_epoch": module.checkpoint_epoch,
+               "backbone": module.hparams["backbone_info"].get("summary")},
+    )
+    print(f"{args.ann}: {result.num_images} images, {result.num_detections} detections")
+    print(result.table())
+    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.json'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Lightning module for detection fine-tuning: a torchvision detector, its optimiser and COCO val AP.
+
+The checkpoint carries everything needed to rebuild the model (nanoGPT-style): the resolved
+config, the label map, the resolved backbone description and input normalisation, all as plain
+containers, so ``torch.load(ckpt, weights_only=True)`` reads it and
+:func:`load_detection_checkpoint` rebuilds the detector without the original backbone file
+(the backbone weights are in ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from finetune.coco_eval import detections_to_coco, evaluate_coco
+from finetune.data.coco import LabelMap
+from finetune.detectors import build_detector
+from finetune.optim import param_groups
+from pretrain.backbones import build_resnet
+
+log = logging.getLogger(__name__)
+
+# torchvision's defaults, used when the backbone file does not say how it normalised inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCHEDULES = ("step", "cosine", "constant")
+# Detector keys of the config that are build_detector arguments (the rest: name, kwargs).
+_DETECTOR_ARGS = ("box_head", "box_loss", "min_size", "max_size", "anchor_sizes", "score_thresh",
+                  "detections_per_img")
+
+
+def lr_factor(
+    step: int,
+    total_steps: int,
+    name: str = "step",
+    warmup_steps: int = 0,
+    warmup_factor: float = 0.001,
+    milestones: Sequence[float] = (0.67, 0.89),
+    gamma: float = 0.1,
+    min_factor: float = 0.0,
+) -> float:
+    """LR multiplier at optimiser step ``step`` of ``total_steps``: linear warmup, then the schedule.
+
+    Warmup is capped at a tenth of the run so that short few-label runs spend most of their
+    steps at the real LR. ``milestones`` are fractions of ``total_steps`` (step schedule).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown LR schedule {name!r}; choose one of {SCHEDULES}")
+    total = max(1, int(total_steps))
+    warmup = min(int(warmup_steps), total // 10)
+    if name == "step":
+        factor = gamma ** sum(step >= round(m * total) for m in milestones)
+    elif name == "cosine":
+        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        factor = min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0
+    if step < warmup:
+        alpha = step / warmup
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_model(cfg: Mapping[str, Any], num_classes: int, backbone_info: Mapping[str, Any],
+                resnet: nn.Module | None = None) -> nn.Module:
+    """The torchvision detector described by ``cfg`` on ``resnet`` (a random one of the recorded arch if None)."""
+    bb = cfg["backbone"]
+    det = cfg["detector"]
+    if resnet is None:
+        resnet = build_resnet(backbone_info["arch"], bb["norm"], bb.get("gn_groups", 32))
+    kwargs = {k: det[k] for k in _DETECTOR_ARGS if k in det}
+    if isinstance(kwargs.get("min_size"), (list, tuple)):
+        kwargs["min_size"] = [int(s) for s in kwargs["min_size"]]
+    return build_detector(
+        det["name"],
+        resnet,  # type: ignore[arg-type]
+        backbone_info["arch"],
+        num_classes,
+        trainable_layers=int(bb["trainable_layers"]),
+        image_mean=backbone_info["image_mean"],
+        image_std=backbone_info["image_std"],
+        **kwargs,
+        **dict(det.get("kwargs") or {}),
+    )
+
+
+class DetectionModule(pl.LightningModule):
+    """Fine-tunes a torchvision Faster R-CNN / RetinaNet and reports COCO val AP every epoch.
+
+    Args:
+        cfg: the resolved run config as plain containers (``backbone``, ``detector``,
+            ``optimizer``, ``scheduler``, ``eval`` are read).
+        label_map: ``LabelMap.to_json()`` of the training set (labels 1..K, category ids, names).
+        backbone_info: the resolved backbone: ``arch``, ``image_mean``/``image_std`` and the
+            LoadReport summary (checkpoint, method, epochs, ...) for the metrics.
+        resnet: the loaded ResNet to build on; None builds a random one of ``backbone_info["arch"]``
+            (when the weights come from this module's own checkpoint). Not saved as a hyperparameter.
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        label_map: dict[str, Any],
+        backbone_info: dict[str, Any],
+        num_classes: int | None = None,
+        resnet: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.label_map = LabelMap.from_json(label_map)
+        if num_classes is not None and num_classes != self.label_map.num_classes:
+            raise ValueError(f"num_classes={num_classes} but the label map has {self.label_map.num_classes} classes")
+        num_classes = self.label_map.num_classes
+        # Plain containers only (the resnet module is not a hyperparameter), so the checkpoint
+        # loads with weights_only=True and rebuilds the model by itself.
+        self.save_hyperparameters(ignore=["resnet"])
+        self.cfg = cfg
+        self.model = build_model(cfg, num_classes, backbone_info, resnet)
+        self.history: list[dict[str, Any]] = []
+        # Val detections per image id (COCO results), collected over an epoch.
+        self._val_predictions: dict[int, list[dict[str, Any]]] = {}
+        self._loss_sum = torch.zeros(())
+        self._loss_steps = 0
+        # Set by load_detection_checkpoint: where the weights came from.
+        self.checkpoint_epoch: int | None = None
+        self.checkpoint_step: int | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.label_map.class_names)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
+        return self.model(images, targets)
+
+    @staticmethod
+    def model_targets(targets: Sequence[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Boxes and labels as plain tensors, the only target keys torchvision's detectors use."""
+        return [
+            {"boxes": t["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4), "labels": t["labels"]}
+            for t in targets
+        ]
+
+    # ------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_steps = 0
+
+    def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.model(list(images), self.model_targets(targets))
+        loss = sum(losses.values())
+        n = len(images)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, batch_size=n)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
+        self._loss_steps += 1
+        return loss  # type: ignore[return-value]
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        opt_cfg = dict(self.cfg["optimizer"])
+        groups = param_groups(
+            self.model,
+            base_lr=float(opt_cfg["lr"]),
+            weight_decay=float(opt_cfg.get("weight_decay", 0.0)),
+            multipliers=self.cfg.get("lr_multipliers"),
+            freeze_backbone=bool(self.cfg.get("freeze_backbone", False)),
+        )
+        # _convert_="all": plain lists (AdamW betas) in the optimizer state, or the checkpoint
+        # would pickle OmegaConf objects and no longer load with weights_only=True.
+        optimizer = hydra.utils.instantiate(opt_cfg, _convert_="all")(groups)
+        sched_cfg = dict(self.cfg["scheduler"])
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = LambdaLR(optimizer, partial(lr_factor, total_steps=total, **sched_cfg))
+        log.info("optimizer %s, %d steps, groups: %s", type(optimizer).__name__, total,
+                 ", ".join(f"{g['name']}={g['lr']:.3g}" for g in groups))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_predictions = {}
+
+    def validation_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
+        images, targets = batch
+        coco = _ground_truth(self.trainer.val_dataloaders)
+        outputs = self.model(list(images))
+        for image, out, t in zip(images, outputs, targets):
+            iid = int(t["image_id"])
+            self._val_predictions[iid] = detections_to_coco(
+                iid, out["boxes"], out["scores"], out["labels"], self.label_map.label_to_cat_id,
+                scale=original_scale(coco.imgs[iid], image),
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a few batches are no measure of AP
+            return
+        by_image = self._val_predictions
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, by_image)
+            # DistributedSampler pads ranks with repeated images: each image counts once.
+            by_image = {}
+            for part in gathered:
+                for iid, dets in part.items():
+                    by_image.setdefault(iid, dets)
+        ids = sorted(by_image)
+        preds = [p for iid in ids for p in by_image[iid]]
+        coco = _ground_truth(self.trainer.val_dataloaders)
+        backend = (self.cfg.get("eval") or {}).get("backend", "pycocotools")
+        result = evaluate_coco(coco, preds, image_ids=ids, backend=backend,
+                               class_names=dict(zip(self.label_map.cat_ids, self.label_map.class_names)))
+        # Every rank computed the same numbers from the gathered predictions, so the sync
+        # (a mean of equal values) changes nothing; it only keeps Lightning's DDP check quiet.
+        self.log_dict({f"val/{k}": v for k, v in result.stats.items()}, sync_dist=True)
+        epoch_loss = (self._loss_sum / self._loss_steps).item() if self._loss_steps else None
+        lrs = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
+        self.history.append({
+            "epoch": int(self.current_epoch),
+            "step": int(self.global_step),
+            "train_loss": epoch_loss,
+            "lr": max((g["lr"] for g in lrs), default=None),
+            **{f"val_{k}": v for k, v in result.stats.items()},
+            "val_detections": len(preds),
+        })
+        if self.trainer.is_global_zero:
+            log.info("epoch %d: val AP %.4f AP50 %.4f (%d detections on %d images)", self.current_epoch,
+                     result.stats["AP"], result.stats["AP50"], len(preds), len(ids))
+
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("history", []))
+
+
+def original_scale(info: Mapping[str, Any], image: torch.Tensor) -> tuple[float, float]:
+    """(sx, sy) from the pixels the model saw to the annotation file's image frame."""
+    h, w = image.shape[-2:]
+    return float(info["width"]) / w, float(info["height"]) / h
+
+
+def _ground_truth(loaders: Any) -> Any:
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    coco = getattr(getattr(loader, "dataset", None), "coco", None)
+    if coco is None:
+        raise TypeError("the validation dataloader's dataset needs a `.coco` ground truth (use CocoDetection)")
+    return coco
+
+
+def load_detection_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> DetectionModule:
+    """Rebuild a trained detector from its Lightning checkpoint alone (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a fine-tuning checkpoint of this package.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
+    if not hp or not {"cfg", "label_map", "backbone_info"} <= set(hp) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{p} is not a fine-tuning checkpoint (needs hyper_parameters cfg/label_map/backbone_info "
+            "and a state_dict); pass a .ckpt written by `python -m finetune`"
+        )
+    module = DetectionModule(cfg=hp["cfg"], label_map=hp["label_map"], backbone_info=hp["backbone_info"],
+                             num_classes=hp.get("num_classes"))
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.history = list(ckpt.get("history", []))
+    module.checkpoint_epoch = ckpt.get("epoch")
+    module.checkpoint_step = ckpt.get("global_step")
+    return module.eval()

@@ -1,0 +1,294 @@
+"""Fine-tuning run: data, backbone, detector, Lightning fit, then COCO evaluation of the best epoch.
+
+``train(cfg)`` is what ``python -m finetune`` runs; tests call it with a ``compose()``d config.
+A run directory ends up holding::
+
+    config.yaml, label_map.json, logs/metrics.csv,
+    checkpoints/best.ckpt (best val AP), checkpoints/last.ckpt (resume),
+    metrics.json, predictions.json (the best checkpoint on the val set), plots/*.png
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from finetune.backbone import load_backbone
+from finetune.data.coco import CocoDetection, collate_fn, save_label_map
+from finetune.evaluate import evaluate_module
+from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_detection_checkpoint
+from finetune.transforms import build_transforms
+from pretrain.runtime import CKPT_DIR, build_trainer, hydra_run_dir, last_checkpoint, save_config, write_json
+
+log = logging.getLogger(__name__)
+DEFAULT_ARCH = "resnet50"  # arch=auto without a checkpoint
+
+# Conventional layouts under data.root, tried in order (see conf/finetune/data/coco.yaml).
+TRAIN_CANDIDATES = ("train.json", "annotations/instances_train*.json", "train/_annotations.coco.json")
+VAL_CANDIDATES = ("val.json", "valid.json", "annotations/instances_val*.json", "valid/_annotations.coco.json",
+                  "val/_annotations.coco.json")
+
+
+@dataclass
+class DataPaths:
+    train_json: Path
+    val_json: Path | None
+    train_images: Path | None
+    val_images: Path | None
+
+
+def resolve_data_paths(data: Mapping[str, Any]) -> DataPaths:
+    """Annotation files and image folders from ``data.*``: explicit paths win, else ``data.root``'s layout.
+
+    Synthetic data (``data.synthetic``) is generated under ``data.root`` first if missing.
+
+    Raises:
+        FileNotFoundError: no training annotations could be found; the message lists what was tried.
+    """
+    root = Path(data["root"]).expanduser() if data.get("root") else None
+    if data.get("synthetic") is not None:
+        from finetune.data.synthetic import ensure_synthetic
+
+        if root is None:
+            raise ValueError("synthetic data needs data.root (where to generate it)")
+        ensure_synthetic(root, **dict(data["synthetic"]))
+    train_json = _pick(data.get("train_json"), root, TRAIN_CANDIDATES, "train")
+    if train_json is None:
+        raise FileNotFoundError(
+            "no training annotations: set data.train_json=FILE, or data.root=DIR holding one of "
+            f"{', '.join(TRAIN_CANDIDATES)}" + (f" (looked in {root})" if root else "")
+        )
+    val_json = _pick(data.get("val_json"), root, VAL_CANDIDATES, "val")
+    return DataPaths(
+        train_json=train_json,
+        val_json=val_json,
+        train_images=_image_root(data.get("train_images"), train_json),
+        val_images=_image_root(data.get("val_images"), val_json) if val_json else None,
+    )
+
+
+def _pick(explicit: Any, root: Path | None, patterns: tuple[str, ...], split: str) -> Path | None:
+    if explicit:
+        p = Path(explicit).expanduser().resolve()
+        if not p.is_file():
+            raise FileNotFoundError(f"data.{split}_json={p} does not exist")
+        return p
+    if root is None:
+        return None
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root={root} is not a folder")
+    for pattern in patterns:
+        found = sorted(glob.glob(str(root / pattern)))
+        if found:
+            return Path(found[0]).resolve()
+    return None
+
+
+def _image_root(explicit: Any, ann_file: Path | None) -> Path | None:
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    if ann_file is not None and ann_file.parent.name == "annotations" and ann_file.stem.startswith("instances_"):
+        # COCO layout: annotations/instances_train2017.json describes images in train2017/.
+        guess = ann_file.parent.parent / ann_file.stem[len("instances_"):]
+        if guess.is_dir():
+            return guess
+    return None  # CocoDetection's default: the JSON's folder
+
+
+def build_datasets(cfg: DictConfig, paths: DataPaths) -> tuple[CocoDetection, CocoDetection | None]:
+    """Training set with augmentation and the validation set with the training set's label map."""
+    aug = OmegaConf.to_container(cfg.augment, resolve=True)
+    common = {"max_pixels": cfg.data.get("max_pixels"), "missing": cfg.data.get("missing", "error")}
+    train_ds = CocoDetection(paths.train_json, paths.train_images, transforms=build_transforms(True, **aug),  # type: ignore[arg-type]
+                             train=True, **common)
+    if train_ds.num_classes == 0:
+        raise ValueError(f"{paths.train_json} has no categories to train on")
+    val_ds = None
+    if paths.val_json is not None:
+        val_ds = CocoDetection(paths.val_json, paths.val_images, transforms=build_transforms(False), train=False,
+                               label_map=train_ds.label_map, **common)
+    return train_ds, val_ds
+
+
+def backbone_info_of(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the configured backbone; return it with the plain-dict description the checkpoint keeps."""
+    bb = cfg.backbone
+    arch = bb.arch
+    if arch == "auto" and not bb.checkpoint:
+        arch = DEFAULT_ARCH
+    resnet, report = load_backbone(bb.checkpoint or None, arch, bb.norm, gn_groups=bb.gn_groups,
+                                   strict=bb.get("strict", True))
+    print(report, flush=True)
+    if report.format == "random":
+        log.warning("no backbone.checkpoint: the ResNet starts from random weights (a from-scratch baseline)%s",
+                    "; frozen stages stay random and frozen_bn does not normalise: consider "
+                    "backbone.trainable_layers=5 backbone.norm=gn or bn" if bb.norm == "frozen_bn" else "")
+    summary = {**report.summary(), "arch": report.meta.get("arch") or arch, "norm": bb.norm,
+               "pretrain_norm": report.meta.get("norm"), "trainable_layers": int(bb.trainable_layers)}
+    info = {
+        "arch": summary["arch"],
+        "image_mean": [float(v) for v in (report.image_mean or IMAGENET_MEAN)],
+        "image_std": [float(v) for v in (report.image_std or IMAGENET_STD)],
+        "summary": summary,
+    }
+    return resnet, info
+
+
+def keep_previous_log(run_dir: Path, step: int) -> Path | None:
+    """Move ``logs/metrics.csv`` aside before resuming: Lightning's CSVLogger deletes it when it starts.
+
+    The plots read every ``logs/metrics*.csv``, so the curves still span the whole run.
+    """
+    src = run_dir / "logs" / "metrics.csv"
+    if not src.is_file():
+        return None
+    dst = src.with_name(f"metrics.until_step{step}.csv")
+    src.replace(dst)
+    return dst
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Fine-tune, keep the best epoch by val AP, evaluate it and write the run's outputs.
+
+    Args:
+        cfg: the composed ``conf/finetune`` config.
+        run_dir: output folder; default the Hydra run dir. A ``checkpoints/last.ckpt`` there is
+            resumed (``resume=false`` starts over).
+
+    Returns:
+        The metrics written to ``metrics.json`` (empty on non-zero ranks).
+    """
+    run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    save_config(cfg, run_dir)
+
+    paths = resolve_data_paths(cfg.data)
+    train_ds, val_ds = build_datasets(cfg, paths)
+    if val_ds is None:
+        log.warning("no validation set (data.val_json): no val AP, no best-epoch selection; the last epoch is kept")
+    save_label_map(run_dir / "label_map.json", train_ds)
+
+    resume = last_checkpoint(run_dir) if cfg.get("resume", True) else None
+    plain_cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    if resume is not None:
+        # The resumed run's own description: the backbone file is not needed (or re-read) again.
+        state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+        hp = state["hyper_parameters"]
+        if hp["label_map"] != train_ds.label_map.to_json():
+            raise ValueError(f"{resume} was trained with other classes than {paths.train_json}; "
+                             "use another run dir (hydra.run.dir=...) or resume=false")
+        print(f"resuming from {resume}", flush=True)
+        keep_previous_log(run_dir, int(state["global_step"]))
+        resnet, info = None, hp["backbone_info"]
+    else:
+        resnet, info = backbone_info_of(cfg)
+    module = DetectionModule(cfg=plain_cfg, label_map=train_ds.label_map.to_json(), backbone_info=info,
+                             num_classes=train_ds.num_classes, resnet=resnet)
+
+    loader_kw: dict[str, Any] = {
+        "num_workers": int(cfg.data.num_workers),
+        "collate_fn": collate_fn,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": int(cfg.data.num_workers) > 0,
+    }
+    train_loader = DataLoader(train_ds, batch_size=int(cfg.data.batch_size), shuffle=True, **loader_kw)
+    val_loader = (DataLoader(val_ds, batch_size=int(cfg.eval.batch_size), shuffle=False, **loader_kw)
+                  if val_ds is not None else None)
+
+    # last.ckpt (resume) and best.ckpt (best val AP: small labeled sets overfit, the best epoch
+    # matters) come from two callbacks: Lightning 2.6 only refreshes a monitoring callback's
+    # last.ckpt when its top-k improved, which would resume from a stale epoch. The best one
+    # runs first so that last.ckpt carries its up-to-date state.
+    last_cb = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, save_last=True, save_top_k=0)
+    checkpoint = None
+    if val_ds is not None:
+        checkpoint = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="best", monitor="val/AP", mode="max",
+                                     save_top_k=1, save_last=False, auto_insert_metric_name=False)
+    trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    if cfg.backbone.norm == "syncbn":
+        trainer_cfg.setdefault("sync_batchnorm", True)  # Lightning converts BN under DDP
+    trainer = build_trainer(trainer_cfg, run_dir, callbacks=[last_cb] if checkpoint else [],
+                            checkpoint=checkpoint or last_cb)
+
+    t0 = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
+    train_s = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return {}
+    return finish(cfg, run_dir, trainer, module, checkpoint, train_ds, val_ds, paths, train_s)
+
+
+def finish(
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: pl.Trainer,
+    module: DetectionModule,
+    checkpoint: ModelCheckpoint | None,
+    train_ds: CocoDetection,
+    val_ds: CocoDetection | None,
+    paths: DataPaths,
+    train_s: float,
+) -> dict[str, Any]:
+    """Evaluate the best checkpoint on the val set; write metrics.json, predictions.json and plots."""
+    ckpt_dir = run_dir / CKPT_DIR
+    best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
+    if best is None or not best.is_file():
+        best = ckpt_dir / "best.ckpt" if (ckpt_dir / "best.ckpt").is_file() else last_checkpoint(run_dir)
+    if best is None:
+        raise RuntimeError(f"training left no checkpoint in {ckpt_dir}")
+    best_module = load_detection_checkpoint(best)
+    history = module.history or best_module.history
+    summary = module.hparams["backbone_info"]["summary"]
+    base: dict[str, Any] = {
+        "stage": "finetune",
+        "detector": cfg.detector.name,
+        "ann_file": str(paths.val_json) if paths.val_json else None,
+        "train_ann_file": str(paths.train_json),
+        "num_train_images": len(train_ds),
+        "num_classes": train_ds.num_classes,
+        "classes": train_ds.class_names,
+        "backbone": summary,
+        "best_epoch": best_module.checkpoint_epoch,
+        "best_checkpoint": str(best),
+        "global_step": int(trainer.global_step),
+        "history": history,
+        "train_time_s": round(train_s, 2),
+        "run_dir": str(run_dir),
+    }
+    if val_ds is None:
+        metrics = {**base, "coco": None, "per_class_ap": None}
+        write_json(run_dir / "metrics.json", metrics)
+        return metrics
+    device = trainer.strategy.root_device
+    result, preds, metrics = evaluate_module(
+        best_module, val_ds, run_dir, batch_size=int(cfg.eval.batch_size), num_workers=0, device=device,
+        backend=cfg.eval.backend, extra=base,
+    )
+    print(f"\nbest epoch {best_module.checkpoint_epoch} ({best.name}) on {paths.val_json}: "
+          f"{result.num_images} images, {result.num_detections} detections")
+    print(result.table(), flush=True)
+    if cfg.eval.get("plots", True):
+        # Plots are a convenience: a plotting failure must not lose a finished run's metrics.
+        try:
+            from finetune.plots import plot_predictions, plot_training_curves
+
+            logs = sorted((run_dir / "logs").glob("metrics*.csv"))
+            plot_training_curves(logs, run_dir / "plots", history)
+            plot_predictions(val_ds, preds, run_dir / "plots" / "predictions.png",
+                             num_images=int(cfg.eval.plot_images), score=float(cfg.eval.plot_score))
+        except Exception as e:  # noqa: BLE001
+            log.warning("plots failed: %s", e)
+    print(f"run dir: {run_dir} (metrics.json, predictions.json, label_map.json, checkpoints/, plots/)")
+    return metrics
