@@ -1,0 +1,256 @@
+"""What every SSL method shares: backbone, optimiser and schedule, logging, kNN probe, resumable state.
+
+A method subclasses :class:`SSLMethod`, builds its lightly heads and loss in ``__init__`` and
+implements :meth:`SSLMethod.compute_loss`. The module is built from the resolved run config (a
+plain dict), which is stored as the checkpoint's ``hyper_parameters["config"]``: a bare
+``last.ckpt`` is enough to rebuild the module or export the backbone, and it loads with
+``torch.load(..., weights_only=True)`` because no module or custom object is pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.models.utils import get_weight_decay_parameters
+from lightly.utils.scheduler import CosineWarmupScheduler
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from pretrain.backbones import FEATURE_DIMS, build_resnet
+from pretrain.knn import knn_top1
+
+log = logging.getLogger(__name__)
+
+
+def plain_config(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """The config as a resolved plain dict (what goes into checkpoints and backbone.json)."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)  # type: ignore[return-value]
+
+
+class WarmupCosine(CosineWarmupScheduler):
+    """lightly's per-step warmup + cosine factor, whose horizon comes from the current config.
+
+    A resumed run restores its position (step count, base LRs) but keeps the warmup and total
+    steps computed now, so raising ``trainer.max_epochs`` and re-running extends the cosine
+    instead of continuing at the old run's final LR.
+    """
+
+    _HORIZON = ("warmup_epochs", "max_epochs", "start_value", "end_value", "period",
+                "warmup_start_value", "warmup_end_value")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keep = {k: getattr(self, k) for k in self._HORIZON}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(keep)
+        # The restored optimiser carries the LR of the old horizon: set the current one now.
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * factor(self.last_epoch)
+
+
+class SSLMethod(pl.LightningModule):
+    """Base LightningModule of one self-supervised method.
+
+    Args:
+        config: the resolved run config with at least ``method``, ``backbone``, ``optimizer``,
+            ``data`` (``batch_size``) and ``knn`` sections (see conf/pretrain).
+
+    Subclasses set ``self.backbone``'s companions (heads, loss) and implement
+    :meth:`compute_loss`. The online backbone must stay ``self.backbone`` (torchvision names
+    under the ``backbone.`` prefix is what export relies on); momentum copies go elsewhere.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | DictConfig) -> None:
+        super().__init__()
+        config = plain_config(config)
+        self.save_hyperparameters({"config": config})
+        self.config = config
+        self.method_cfg: dict[str, Any] = config["method"]
+        bcfg = config["backbone"]
+        self.backbone = build_resnet(bcfg["arch"], bcfg.get("norm", "bn"), bcfg.get("gn_groups", 32))
+        self.feature_dim = FEATURE_DIMS[bcfg["arch"]]
+        self.channels_last = bool(bcfg.get("channels_last", False))
+        if self.channels_last:
+            # Device moves preserve the format, so converting once here covers copies (momentum
+            # encoders) and checkpoint loads (which copy into these tensors).
+            self.backbone.to(memory_format=torch.channels_last)
+        # Counters that the backbone file reports; buffers so that they resume with the weights.
+        self.images_seen: Tensor
+        self.epochs_done: Tensor
+        self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
+        self._val_features: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+        self._val_index: list[Tensor] = []
+        self._epoch_loss_sum = 0.0
+        self._epoch_loss_n = 0
+        self.last_epoch_loss: float | None = None
+
+    # ------------------------------------------------------------------------------- interface
+    def compute_loss(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Loss of one batch of augmented views and extra scalars to log.
+
+        Args:
+            views: one ``(B, 3, H, W)`` tensor per view, in the order the transform made them.
+        """
+        raise NotImplementedError
+
+    def method_callbacks(self) -> list[Callback]:
+        """Callbacks the method wants (collapse warnings); none by default."""
+        return []
+
+    # ---------------------------------------------------------------------------------- helpers
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Put an image batch into the memory format the backbone runs in."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def embed_grouped(self, views: Sequence[Tensor], backbone: nn.Module | None = None) -> list[Tensor]:
+        """Backbone features of every view.
+
+        Consecutive views of one resolution go through the backbone as one batch, as the SwAV and
+        SimCLR reference code does: fewer, larger convolutions are faster, and BN sees all of them.
+        """
+        net = backbone if backbone is not None else self.backbone
+        out: list[Tensor] = []
+        i = 0
+        while i < len(views):
+            j = i + 1
+            while j < len(views) and views[j].shape == views[i].shape:
+                j += 1
+            feats = net(self.prepare_input(torch.cat(list(views[i:j])) if j - i > 1 else views[i]))
+            out.extend(feats.chunk(j - i))
+            i = j
+        return out
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def global_batch_size(self) -> int:
+        """Images per optimiser step over all processes (the LR scaling rule's batch)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return int(self.config["data"]["batch_size"]) * self.world_size * accumulate
+
+    # -------------------------------------------------------------------------------- training
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled backbone features (what the backbone file exports)."""
+        return self.backbone(self.prepare_input(x))
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss_sum, self._epoch_loss_n = 0.0, 0
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        views = list(batch)
+        loss, stats = self.compute_loss(views)
+        batch_size = views[0].shape[0]
+        self.images_seen += batch_size * self.world_size
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in stats.items():
+            self.log(name, value, batch_size=batch_size)
+        if torch.isfinite(loss.detach()):
+            self._epoch_loss_sum += float(loss.detach())
+            self._epoch_loss_n += 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Runs before ModelCheckpoint's epoch-end save, so last.ckpt counts this epoch.
+        self.epochs_done += 1
+        if self._epoch_loss_n:
+            self.last_epoch_loss = self._epoch_loss_sum / self._epoch_loss_n
+
+    # ---------------------------------------------------------------------- optimiser, schedule
+    def configure_optimizers(self) -> Any:
+        ocfg = self.config["optimizer"]
+        lr = float(ocfg["base_lr"]) * self.global_batch_size() / 256
+        weight_decay = float(ocfg["weight_decay"])
+        trainable = [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
+        if ocfg.get("exclude_bias_and_norm", True):
+            decay, no_decay = get_weight_decay_parameters(trainable)
+        else:
+            decay, no_decay = [p for m in trainable for p in m.parameters()], []
+        groups = [
+            {"name": "decay", "params": [p for p in decay if p.requires_grad], "weight_decay": weight_decay},
+            # LARS also skips its layer-wise scaling for weight_decay == 0 (as SimCLR/BYOL do).
+            {"name": "no_decay", "params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
+        ]
+        factory = hydra.utils.instantiate(ocfg["factory"])
+        optimizer = factory([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = max(
+            math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches), 1
+        ) if math.isfinite(self.trainer.num_training_batches) else total
+        warmup = min(round(float(ocfg.get("warmup_epochs", 0)) * steps_per_epoch), total)
+        scheduler = WarmupCosine(
+            optimizer, warmup_epochs=warmup, max_epochs=total, end_value=float(ocfg.get("end_lr_ratio", 0.0))
+        )
+        log.info("lr %.4g (base %.4g x global batch %d / 256), %d warmup of %d steps",
+                 lr, ocfg["base_lr"], self.global_batch_size(), warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------- kNN probe (val)
+    def on_validation_epoch_start(self) -> None:
+        self._val_features, self._val_labels, self._val_index = [], [], []
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        images, labels, index = batch
+        self._val_features.append(self.forward(images).float())
+        self._val_labels.append(labels)
+        self._val_index.append(index)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_features:
+            return
+        feats = torch.cat(self._val_features)
+        labels = torch.cat(self._val_labels)
+        index = torch.cat(self._val_index)
+        if self.world_size > 1:
+            feats, labels, index = (cast(Tensor, self.all_gather(t)).flatten(0, 1) for t in (feats, labels, index))
+            # DistributedSampler pads with repeats; a duplicate would be its own nearest neighbour.
+            order = torch.argsort(index, stable=True)
+            first = torch.ones_like(order, dtype=torch.bool)
+            first[1:] = index[order][1:] != index[order][:-1]
+            keep = order[first]
+            feats, labels = feats[keep], labels[keep]
+        kcfg = self.config.get("knn", {})
+        acc = knn_top1(
+            feats, labels, k=int(kcfg.get("k", 20)), vote=str(kcfg.get("vote", "weighted")),
+            temperature=float(kcfg.get("temperature", 0.07)),
+        )
+        # Every process computed the same value from the gathered set.
+        self.log("knn_top1", acc, prog_bar=True, sync_dist=True)
+        self._val_features, self._val_labels, self._val_index = [], [], []
+
+    # -------------------------------------------------------------------- resumable side state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # lightly's memory banks keep their contents in non-persistent buffers; without this,
+        # a resumed MoCo run would restart from a random queue.
+        banks = {
+            name: {"bank": m.bank.detach().cpu().clone(), "ptr": m.bank_ptr.detach().cpu().clone()}
+            for name, m in self.named_modules()
+            if isinstance(m, MemoryBankModule) and m.size[0] > 0
+        }
+        if banks:
+            checkpoint["memory_banks"] = banks
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("memory_banks", {})
+        for name, m in self.named_modules():
+            if isinstance(m, MemoryBankModule) and name in saved:
+                bank = saved[name]["bank"]
+                if bank.shape != m.bank.shape:
+                    raise ValueError(
+                        f"checkpoint memory bank {name} has shape {tuple(bank.shape)} but the config "
+                        f"builds {tuple(m.bank.shape)}; resume with the config the run started with"
+                    )
+                m.bank.copy_(bank)
+                m.bank_ptr.copy_(saved[name]["ptr"])

@@ -1,0 +1,166 @@
+"""``train(cfg)``: one pretraining run in the current Hydra run directory (resuming if it can)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from pretrain.backbones import ARCHS
+from pretrain.data import knn_loader, train_loader
+from pretrain.export import write_backbone
+from pretrain.methods.base import SSLMethod, plain_config
+from pretrain.runtime import CKPT_DIR, build_trainer, hydra_run_dir, last_checkpoint, save_config, write_json
+
+log = logging.getLogger(__name__)
+PRETRAIN_NORMS = ("bn", "gn", "syncbn")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse configs that cannot work, with the override that fixes them."""
+    b = config["backbone"]
+    if b["arch"] not in ARCHS:
+        raise ValueError(f"backbone.arch={b['arch']!r}; choose one of {ARCHS}")
+    if b.get("norm", "bn") not in PRETRAIN_NORMS:
+        raise ValueError(
+            f"backbone.norm={b.get('norm')!r} cannot be pretrained (frozen BN has nothing to learn); "
+            f"choose one of {PRETRAIN_NORMS}"
+        )
+    if int(config["data"]["batch_size"]) < 2:
+        raise ValueError("data.batch_size must be >= 2 (batch statistics and negatives need a batch)")
+    if "transform" not in config["method"] or "module" not in config["method"]:
+        raise ValueError("method config needs `module` (the LightningModule class) and `transform`")
+
+
+def _trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(config["trainer"])
+    if kwargs.get("sync_batchnorm") is None:
+        # SyncBN under DDP: per-GPU batches are small, and BN statistics over them alone are noisy.
+        # torch's SyncBatchNorm only runs on GPUs; CPU DDP (gloo) keeps per-process BN.
+        ddp = str(kwargs.get("strategy", "auto")).startswith("ddp")
+        accelerator = str(kwargs.get("accelerator", "auto"))
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        kwargs["sync_batchnorm"] = ddp and gpu and config["backbone"].get("norm", "bn") in ("bn", "syncbn")
+    return kwargs
+
+
+def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Pretrain, export the backbone file and write ``metrics.json`` into the run directory.
+
+    Re-running with the same run directory resumes from ``checkpoints/last.ckpt``.
+
+    Returns:
+        The metrics written to ``metrics.json`` (empty on non-zero ranks).
+    """
+    run_dir = hydra_run_dir()
+    config = plain_config(cfg)
+    check_config(config)
+    pl.seed_everything(int(config.get("seed", 0)), workers=True)
+    save_config(cfg if isinstance(cfg, DictConfig) else DictConfig(config), run_dir)
+
+    method_cls = hydra.utils.get_class(config["method"]["module"])
+    if not issubclass(method_cls, SSLMethod):
+        raise TypeError(f"method.module={config['method']['module']} is not an SSLMethod")
+    model = method_cls(config)
+    transform = hydra.utils.instantiate(config["method"]["transform"])
+    loader = train_loader(config["data"], transform)
+    val_loader = knn_loader(config)
+
+    every = config.get("checkpoint_every_n_steps")
+    checkpoint = (
+        ModelCheckpoint(dirpath=run_dir / CKPT_DIR, save_last=True, save_top_k=0, every_n_train_steps=int(every))
+        if every else None
+    )
+    trainer = build_trainer(_trainer_kwargs(config), run_dir, model.method_callbacks(), checkpoint=checkpoint)
+    resume = last_checkpoint(run_dir)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    csv_path = run_dir / "logs" / "metrics.csv"
+    earlier_rows = _read_csv(csv_path) if resume is not None else []
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # Both are expected here: the kNN probe is optional, and the earlier CSV rows are
+            # put back after the run (see _prepend_rows).
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+            warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted.*")
+            trainer.fit(model, loader, val_loader, ckpt_path=resume, weights_only=True)
+    finally:
+        if earlier_rows and trainer.is_global_zero:
+            _prepend_rows(csv_path, earlier_rows)
+    wall = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return {}
+
+    weights = write_backbone(
+        model.state_dict(), config, run_dir, int(model.images_seen), int(model.epochs_done),
+        trainer.global_step, source=str(run_dir.resolve()),
+    )
+    previous = _previous_metrics(run_dir)
+    knn = trainer.callback_metrics.get("knn_top1")
+    final_loss = model.last_epoch_loss if model.last_epoch_loss is not None else previous.get("final_loss")
+    metrics = {
+        "stage": "pretrain",
+        "method": config["method"]["name"],
+        "arch": config["backbone"]["arch"],
+        "norm": config["backbone"].get("norm", "bn"),
+        "epochs": int(model.epochs_done),
+        "num_prototypes": config["method"].get("num_prototypes"),
+        "final_loss": final_loss,
+        "knn_top1": float(knn) if knn is not None else previous.get("knn_top1"),
+        "images_seen": int(model.images_seen),
+        "global_step": int(trainer.global_step),
+        "global_batch_size": model.global_batch_size(),
+        "precision": str(config["trainer"].get("precision")),
+        "wall_time_s": round(wall, 2),
+        "backbone": str(weights),
+        "run_dir": str(run_dir),
+    }
+    if final_loss is not None and not math.isfinite(final_loss):
+        metrics["final_loss"] = None
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("backbone written to %s", weights)
+    return metrics
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def _prepend_rows(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put the rows of the runs before a resume back in front of the resumed run's rows.
+
+    Lightning's CSVLogger starts the file afresh; rows the earlier run logged after its last
+    checkpoint (steps that the resume repeats) are dropped.
+    """
+    new = _read_csv(path)
+    first = min((int(r["step"]) for r in new if r.get("step")), default=None)
+    keep = [r for r in earlier if first is None or (r.get("step") and int(r["step"]) < first)]
+    fields = sorted({k for r in keep + new for k in r})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(keep + new)
+
+
+def _previous_metrics(run_dir: Path) -> dict[str, Any]:
+    """metrics.json of an earlier, finished run in this directory (a resume that had nothing left)."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,176 @@
+"""Every SSL method: finite loss, gradients everywhere they belong, optimiser steps, SwAV specifics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.methods.base import SSLMethod, plain_config
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf" / "pretrain")
+METHODS = ("swav", "vicreg", "moco", "simclr")
+
+
+def smoke_config(method: str, *overrides: str) -> dict:
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides])
+    return plain_config(cfg)
+
+
+def build(config: dict) -> SSLMethod:
+    return hydra.utils.get_class(config["method"]["module"])(config)
+
+
+class NoiseImages(Dataset):
+    """Random RGB images through the method's real (lightly) transform."""
+
+    def __init__(self, n: int, transform, size: int = 72) -> None:
+        rng = np.random.default_rng(0)
+        self.images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i])
+
+
+def loader(config: dict, n: int = 16) -> DataLoader:
+    transform = hydra.utils.instantiate(config["method"]["transform"])
+    return DataLoader(NoiseImages(n, transform), batch_size=config["data"]["batch_size"], shuffle=True,
+                      drop_last=True)
+
+
+def fit(model: SSLMethod, dl: DataLoader, callbacks=(), **kwargs) -> pl.Trainer:
+    args = {"accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "precision": "32"}
+    args.update(kwargs)
+    trainer = pl.Trainer(callbacks=list(callbacks), **args)
+    trainer.fit(model, dl)
+    return trainer
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_trainable_parameter_gets_a_gradient(method):
+    config = smoke_config(method, "method.freeze_prototypes_iters=0" if method == "swav" else "seed=0")
+    model = build(config)
+    model.train()
+    views = next(iter(loader(config)))
+    loss, _ = model.compute_loss(views)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{method}: {name} got no gradient"
+            assert torch.isfinite(p.grad).all(), name
+        else:
+            assert name.startswith(("backbone_momentum.", "projection_head_momentum.")), f"{name} is frozen"
+    if method == "moco":
+        assert any(n.startswith("backbone_momentum.") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_optimisation_steps_with_finite_loss(method):
+    config = smoke_config(method)
+    model = build(config)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = fit(model, loader(config), [Record()], precision="bf16-mixed")
+    assert trainer.global_step == 2 and len(losses) == 2
+    assert all(np.isfinite(losses))
+    changed = [k for k, v in model.backbone.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed
+    assert int(model.images_seen) == 16
+
+
+def test_swav_prototypes_stay_frozen_for_their_iterations():
+    # Plain SGD with a large LR: LARS' trust ratio would make the first update too small to see.
+    config = smoke_config("swav", "method.freeze_prototypes_iters=2", "method.queue_length=0",
+                          "optimizer=sgd", "optimizer.base_lr=50")
+    model = build(config)
+    initial = model.prototypes.heads[0].weight.detach().clone()
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module.prototypes.heads[0].weight.detach().clone())
+
+    fit(model, loader(config, n=32), [Record()])
+    assert len(seen) == 4
+    assert torch.allclose(seen[0], initial, atol=1e-6) and torch.allclose(seen[1], initial, atol=1e-6)
+    assert not torch.allclose(seen[2], initial, atol=1e-3)
+    assert model.prototypes.heads[0].bias is None
+
+
+def test_swav_queue_switches_on_at_its_start_epoch():
+    bs = 8
+    config = smoke_config("swav", f"method.queue_length={bs}", "method.queue_start_epoch=1")
+    model = build(config)
+    record = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record.append((trainer.current_epoch, int(pl_module.queue_count),
+                           float(trainer.callback_metrics["swav_queue_used"])))
+
+    fit(model, loader(config, n=2 * bs), [Record()], max_epochs=3)
+    assert [r[0] for r in record] == [0, 0, 1, 1, 2, 2]
+    # Epoch 0: nothing queued or used. Epoch 1: filling; full after one batch, used from the next.
+    assert record[0][1:] == (0, 0.0) and record[1][1:] == (0, 0.0)
+    assert record[2][1:] == (bs, 0.0) and record[3][1:] == (bs, 1.0)
+    assert record[4][2] == 1.0 and record[5][2] == 1.0
+    assert model.queue.abs().sum() > 0
+    assert "queue" in model.state_dict() and "queue_count" in model.state_dict()
+
+
+def test_moco_queue_survives_a_checkpoint_round_trip():
+    config = smoke_config("moco")
+    model = build(config)
+    bank = model.criterion.memory_bank
+    bank.bank.normal_()
+    bank.bank_ptr.fill_(5)
+    ckpt: dict = {}
+    model.on_save_checkpoint(ckpt)
+    other = build(config)
+    other.on_load_checkpoint(ckpt)
+    assert torch.equal(other.criterion.memory_bank.bank, bank.bank)
+    assert int(other.criterion.memory_bank.bank_ptr) == 5
+
+
+def test_moco_momentum_encoder_follows_the_online_one():
+    config = smoke_config("moco", "method.momentum_start=0.5", "method.momentum_end=0.5")
+    model = build(config)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    target = [(0.5 * m + 0.5 * o).clone() for m, o in zip(model.backbone_momentum.parameters(), model.backbone.parameters())]
+    model.compute_loss(next(iter(loader(config))))
+    for t, m in zip(target, model.backbone_momentum.parameters()):
+        assert torch.allclose(t, m)
+
+
+def test_lr_scales_with_the_global_batch_and_skips_decay_on_bias_and_norm():
+    config = smoke_config("simclr", "optimizer.base_lr=0.4", "data.batch_size=8")
+    model = build(config)
+    trainer = fit(model, loader(config), max_steps=1)
+    opt = trainer.optimizers[0]
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["decay"]["initial_lr"] == pytest.approx(0.4 * 8 / 256)
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    assert id(model.backbone.bn1.weight) in no_decay and id(model.backbone.bn1.bias) in no_decay
+    assert id(model.backbone.conv1.weight) not in no_decay

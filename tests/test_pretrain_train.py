@@ -1,0 +1,186 @@
+"""train(cfg) end to end on the smoke experiment: outputs, resume, NaN stop, collapse warnings, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+from pretrain.callbacks import LossNearValueWarning, MetricBelowWarning
+from pretrain.methods.swav import SwAV
+from pretrain.runtime import NonFiniteLossError
+from pretrain.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf" / "pretrain")
+
+
+def smoke_cfg(*overrides: str):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("pretrain", overrides=["experiment=smoke", *overrides])
+
+
+def test_smoke_run_writes_every_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run directory outside Hydra is the working directory
+    metrics = train(smoke_cfg("method=swav"))
+    for name in ("config.yaml", "checkpoints/last.ckpt", "logs/metrics.csv", "metrics.json",
+                 "backbone.safetensors", "backbone.json"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["stage"] == "pretrain" and saved["method"] == "swav" and saved["num_prototypes"] == 16
+    assert saved["epochs"] == 1 and saved["global_step"] == 4 and saved["images_seen"] == 32
+    assert math.isfinite(saved["final_loss"]) and 0.0 <= saved["knn_top1"] <= 1.0
+    meta = json.loads((tmp_path / "backbone.json").read_text())
+    assert meta["arch"] == "resnet18" and meta["epochs"] == 1 and meta["images_seen"] == 32
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train_loss") for r in rows) and any(r.get("knn_top1") for r in rows)
+    assert any(k.startswith("lr-") for k in rows[0])
+    # Lightning checkpoints load without unpickling objects.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"]["method"]["name"] == "swav"
+
+
+def test_rerun_in_the_same_directory_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train(smoke_cfg("method=swav", "data.knn_val_json=null"))
+    assert first["global_step"] == 4
+    resumed_state = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            resumed_state["step"] = trainer.global_step
+            resumed_state["queue_count"] = int(pl_module.queue_count)
+            resumed_state["optimizer_state"] = len(trainer.optimizers[0].state)
+
+    monkeypatch.setattr(SwAV, "method_callbacks", lambda self: [Probe()])
+    second = train(smoke_cfg("method=swav", "data.knn_val_json=null", "trainer.max_epochs=2"))
+    assert resumed_state["step"] == 4 and resumed_state["queue_count"] == 16
+    assert resumed_state["optimizer_state"] > 0  # LARS momentum buffers came back
+    assert second["global_step"] == 8 and second["epochs"] == 2 and second["images_seen"] == 64
+    assert json.loads((tmp_path / "backbone.json").read_text())["epochs"] == 2
+    # The CSV log keeps the first run's rows, and the LR schedule spans the new length.
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    loss_steps = sorted(int(r["step"]) for r in rows if r.get("train_loss"))
+    assert loss_steps == list(range(8))
+    lrs = [float(r["lr-LARS/decay"]) for r in rows if r.get("lr-LARS/decay")]
+    assert len(lrs) == 8 and lrs[4] > lrs[3] and lrs[4] > lrs[-1] > 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original = SwAV.compute_loss
+
+    def poisoned(self, views):
+        loss, stats = original(self, views)
+        return (loss * float("nan") if self.global_step == 2 else loss), stats
+
+    monkeypatch.setattr(SwAV, "compute_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="global step 3"):
+        train(smoke_cfg("method=swav", "data.knn_val_json=null", "checkpoint_every_n_steps=1"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_collapse_warnings_fire_after_their_patience():
+    trainer = SimpleNamespace(global_step=0, callback_metrics={})
+    swav = LossNearValueWarning(value=math.log(16), margin=0.05, patience=3, message="collapse")
+    near = {"loss": torch.tensor(math.log(16) + 0.01)}
+    for _ in range(2):
+        swav.on_train_batch_end(trainer, None, near, None, 0)
+    assert not swav.warned
+    with pytest.warns(UserWarning, match="collapse"):
+        swav.on_train_batch_end(trainer, None, near, None, 0)
+    swav.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 0)
+    assert swav.streak == 0 and not swav.warned
+
+    vic = MetricBelowWarning("vicreg_std", threshold=0.05, patience=2, message="std near zero")
+    trainer.callback_metrics = {"vicreg_std": torch.tensor(0.5)}
+    vic.on_train_batch_end(trainer, None, None, None, 0)
+    trainer.callback_metrics = {"vicreg_std": torch.tensor(0.001)}
+    vic.on_train_batch_end(trainer, None, None, None, 0)
+    with pytest.warns(UserWarning, match="std near zero"):
+        vic.on_train_batch_end(trainer, None, None, None, 0)
+
+
+def test_bad_config_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="frozen BN"):
+        train(smoke_cfg("backbone.norm=frozen_bn"))
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        train(smoke_cfg("data.root=/nonexistent/folder"))
+
+
+@pytest.mark.slow
+def test_cli_multirun_sweeps_every_combination(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pretrain", "-m", "experiment=smoke", "method=swav",
+           "method.num_prototypes=8,16", "trainer.max_epochs=1,2", "data.knn_val_json=null",
+           f"data.synthetic_dir={tmp_path / 'synthetic'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    metas = [json.loads((tmp_path / "sweep" / str(i) / "backbone.json").read_text()) for i in range(4)]
+    assert sorted((m["num_prototypes"], m["epochs"]) for m in metas) == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    assert not (tmp_path / "sweep" / "4").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vicreg", "moco", "simclr"])
+def test_cli_smoke_run_and_export_command(tmp_path, method):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "pretrain", f"method={method}", "experiment=smoke",
+                    f"data.synthetic_dir={tmp_path / 'synthetic'}", f"hydra.run.dir={run}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    assert json.loads((run / "metrics.json").read_text())["method"] == method
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "pretrain.export", str(run / "checkpoints" / "last.ckpt"), "--out",
+                    str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    from pretrain.backbone_file import read_backbone_file
+
+    a, meta = read_backbone_file(run / "backbone.safetensors")
+    b, _ = read_backbone_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["method"] == method
+
+
+@pytest.mark.slow
+def test_cpu_ddp_two_processes(tmp_path):
+    # Exercises the distributed paths (Sinkhorn all-reduce, kNN all_gather with padding removed).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "pretrain", "method=swav", "experiment=smoke", "trainer.strategy=ddp",
+                    "trainer.devices=2", "trainer.accelerator=cpu", f"data.synthetic_dir={tmp_path / 'synthetic'}",
+                    f"hydra.run.dir={run}"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_batch_size"] == 16 and metrics["global_step"] == 2 and metrics["images_seen"] == 32
+    assert 0.0 <= metrics["knn_top1"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("trainer", "norm", "expected"),
+    [
+        ({"strategy": "ddp", "accelerator": "gpu"}, "bn", True),
+        ({"strategy": "ddp", "accelerator": "gpu"}, "gn", False),
+        ({"strategy": "ddp", "accelerator": "cpu"}, "bn", False),  # torch's SyncBN is GPU-only
+        ({"strategy": "auto", "accelerator": "gpu"}, "bn", False),
+        ({"strategy": "ddp", "accelerator": "gpu", "sync_batchnorm": False}, "bn", False),
+    ],
+)
+def test_sync_batchnorm_is_chosen_for_bn_under_gpu_ddp(trainer, norm, expected):
+    from pretrain.train import _trainer_kwargs
+
+    kwargs = _trainer_kwargs({"trainer": {"sync_batchnorm": None, **trainer}, "backbone": {"norm": norm}})
+    assert kwargs["sync_batchnorm"] is expected
