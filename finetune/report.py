@@ -7,7 +7,9 @@ mean ± std.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import statistics
 from collections import defaultdict
@@ -200,7 +202,7 @@ def draw_comparison(
     from PIL import Image
     from pycocotools.coco import COCO
 
-    with _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
         gt = COCO(str(ann_file))
     root = Path(image_root) if image_root else Path(ann_file).parent
     preds = {name: json.loads(Path(p).read_text()) for name, p in predictions.items()}
@@ -234,17 +236,3 @@ def draw_comparison(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-class _quiet:
-    """Silence pycocotools' prints."""
-
-    def __enter__(self) -> None:
-        import contextlib
-        import io
-
-        self._ctx = contextlib.redirect_stdout(io.StringIO())
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)

@@ -145,19 +145,6 @@ def backbone_info_of(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     return resnet, info
 
 
-def keep_previous_log(run_dir: Path, step: int) -> Path | None:
-    """Move ``logs/metrics.csv`` aside before resuming: Lightning's CSVLogger deletes it when it starts.
-
-    The plots read every ``logs/metrics*.csv``, so the curves still span the whole run.
-    """
-    src = run_dir / "logs" / "metrics.csv"
-    if not src.is_file():
-        return None
-    dst = src.with_name(f"metrics.until_step{step}.csv")
-    src.replace(dst)
-    return dst
-
-
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune, keep the best epoch by val AP, evaluate it and write the run's outputs.
 
@@ -190,7 +177,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             raise ValueError(f"{resume} was trained with other classes than {paths.train_json}; "
                              "use another run dir (hydra.run.dir=...) or resume=false")
         print(f"resuming from {resume}", flush=True)
-        keep_previous_log(run_dir, int(state["global_step"]))
         resnet, info = None, hp["backbone_info"]
     else:
         resnet, info = backbone_info_of(cfg)

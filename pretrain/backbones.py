@@ -6,11 +6,11 @@ own end to end (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
-import torch.nn as nn
 import torchvision
+from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 ARCHS = ("resnet18", "resnet34", "resnet50")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -79,6 +82,42 @@ class StopOnNonFiniteLoss(Callback):
             )
 
 
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes ``metrics.csv`` when a run starts; a resumed run keeps the
+    earlier rows before the step it resumes from (later ones are logged again) in front of its own."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._earlier: list[dict[str, str]] = []
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self._earlier = list(csv.DictReader(f))
+            self._fs.rm_file(self.metrics_file_path)
+
+    def save(self) -> None:
+        if self._earlier and self.metrics:
+            first = min(int(m["step"]) for m in self.metrics)
+            keep = [r for r in self._earlier if r.get("step") and int(float(r["step"])) < first]
+            self._earlier = []
+            if keep:
+                self.metrics_keys = sorted(set(self.metrics_keys) | {k for r in keep for k in r})
+                with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                    writer.writeheader()
+                    writer.writerows(keep)
+        super().save()
+
+
+class ResumingCSVLogger(CSVLogger):
+    """CSVLogger whose ``metrics.csv`` survives a resume in the same run directory."""
+
+    @property
+    def experiment(self) -> _ResumingWriter:  # type: ignore[override]
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(log_dir=self.log_dir)
+        return self._experiment  # type: ignore[return-value]
+
+
 def build_trainer(
     trainer_cfg: DictConfig | dict,
     run_dir: str | Path,
@@ -91,12 +130,16 @@ def build_trainer(
     Hydra override: ``trainer.max_epochs=100 trainer.precision=bf16-mixed``).
     """
     run_dir = Path(run_dir)
-    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig) else dict(trainer_cfg)
+    kwargs: dict[str, Any] = (
+        dict(OmegaConf.to_container(trainer_cfg, resolve=True))  # type: ignore[arg-type]
+        if isinstance(trainer_cfg, DictConfig)
+        else dict(trainer_cfg)
+    )
     ckpt = checkpoint or ModelCheckpoint(dirpath=run_dir / CKPT_DIR, save_last=True, save_top_k=0)
     cbs = [ckpt, StopOnNonFiniteLoss(), pl.callbacks.LearningRateMonitor("step"), *callbacks]
     return pl.Trainer(
         default_root_dir=str(run_dir),
-        logger=CSVLogger(str(run_dir), name="logs", version=""),
+        logger=ResumingCSVLogger(str(run_dir), name="logs", version=""),
         callbacks=cbs,
         **kwargs,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -86,19 +85,11 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     resume = last_checkpoint(run_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
-    csv_path = run_dir / "logs" / "metrics.csv"
-    earlier_rows = _read_csv(csv_path) if resume is not None else []
     t0 = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            # Both are expected here: the kNN probe is optional, and the earlier CSV rows are
-            # put back after the run (see _prepend_rows).
-            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
-            warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted.*")
-            trainer.fit(model, loader, val_loader, ckpt_path=resume, weights_only=True)
-    finally:
-        if earlier_rows and trainer.is_global_zero:
-            _prepend_rows(csv_path, earlier_rows)
+    with warnings.catch_warnings():
+        # Expected: the kNN probe (the validation loop) is optional.
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+        trainer.fit(model, loader, val_loader, ckpt_path=resume, weights_only=True)
     wall = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}
@@ -132,30 +123,6 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     write_json(run_dir / "metrics.json", metrics)
     log.info("backbone written to %s", weights)
     return metrics
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
-
-
-def _prepend_rows(path: Path, earlier: list[dict[str, str]]) -> None:
-    """Put the rows of the runs before a resume back in front of the resumed run's rows.
-
-    Lightning's CSVLogger starts the file afresh; rows the earlier run logged after its last
-    checkpoint (steps that the resume repeats) are dropped.
-    """
-    new = _read_csv(path)
-    first = min((int(r["step"]) for r in new if r.get("step")), default=None)
-    keep = [r for r in earlier if first is None or (r.get("step") and int(r["step"]) < first)]
-    fields = sorted({k for r in keep + new for k in r})
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(keep + new)
 
 
 def _previous_metrics(run_dir: Path) -> dict[str, Any]:

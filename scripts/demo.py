@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -22,17 +23,22 @@ from finetune.pipeline import run_pipeline
 from finetune.report import compare, draw_comparison
 
 
-def verdict(pre: dict, base: dict) -> str:
+def verdict(pre: dict, base: dict, pretrain: dict) -> str:
     ap_p, ap_b = pre["coco"]["AP"], base["coco"]["AP"]
     delta = (ap_p - ap_b) * 100
     if delta > 0:
         rel = f" ({ap_p / ap_b:.2f}x)" if ap_b > 0 else ""
         return (f"The pretrained backbone helped: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
                 f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning.")
+    why = ("With this little pretraining the features are not yet better than what fine-tuning "
+           "learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images.")
+    loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
+    if loss is not None and k and abs(loss - math.log(k)) < 0.05:
+        why = (f"SwAV's loss ended at {loss:.3f}, at ln(num_prototypes) = {math.log(k):.3f}: its cluster "
+               "assignments went uniform (collapse), so the backbone learned little that transfers. "
+               "Longer pretraining with a larger batch or a queue (method.queue_length) is what SwAV needs.")
     return (f"The pretrained backbone did NOT help here: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
-            f"from random init ({delta:+.1f} points). With this little pretraining the features "
-            "are not yet better than what fine-tuning learns from scratch; pretrain longer "
-            "(trainer.max_epochs) or on more unlabeled images.")
+            f"from random init ({delta:+.1f} points). " + why)
 
 
 def main() -> None:
@@ -52,6 +58,7 @@ def main() -> None:
     )
     pre = json.loads((dirs["finetune"] / "metrics.json").read_text())
     base = json.loads((dirs["baseline"] / "metrics.json").read_text())
+    pretrain_metrics = json.loads((dirs["pretrain"] / "metrics.json").read_text())
     runs = {"SwAV-pretrained": pre, "random init": base}
     table = compare(runs)
     png = draw_comparison(
@@ -66,7 +73,7 @@ def main() -> None:
         "",
         table,
         "",
-        verdict(pre, base),
+        verdict(pre, base, pretrain_metrics),
         "",
         f"predictions against ground truth: {png}",
         f"run directories: {', '.join(str(d) for d in dirs.values())}",

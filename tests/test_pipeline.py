@@ -1,0 +1,74 @@
+"""The chained stages: the demo in smoke form, and a 2x2 sweep of whole pipelines into the report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.pipeline import FinetuneAfterPretrain, quote, stage_done
+from finetune.report import load_rows, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
+    out = tmp_path / "demo"
+    result = _run([str(REPO / "scripts" / "demo.py"), "--smoke", "--out", str(out)], cwd=REPO)
+
+    backbone = out / "pretrain" / "backbone.safetensors"
+    assert backbone.exists() and (out / "pretrain" / "backbone.json").exists()
+    pre = json.loads((out / "finetune" / "metrics.json").read_text())
+    base = json.loads((out / "baseline" / "metrics.json").read_text())
+    # The fine-tune was given the exported file explicitly; the baseline had none.
+    assert Path(pre["backbone"]["checkpoint"]).resolve() == backbone.resolve()
+    assert pre["backbone"]["method"] == "swav"
+    assert not base["backbone"].get("checkpoint")
+    summary = (out / "summary.txt").read_text()
+    assert "SwAV-pretrained" in summary and "random init" in summary and "difference" in summary
+    assert ("helped" in summary) != ("did NOT help" in summary)
+    assert (out / "predictions_vs_ground_truth.png").stat().st_size > 10_000
+    assert "SwAV-pretrained" in result.stdout
+
+    # Re-running skips the finished stages.
+    again = _run([str(REPO / "scripts" / "demo.py"), "--smoke", "--out", str(out)], cwd=REPO)
+    assert again.stdout.count("already done") == 3
+    assert all(stage_done(s, out / d) for s, d in (("pretrain", "pretrain"), ("finetune", "finetune")))
+
+
+def test_sweep_2x2_gives_four_rows_and_plots(tmp_path):
+    sweep = tmp_path / "sweep"
+    _run(["-m", "pretrain", "-m", "+chain=finetune", "experiment=smoke", "method=swav",
+          "method.num_prototypes=8,16", "trainer.max_epochs=1,2", f"hydra.sweep.dir={quote(sweep)}"], cwd=REPO)
+    rows = load_rows(sweep)
+    assert len(rows) == 4
+    assert {(r["epochs"], r["prototypes"]) for r in rows} == {(1, 8), (1, 16), (2, 8), (2, 16)}
+    files = write_report(sweep)
+    assert files["md"].read_text().count("| resnet18 | swav |") == 4
+    assert files["epochs"].exists() and files["prototypes"].exists()
+
+
+def test_chain_passes_the_experiment_on():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"hydra": {"runtime": {"choices": {"experiment": "smoke"}}}})
+    assert FinetuneAfterPretrain().finetune_overrides(cfg) == ["experiment=smoke"]
+    assert FinetuneAfterPretrain(["experiment=demo"]).finetune_overrides(cfg) == ["experiment=demo"]
+    none = OmegaConf.create({"hydra": {"runtime": {"choices": {"experiment": None}}}})
+    assert FinetuneAfterPretrain(["detector=retinanet"]).finetune_overrides(none) == ["detector=retinanet"]
+
+
+def test_failed_stage_says_how_to_resume(tmp_path):
+    from finetune.pipeline import StageFailed, run_stage
+
+    with pytest.raises(StageFailed, match="re-run the same command"):
+        run_stage("finetune", tmp_path / "ft", ["data.root=/nonexistent/folder", "data.synthetic=null"])
