@@ -77,7 +77,7 @@ def main() -> None:
         "",
         f"predictions against ground truth: {png}",
         f"run directories: {', '.join(str(d) for d in dirs.values())}",
-        f"total time: {(time.time() - start) / 60:.1f} min",
+        f"time for this invocation: {(time.time() - start) / 60:.1f} min (finished stages are skipped on re-runs)",
     ])
     (Path(a.out) / "summary.txt").write_text(text + "\n")
     print("\n" + text)
