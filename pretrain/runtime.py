@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,8 +48,6 @@ def _jsonable(o: Any) -> Any:
         return o.tolist()
     if isinstance(o, (DictConfig,)):
         return OmegaConf.to_container(o, resolve=True)
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     return str(o)
 
 
