@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torchvision.utils import draw_bounding_boxes, make_grid
+from torchvision.utils import draw_bounding_boxes
 
 GT_COLOUR = "lime"
 PRED_COLOUR = "red"
@@ -60,30 +62,10 @@ def plot_training_curves(
     written = []
 
     loss_keys = [k for k in keys if k.startswith("train/") and not k.endswith("_epoch")]
-    if loss_keys:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in loss_keys:
-            xs, ys = _series(rows, k)
-            ax.plot(xs, ys, label=k.removeprefix("train/").removesuffix("_step"), lw=2 if "loss_" not in k else 1)
-        ax.set(xlabel="step", ylabel="loss", title="training loss")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out / "loss.png"))
-
-    lr_keys = [k for k in keys if k.startswith("lr-")]
-    if lr_keys:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in lr_keys:
-            if k.endswith(".no_decay"):  # same LR as its decayed twin
-                continue
-            xs, ys = _series(rows, k)
-            ax.plot(xs, ys, label=k.split("/", 1)[-1])
-        if any(v > 0 for k in lr_keys for v in _series(rows, k)[1]):
-            ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="learning rate", title="learning rate per parameter group")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out / "lr.png"))
+    written.extend(_curves_png(rows, loss_keys, out / "loss.png", "training loss", "loss",
+                               label=lambda k: k.removeprefix("train/").removesuffix("_step"),
+                               bold=lambda k: "loss_" not in k))
+    written.extend(_lr_png(rows, keys, out / "lr.png"))
 
     epochs: list[float]
     ap: dict[str, list[Any]]
@@ -116,6 +98,60 @@ def plot_training_curves(
     return written
 
 
+def plot_pretrain_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
+    """Pretraining's ``loss.png`` (per step), ``lr.png`` and ``knn.png`` (the box-crop kNN probe
+    per epoch, when it ran) from its ``logs/metrics.csv`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics_csv(metrics_csv) if Path(metrics_csv).is_file() else []
+    keys = sorted({k for r in rows for k in r})
+    written = _curves_png(rows, [k for k in keys if k == "train_loss"], out / "loss.png", "pretraining loss", "loss")
+    written += _lr_png(rows, keys, out / "lr.png")
+    written += _curves_png(rows, [k for k in keys if k.startswith("knn")], out / "knn.png",
+                           "kNN top-1 on labeled box crops", "accuracy", x="epoch", marker="o")
+    return written
+
+
+def _curves_png(
+    rows: Sequence[Mapping[str, float]],
+    keys: Sequence[str],
+    path: Path,
+    title: str,
+    ylabel: str,
+    x: str = "step",
+    log_y: bool = False,
+    marker: str | None = None,
+    label: Any = str,
+    bold: Any = lambda k: True,
+) -> list[Path]:
+    """One PNG with a line per key of ``rows`` against ``x``; nothing when no key has points."""
+    series = {k: _series(rows, k, x) for k in keys}
+    series = {k: v for k, v in series.items() if v[0]}
+    if not series:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label(k), lw=2 if bold(k) else 1, marker=marker)
+    if log_y and any(v > 0 for _, ys in series.values() for v in ys):
+        ax.set_yscale("log")
+    ax.set(xlabel=x, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return [_save(fig, path)]
+
+
+def _lr_png(rows: Sequence[Mapping[str, float]], keys: Sequence[str], path: Path) -> list[Path]:
+    # A ".no_decay" group has the same LR as its decayed twin: one line is enough.
+    lr_keys = [k for k in keys if k.startswith("lr-") and not k.endswith("no_decay")]
+    return _curves_png(rows, lr_keys, path, "learning rate per parameter group", "learning rate",
+                       log_y=True, label=lambda k: k.split("/", 1)[-1])
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -140,50 +176,67 @@ def draw_detections(
 
 
 def plot_predictions(
-    dataset: Any,
-    predictions: Sequence[Mapping[str, Any]],
+    ann_file: str | Path,
+    predictions: Mapping[str, str | Path | Sequence[Mapping[str, Any]]],
     out_path: str | Path,
-    num_images: int = 8,
+    image_root: str | Path | None = None,
+    num_images: int = 6,
     score: float = 0.5,
-    panel_height: int = 320,
 ) -> Path | None:
-    """A PNG grid: each row is one image, ground truth (green) left, predictions >= ``score`` (red) right.
+    """A PNG grid: one row per image, ground truth (green) then each named prediction set (red).
 
-    ``dataset`` is a CocoDetection; ``predictions`` are COCO results in its annotation frame.
+    Works from the COCO files alone: ``ann_file`` is the ground truth and every entry of
+    ``predictions`` is a COCO results list (or a ``predictions.json``) in its ids and coordinates,
+    so one run's plot and a comparison of several runs (the demo's pretrained against random
+    init) are the same picture. Detections below ``score`` are left out. Returns None when the
+    annotation file has no image with boxes.
     """
-    n = min(num_images, len(dataset))
-    if n == 0:
-        return None
-    names = {c["id"]: c["name"] for c in dataset.coco.dataset["categories"]}
-    by_image: dict[int, list[Mapping[str, Any]]] = {}
-    for p in predictions:
-        if p["score"] >= score:
-            by_image.setdefault(int(p["image_id"]), []).append(p)
-    panels = []
-    for i in range(n):
-        info = dataset.image_info(i)
-        pil = dataset.load_image(i)
-        # Draw at panel size (fonts and lines stay legible) with boxes scaled from the annotation frame.
-        s = panel_height / info["height"]
-        size = (max(1, round(info["width"] * s)), panel_height)
-        pil = pil.resize(size)
-        img = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8).reshape(pil.height, pil.width, 3)
-        img = img.permute(2, 0, 1).contiguous()
-        gt = dataset.annotations(i, include_crowd=True)
-        gt_boxes = torch.as_tensor(gt["boxes"], dtype=torch.float32).reshape(-1, 4) * s
-        gt_names = [dataset.class_names[int(lbl) - 1] for lbl in gt["labels"]]
-        dets = by_image.get(int(info["id"]), [])
-        det_boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)],
-                                 dtype=torch.float32).reshape(-1, 4) * s
-        det_names = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets]
-        panels += [draw_detections(img, gt_boxes, gt_names, GT_COLOUR), draw_detections(img, det_boxes, det_names, PRED_COLOUR)]
-    # Pad panels to one width so make_grid can tile them two per row.
-    max_w = max(p.shape[-1] for p in panels)
-    panels = [F.pad(p, (0, max_w - p.shape[-1]), value=255) for p in panels]
-    grid = make_grid(torch.stack(panels), nrow=2, padding=4, pad_value=255)
-    from PIL import Image
+    import matplotlib
 
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
+        gt = COCO(str(ann_file))
+    root = Path(image_root) if image_root else Path(ann_file).parent
+    sets = {name: json.loads(Path(p).read_text()) if isinstance(p, (str, Path)) else list(p)
+            for name, p in predictions.items()}
+    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    img_ids = [i for i in sorted(gt.getImgIds()) if gt.getAnnIds(imgIds=i, iscrowd=None)][:num_images]
+    if not img_ids:
+        return None
+    by_image: dict[str, dict[int, list[tuple[Any, int, float | None]]]] = {}
+    for name, dets in sets.items():
+        rows = by_image.setdefault(name, {})
+        for d in dets:
+            if d["score"] >= score:
+                rows.setdefault(int(d["image_id"]), []).append((d["bbox"], d["category_id"], d["score"]))
+    cols = ["ground truth", *sets]
+    fig, axes = plt.subplots(len(img_ids), len(cols), figsize=(3 * len(cols), 3 * len(img_ids)), squeeze=False)
+    for r, img_id in enumerate(img_ids):
+        info = gt.loadImgs(img_id)[0]
+        image = Image.open(root / info["file_name"]).convert("RGB")
+        boxes: dict[str, list[tuple[Any, int, float | None]]] = {"ground truth": [(a["bbox"], a["category_id"], None)
+                                  for a in gt.loadAnns(gt.getAnnIds(imgIds=img_id))]}
+        boxes.update({name: by_image[name].get(img_id, []) for name in sets})
+        for c, col in enumerate(cols):
+            ax = axes[r][c]
+            ax.imshow(image)
+            for (x, y, w, h), cat, s in boxes[col]:
+                colour = GT_COLOUR if s is None else PRED_COLOUR
+                ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color=colour, lw=1.2))
+                caption = names.get(cat, str(cat)) + ("" if s is None else f" {s:.2f}")
+                ax.text(x, y, caption, color="white", fontsize=5, va="bottom",
+                        bbox={"facecolor": colour, "alpha": 0.6, "pad": 0.5, "lw": 0})
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col if col == "ground truth" else f"{col} (score >= {score:g})", fontsize=8)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out

@@ -7,9 +7,7 @@ mean ± std.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import statistics
 from collections import defaultdict
@@ -180,59 +178,3 @@ def compare(runs: dict[str, dict[str, Any]], keys: Iterable[str] = ("AP", "AP50"
 
 def _score(v: Any) -> float | None:
     return None if v is None or v < 0 else float(v)
-
-
-def draw_comparison(
-    ann_file: str | Path,
-    predictions: dict[str, str | Path],
-    out_png: str | Path,
-    image_root: str | Path | None = None,
-    num_images: int = 6,
-    score_thresh: float = 0.5,
-) -> Path:
-    """A grid: one row per image, ground truth then each run's detections above ``score_thresh``.
-
-    Works from the COCO files alone (annotations and predictions.json in original ids
-    and coordinates), so it needs no model.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
-        gt = COCO(str(ann_file))
-    root = Path(image_root) if image_root else Path(ann_file).parent
-    preds = {name: json.loads(Path(p).read_text()) for name, p in predictions.items()}
-    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
-    img_ids = [i for i in sorted(gt.getImgIds()) if gt.getAnnIds(imgIds=i, iscrowd=None)][:num_images]
-    cols = ["ground truth", *predictions]
-    fig, axes = plt.subplots(len(img_ids), len(cols), figsize=(3 * len(cols), 3 * len(img_ids)), squeeze=False)
-    for r, img_id in enumerate(img_ids):
-        info = gt.loadImgs(img_id)[0]
-        image = Image.open(root / info["file_name"]).convert("RGB")
-        boxes = {"ground truth": [(a["bbox"], a["category_id"], None) for a in gt.loadAnns(gt.getAnnIds(imgIds=img_id))]}
-        for name, dets in preds.items():
-            boxes[name] = [(d["bbox"], d["category_id"], d["score"]) for d in dets
-                           if d["image_id"] == img_id and d["score"] >= score_thresh]
-        for c, col in enumerate(cols):
-            ax = axes[r][c]
-            ax.imshow(image)
-            for (x, y, w, h), cat, score in boxes[col]:
-                color = "lime" if score is None else "red"
-                ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color=color, lw=1.2))
-                label = names.get(cat, str(cat)) + ("" if score is None else f" {score:.2f}")
-                ax.text(x, y, label, color="white", fontsize=5, va="bottom",
-                        bbox={"facecolor": color, "alpha": 0.6, "pad": 0.5, "lw": 0})
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(col if col == "ground truth" else f"{col} (score ≥ {score_thresh})", fontsize=8)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

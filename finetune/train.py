@@ -29,7 +29,15 @@ from finetune.data.coco import CocoDetection, collate_fn, save_label_map
 from finetune.evaluate import evaluate_module
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
-from pretrain.runtime import CKPT_DIR, build_trainer, hydra_run_dir, last_checkpoint, save_config, write_json
+from pretrain.runtime import (
+    CKPT_DIR,
+    build_trainer,
+    hydra_run_dir,
+    last_checkpoint,
+    last_checkpoint_callbacks,
+    save_config,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_ARCH = "resnet50"  # arch=auto without a checkpoint
@@ -197,7 +205,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # matters) come from two callbacks: Lightning 2.6 only refreshes a monitoring callback's
     # last.ckpt when its top-k improved, which would resume from a stale epoch. The best one
     # runs first so that last.ckpt carries its up-to-date state.
-    last_cb = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, save_last=True, save_top_k=0)
+    last_cb = last_checkpoint_callbacks(run_dir)[0]
     checkpoint = None
     if val_ds is not None:
         checkpoint = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="best", monitor="val/AP", mode="max",
@@ -272,8 +280,9 @@ def finish(
 
             logs = sorted((run_dir / "logs").glob("metrics*.csv"))
             plot_training_curves(logs, run_dir / "plots", history)
-            plot_predictions(val_ds, preds, run_dir / "plots" / "predictions.png",
-                             num_images=int(cfg.eval.plot_images), score=float(cfg.eval.plot_score))
+            plot_predictions(val_ds.ann_file, {run_dir.name: preds}, run_dir / "plots" / "predictions.png",
+                             image_root=val_ds.image_root, num_images=int(cfg.eval.plot_images),
+                             score=float(cfg.eval.plot_score))
         except Exception as e:  # noqa: BLE001
             log.warning("plots failed: %s", e)
     print(f"run dir: {run_dir} (metrics.json, predictions.json, label_map.json, checkpoints/, plots/)")

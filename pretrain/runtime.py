@@ -36,6 +36,34 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return p if p.exists() else None
 
 
+def last_checkpoint_callbacks(run_dir: str | Path, every_n_train_steps: int | None = None) -> list[ModelCheckpoint]:
+    """Callbacks that keep ``checkpoints/last.ckpt`` current: at every epoch end (after the
+    epoch's validation when there is one) and, with ``every_n_train_steps``, every N steps too.
+
+    A killed run resumes from it. Lightning's own ``save_last=True`` does not do this with
+    ``save_top_k=0``: in pytorch-lightning 2.6 it refreshes ``last.ckpt`` only when a top-k
+    checkpoint was written at the same step, so such a callback writes ``last.ckpt`` once, when
+    training ends. Here the single kept "top-1" checkpoint *is* the last one. Lightning does not
+    let one callback trigger on both epochs and steps, hence a second one for the steps.
+    """
+
+    def last(every_n_epochs: int | None = None, every_n_train_steps: int | None = None) -> ModelCheckpoint:
+        return ModelCheckpoint(
+            dirpath=Path(run_dir) / CKPT_DIR,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,  # overwrite last.ckpt, never last-v1.ckpt
+            auto_insert_metric_name=False,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+        )
+
+    steps = int(every_n_train_steps or 0)
+    return [last(every_n_epochs=1), *([last(every_n_train_steps=steps)] if steps > 0 else [])]
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +160,7 @@ def build_trainer(
         if isinstance(trainer_cfg, DictConfig)
         else dict(trainer_cfg)
     )
-    ckpt = checkpoint or ModelCheckpoint(dirpath=run_dir / CKPT_DIR, save_last=True, save_top_k=0)
+    ckpt = checkpoint or last_checkpoint_callbacks(run_dir)[0]
     cbs = [ckpt, StopOnNonFiniteLoss(), pl.callbacks.LearningRateMonitor("step"), *callbacks]
     return pl.Trainer(
         default_root_dir=str(run_dir),

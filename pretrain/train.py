@@ -14,13 +14,19 @@ import hydra.utils
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pretrain.backbones import ARCHS
 from pretrain.data import knn_loader, train_loader
 from pretrain.export import write_backbone
 from pretrain.methods.base import SSLMethod, plain_config
-from pretrain.runtime import CKPT_DIR, build_trainer, hydra_run_dir, last_checkpoint, save_config, write_json
+from pretrain.runtime import (
+    build_trainer,
+    hydra_run_dir,
+    last_checkpoint,
+    last_checkpoint_callbacks,
+    save_config,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 PRETRAIN_NORMS = ("bn", "gn", "syncbn")
@@ -76,12 +82,9 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     loader = train_loader(config["data"], transform)
     val_loader = knn_loader(config)
 
-    every = config.get("checkpoint_every_n_steps")
-    checkpoint = (
-        ModelCheckpoint(dirpath=run_dir / CKPT_DIR, save_last=True, save_top_k=0, every_n_train_steps=int(every))
-        if every else None
-    )
-    trainer = build_trainer(_trainer_kwargs(config), run_dir, model.method_callbacks(), checkpoint=checkpoint)
+    checkpoint, *step_checkpoint = last_checkpoint_callbacks(run_dir, config.get("checkpoint_every_n_steps"))
+    trainer = build_trainer(_trainer_kwargs(config), run_dir, [*step_checkpoint, *model.method_callbacks()],
+                            checkpoint=checkpoint)
     resume = last_checkpoint(run_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -110,6 +113,10 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         "num_prototypes": config["method"].get("num_prototypes"),
         "final_loss": final_loss,
         "knn_top1": float(knn) if knn is not None else previous.get("knn_top1"),
+        # The method's own last logged health figures (SwAV: embedding cosine, code entropy).
+        "diagnostics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())
+                        if k.startswith(f"{config['method']['name']}_") and not k.endswith("_queue_used")}
+        or previous.get("diagnostics", {}),
         "images_seen": int(model.images_seen),
         "global_step": int(trainer.global_step),
         "global_batch_size": model.global_batch_size(),
@@ -122,6 +129,12 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         metrics["final_loss"] = None
     write_json(run_dir / "metrics.json", metrics)
     log.info("backbone written to %s", weights)
+    try:  # plots are a convenience: a plotting failure must not lose the exported backbone
+        from finetune.plots import plot_pretrain_curves
+
+        plot_pretrain_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots")
+    except Exception as e:  # noqa: BLE001
+        log.warning("plots failed: %s", e)
     return metrics
 
 

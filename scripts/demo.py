@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from finetune.pipeline import run_pipeline
-from finetune.report import compare, draw_comparison
+from finetune.plots import plot_predictions
+from finetune.report import compare
 
 
 def verdict(pre: dict, base: dict, pretrain: dict) -> str:
@@ -33,10 +34,16 @@ def verdict(pre: dict, base: dict, pretrain: dict) -> str:
     why = ("With this little pretraining the features are not yet better than what fine-tuning "
            "learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images.")
     loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
+    diag = pretrain.get("diagnostics") or {}
+    cos, entropy = diag.get("swav_embedding_cos"), diag.get("swav_code_entropy")
     if loss is not None and k and abs(loss - math.log(k)) < 0.05:
-        why = (f"SwAV's loss ended at {loss:.3f}, at ln(num_prototypes) = {math.log(k):.3f}: its cluster "
-               "assignments went uniform (collapse), so the backbone learned little that transfers. "
-               "Longer pretraining with a larger batch or a queue (method.queue_length) is what SwAV needs.")
+        health = "" if cos is None or entropy is None else (
+            f", different images' embeddings ended at mean cosine {cos:.2f} and the codes at "
+            f"{entropy:.0%} of the maximum entropy")
+        why = (f"SwAV collapsed: its loss ended at {loss:.3f}, at ln(num_prototypes) = {math.log(k):.3f}{health}, "
+               f"so the backbone learned little that transfers. In {pretrain.get('global_step')} steps SwAV does "
+               "not get past its uniform-assignment phase under colour-invariant augmentation; it needs "
+               "many more steps (a GPU run: trainer.max_epochs=200). See the README's demo section.")
     return (f"The pretrained backbone did NOT help here: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
             f"from random init ({delta:+.1f} points). " + why)
 
@@ -61,7 +68,7 @@ def main() -> None:
     pretrain_metrics = json.loads((dirs["pretrain"] / "metrics.json").read_text())
     runs = {"SwAV-pretrained": pre, "random init": base}
     table = compare(runs)
-    png = draw_comparison(
+    png = plot_predictions(
         pre["ann_file"],
         {name: d / "predictions.json" for name, d in (("SwAV-pretrained", dirs["finetune"]),
                                                          ("random init", dirs["baseline"]))},

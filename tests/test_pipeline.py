@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -72,3 +72,25 @@ def test_failed_stage_says_how_to_resume(tmp_path):
 
     with pytest.raises(StageFailed, match="re-run the same command"):
         run_stage("finetune", tmp_path / "ft", ["data.root=/nonexistent/folder", "data.synthetic=null"])
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_verdict_says_whether_and_why():
+    verdict = _demo_module().verdict
+    better, worse = {"coco": {"AP": 0.05}}, {"coco": {"AP": 0.04}}
+    assert verdict(better, worse, {}).startswith("The pretrained backbone helped: AP 5.0 against 4.0")
+    collapsed = {"final_loss": 3.47, "num_prototypes": 32, "global_step": 150,
+                 "diagnostics": {"swav_embedding_cos": 0.91, "swav_code_entropy": 0.998}}
+    text = verdict(worse, better, collapsed)
+    assert "did NOT help" in text and "(-1.0 points)" in text
+    assert "SwAV collapsed" in text and "mean cosine 0.91" in text and "100% of the maximum entropy" in text
+    assert "150 steps" in text
+    assert "collapsed" not in verdict(worse, better, {"final_loss": 2.1, "num_prototypes": 32})

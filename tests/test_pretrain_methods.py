@@ -174,3 +174,27 @@ def test_lr_scales_with_the_global_batch_and_skips_decay_on_bias_and_norm():
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     assert id(model.backbone.bn1.weight) in no_decay and id(model.backbone.bn1.bias) in no_decay
     assert id(model.backbone.conv1.weight) not in no_decay
+
+
+def test_swav_collapse_diagnostics_tell_one_point_from_spread_embeddings():
+    """swav_embedding_cos / swav_code_entropy (logged every step) read ~1 when every image maps
+    to one point and clearly less when the embeddings are spread."""
+    model = build(smoke_config("swav"))
+    prototypes = model.prototypes.heads[0].weight.detach()
+    spread = torch.nn.functional.normalize(prototypes[:8] + 0.05 * torch.randn(8, prototypes.shape[1]), dim=1)
+    collapsed = torch.nn.functional.normalize(prototypes.mean(0, keepdim=True), dim=1).repeat(8, 1)
+    out = {}
+    for name, z in (("spread", spread), ("collapsed", collapsed)):
+        stats = model._collapse_stats(z, model.prototypes(z))
+        out[name] = (float(stats["swav_embedding_cos"]), float(stats["swav_code_entropy"]))
+    assert out["collapsed"][0] > 0.999 and out["collapsed"][1] > 0.99
+    assert out["spread"][0] < 0.5 and out["spread"][1] < 0.8
+    # And they reach the logs of a real training step.
+    logged = {}
+
+    class Grab(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    fit(model, loader(smoke_config("swav")), [Grab()], max_steps=1)
+    assert 0.0 < logged["swav_code_entropy"] <= 1.0 + 1e-6 and -1.0 <= logged["swav_embedding_cos"] <= 1.0

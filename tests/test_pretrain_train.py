@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from pretrain.callbacks import LossNearValueWarning, MetricBelowWarning
 from pretrain.methods.swav import SwAV
@@ -41,12 +42,17 @@ def test_smoke_run_writes_every_output(tmp_path, monkeypatch):
     assert saved["stage"] == "pretrain" and saved["method"] == "swav" and saved["num_prototypes"] == 16
     assert saved["epochs"] == 1 and saved["global_step"] == 4 and saved["images_seen"] == 32
     assert math.isfinite(saved["final_loss"]) and 0.0 <= saved["knn_top1"] <= 1.0
+    assert set(saved["diagnostics"]) == {"swav_code_entropy", "swav_embedding_cos"}
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["arch"] == "resnet18" and meta["epochs"] == 1 and meta["images_seen"] == 32
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train_loss") for r in rows) and any(r.get("knn_top1") for r in rows)
     assert any(k.startswith("lr-") for k in rows[0])
+    # The curves as PNGs: loss and LR per step, the kNN probe per epoch.
+    for name in ("loss.png", "lr.png", "knn.png"):
+        with Image.open(tmp_path / "plots" / name) as im:
+            assert im.size[0] > 300 and im.getextrema() != ((255, 255),) * 3, name
     # Lightning checkpoints load without unpickling objects.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["config"]["method"]["name"] == "swav"
@@ -77,6 +83,28 @@ def test_rerun_in_the_same_directory_resumes(tmp_path, monkeypatch):
     assert loss_steps == list(range(8))
     lrs = [float(r["lr-LARS/decay"]) for r in rows if r.get("lr-LARS/decay")]
     assert len(lrs) == 8 and lrs[4] > lrs[3] and lrs[4] > lrs[-1] > 0
+
+
+def test_killed_run_resumes_from_its_last_finished_epoch(tmp_path, monkeypatch):
+    """last.ckpt is written at every epoch end, not only when training ends: a run killed in
+    its third epoch re-runs from the end of the second."""
+    monkeypatch.chdir(tmp_path)
+
+    class Kill(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("killed")
+
+    method_callbacks = SwAV.method_callbacks
+    monkeypatch.setattr(SwAV, "method_callbacks", lambda self: [*method_callbacks(self), Kill()])
+    with pytest.raises(RuntimeError, match="killed"):
+        train(smoke_cfg("method=swav", "data.knn_val_json=null", "trainer.max_epochs=3"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8 and ckpt["state_dict"]["epochs_done"] == 2  # 2 epochs of 4 steps
+    monkeypatch.setattr(SwAV, "method_callbacks", method_callbacks)
+    metrics = train(smoke_cfg("method=swav", "data.knn_val_json=null", "trainer.max_epochs=3"))
+    assert metrics["global_step"] == 12 and metrics["epochs"] == 3 and metrics["images_seen"] == 96
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightly.loss import SwaVLoss
+from lightly.loss.swav_loss import sinkhorn
 from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
@@ -97,7 +98,21 @@ class SwAV(SSLMethod):
             if self.queue_active:
                 self._enqueue(z.split(sizes)[: self.num_high])
             loss = self.criterion(scores[: self.num_high], scores[self.num_high :], queue_scores)
-        return loss.squeeze(), {"swav_queue_used": float(used)}
+            stats = {"swav_queue_used": float(used), **self._collapse_stats(z[: sizes[0]].detach(), scores[0].detach())}
+        return loss.squeeze(), stats
+
+    def _collapse_stats(self, z: Tensor, scores: Tensor) -> dict[str, Tensor | float]:
+        """What tells SwAV's collapse apart from slow learning, on the first high-resolution view:
+        ``swav_embedding_cos``, the mean cosine between *different* images' embeddings (towards 1
+        when every image maps to the same point), and ``swav_code_entropy``, the Sinkhorn codes'
+        entropy over ln(num_prototypes) (towards 1 when the assignments are uniform)."""
+        n = z.shape[0]
+        if n < 2:
+            return {}
+        cos = (z @ z.t()).fill_diagonal_(0).sum() / (n * (n - 1))
+        q = sinkhorn(scores, self.criterion.sinkhorn_iterations, self.criterion.sinkhorn_epsilon)
+        entropy = -(q * q.clamp_min(1e-12).log()).sum(1).mean() / math.log(self.num_prototypes)
+        return {"swav_embedding_cos": cos, "swav_code_entropy": entropy}
 
     @torch.no_grad()
     def _enqueue(self, embeddings: Sequence[Tensor]) -> None:
