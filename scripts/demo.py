@@ -24,26 +24,40 @@ from finetune.plots import plot_predictions
 from finetune.report import compare
 
 
+def pretraining_health(pretrain: dict) -> str:
+    """One clause on how SwAV's pretraining went, from its metrics.json (empty when unknown)."""
+    loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
+    if loss is None or not k:
+        return ""
+    diag = pretrain.get("diagnostics") or {}
+    cos, entropy, knn = diag.get("swav_embedding_cos"), diag.get("swav_code_entropy"), pretrain.get("knn_top1")
+    parts = [f"SwAV's loss ended at {loss:.3f} against ln(num_prototypes) = {math.log(k):.3f}"]
+    if cos is not None and entropy is not None:
+        parts.append(f"different images' embeddings at mean cosine {cos:.2f}, the codes at "
+                     f"{entropy:.0%} of the maximum entropy")
+    if knn is not None:
+        parts.append(f"kNN top-1 on the validation boxes {knn:.3f}")
+    return ", ".join(parts) + f" after {pretrain.get('global_step')} steps"
+
+
 def verdict(pre: dict, base: dict, pretrain: dict) -> str:
     ap_p, ap_b = pre["coco"]["AP"], base["coco"]["AP"]
     delta = (ap_p - ap_b) * 100
+    health = pretraining_health(pretrain)
     if delta > 0:
         rel = f" ({ap_p / ap_b:.2f}x)" if ap_b > 0 else ""
         return (f"The pretrained backbone helped: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
-                f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning.")
+                f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning."
+                + (f" Pretraining: {health}." if health else ""))
     why = ("With this little pretraining the features are not yet better than what fine-tuning "
-           "learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images.")
+           "learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images."
+           + (f" Pretraining: {health}." if health else ""))
     loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
-    diag = pretrain.get("diagnostics") or {}
-    cos, entropy = diag.get("swav_embedding_cos"), diag.get("swav_code_entropy")
     if loss is not None and k and abs(loss - math.log(k)) < 0.05:
-        health = "" if cos is None or entropy is None else (
-            f", different images' embeddings ended at mean cosine {cos:.2f} and the codes at "
-            f"{entropy:.0%} of the maximum entropy")
-        why = (f"SwAV collapsed: its loss ended at {loss:.3f}, at ln(num_prototypes) = {math.log(k):.3f}{health}, "
-               f"so the backbone learned little that transfers. In {pretrain.get('global_step')} steps SwAV does "
-               "not get past its uniform-assignment phase under colour-invariant augmentation; it needs "
-               "many more steps (a GPU run: trainer.max_epochs=200). See the README's demo section.")
+        why = (f"SwAV collapsed: {health}, so the backbone learned little that transfers. The loss at "
+               "ln(num_prototypes) means uniform assignments: SwAV did not get past its first phase. "
+               "The README's demo section lists what gets it out on this data (grayscale views, "
+               "prediction temperature 0.3, SGD instead of LARS); otherwise pretrain longer.")
     return (f"The pretrained backbone did NOT help here: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
             f"from random init ({delta:+.1f} points). " + why)
 

@@ -87,10 +87,15 @@ def test_demo_verdict_says_whether_and_why():
     verdict = _demo_module().verdict
     better, worse = {"coco": {"AP": 0.05}}, {"coco": {"AP": 0.04}}
     assert verdict(better, worse, {}).startswith("The pretrained backbone helped: AP 5.0 against 4.0")
+    learned = {"final_loss": 2.64, "num_prototypes": 32, "global_step": 300, "knn_top1": 0.459,
+               "diagnostics": {"swav_embedding_cos": 0.05, "swav_code_entropy": 0.43}}
+    text = verdict(better, worse, learned)
+    assert "+1.0 points (1.25x)" in text and "ended at 2.640 against ln(num_prototypes) = 3.466" in text
+    assert "43% of the maximum entropy" in text and "0.459" in text and "after 300 steps" in text
     collapsed = {"final_loss": 3.47, "num_prototypes": 32, "global_step": 150,
                  "diagnostics": {"swav_embedding_cos": 0.91, "swav_code_entropy": 0.998}}
     text = verdict(worse, better, collapsed)
     assert "did NOT help" in text and "(-1.0 points)" in text
     assert "SwAV collapsed" in text and "mean cosine 0.91" in text and "100% of the maximum entropy" in text
-    assert "150 steps" in text
+    assert "after 150 steps" in text
     assert "collapsed" not in verdict(worse, better, {"final_loss": 2.1, "num_prototypes": 32})
