@@ -151,7 +151,10 @@ class SwAV(SSLMethod):
                     f"SwAV loss has stayed near ln(num_prototypes) = {math.log(self.num_prototypes):.3f}: "
                     "the assignments are uniform (collapse). Start the queue later "
                     "(method.queue_start_epoch) or shorten it (method.queue_length), lower the learning "
-                    "rate, or freeze the prototypes longer (method.freeze_prototypes_iters)."
+                    "rate, or freeze the prototypes longer (method.freeze_prototypes_iters). Early in "
+                    "short runs on small data: softer predictions (method.temperature=0.3) and views "
+                    "that share content (larger crops, grayscale when colour is a shortcut); see "
+                    "conf/pretrain/experiment_method/demo_swav.yaml."
                 ),
             )
         ]
