@@ -44,14 +44,13 @@ def verdict(pre: dict, base: dict, pretrain: dict) -> str:
     ap_p, ap_b = pre["coco"]["AP"], base["coco"]["AP"]
     delta = (ap_p - ap_b) * 100
     health = pretraining_health(pretrain)
+    health_note = f" Pretraining: {health}." if health else ""
     if delta > 0:
         rel = f" ({ap_p / ap_b:.2f}x)" if ap_b > 0 else ""
         return (f"The pretrained backbone helped: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
-                f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning."
-                + (f" Pretraining: {health}." if health else ""))
+                f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning.{health_note}")
     why = ("With this little pretraining the features are not yet better than what fine-tuning "
-           "learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images."
-           + (f" Pretraining: {health}." if health else ""))
+           f"learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images.{health_note}")
     loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
     if loss is not None and k and abs(loss - math.log(k)) < 0.05:
         why = (f"SwAV collapsed: {health}, so the backbone learned little that transfers. The loss at "

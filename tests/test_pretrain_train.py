@@ -217,10 +217,10 @@ def test_sync_batchnorm_is_chosen_for_bn_under_gpu_ddp(trainer, norm, expected):
 @pytest.mark.slow
 def test_demo_swav_recipe_gets_past_the_uniform_phase(tmp_path, monkeypatch):
     # The demo's SwAV recipe (experiment=demo) on the demo's kind of data and its 300 steps
-    # (about 5 minutes on a 2-core CPU): the loss must leave ln(num_prototypes) and the embeddings must not converge. The
-    # paper's recipe (colour views, temperature 0.1, LARS) stays at ln K here (README, demo).
+    # (about 5 minutes on a 2-core CPU): the loss must leave ln(num_prototypes) and the
+    # embeddings must not converge. The paper's recipe (colour views, temperature 0.1, LARS)
+    # stays at ln K here (README, demo section).
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(2)
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("pretrain", overrides=[
             "method=swav", "experiment=demo", f"data.synthetic_dir={tmp_path / 'synthetic'}",
