@@ -49,7 +49,7 @@ pipeline: install
 	$(PY) scripts/pipeline.py $(ARGS)
 
 sweep: install
-	$(PY) -m pretrain -m +chain=finetune method=$(METHOD) method.num_prototypes=$(PROTOTYPES) \
+	$(PY) -m finetune.sweep -m method=$(METHOD) method.num_prototypes=$(PROTOTYPES) \
 		trainer.max_epochs=$(EPOCHS) $(ARGS)
 
 report: install

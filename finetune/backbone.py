@@ -29,14 +29,14 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from pretrain.backbone_file import (
+from pretrain.core.backbone_file import (
     META_NAME,
     WEIGHTS_NAME,
     extract_backbone,
     read_backbone_file,
     strip_wrappers,
 )
-from pretrain.backbones import ARCHS, NORMS, build_resnet, infer_arch, infer_norm
+from pretrain.core.resnet import ARCHS, NORMS, build_resnet, infer_arch, infer_norm
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune.coco_eval import BACKENDS, CocoEvalResult, detections_to_coco, evaluate_coco, write_predictions
-from finetune.data.coco import CocoDetection, collate_fn
 from finetune.module import DetectionModule, load_detection_checkpoint, original_scale
 from finetune.transforms import build_transforms
-from pretrain.runtime import write_json
+from pretrain.core.coco import CocoDetection, collate_fn
+from pretrain.core.runtime import write_json
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.coco_eval import detections_to_coco, evaluate_coco
-from finetune.data.coco import LabelMap
 from finetune.detectors import build_detector
 from finetune.optim import param_groups
-from pretrain.backbones import build_resnet
+from pretrain.core.coco import LabelMap
+from pretrain.core.resnet import build_resnet
 
 log = logging.getLogger(__name__)
 

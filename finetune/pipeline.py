@@ -98,7 +98,7 @@ class FinetuneAfterPretrain(Callback):
 
     Makes a pretraining multirun a sweep of whole pipelines::
 
-        python -m pretrain -m +chain=finetune method.num_prototypes=1000,2000 trainer.max_epochs=100,200
+        python -m finetune.sweep -m method.num_prototypes=1000,2000 trainer.max_epochs=100,200
 
     Each job's fine-tune lands in ``<job dir>/finetune``. The pretraining job's
     ``experiment`` (smoke, demo, ...) is passed on to the fine-tune unless

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
-from finetune.data.unlabeled import list_images
 from finetune.evaluate import resolve_device
 from finetune.module import DetectionModule, load_detection_checkpoint
 from finetune.plots import PRED_COLOUR, draw_detections
-from pretrain.runtime import write_json
+from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
+from pretrain.core.runtime import write_json
+from pretrain.core.unlabeled import list_images
 
 log = logging.getLogger(__name__)
 

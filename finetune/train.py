@@ -25,11 +25,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from finetune.backbone import load_backbone
-from finetune.data.coco import CocoDetection, collate_fn, save_label_map
 from finetune.evaluate import evaluate_module
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
-from pretrain.runtime import (
+from pretrain.core.coco import CocoDetection, collate_fn, save_label_map
+from pretrain.core.runtime import (
     CKPT_DIR,
     build_trainer,
     hydra_run_dir,
@@ -66,7 +66,7 @@ def resolve_data_paths(data: Mapping[str, Any]) -> DataPaths:
     """
     root = Path(data["root"]).expanduser() if data.get("root") else None
     if data.get("synthetic") is not None:
-        from finetune.data.synthetic import ensure_synthetic
+        from pretrain.core.synthetic import ensure_synthetic
 
         if root is None:
             raise ValueError("synthetic data needs data.root (where to generate it)")
@@ -276,7 +276,8 @@ def finish(
     if cfg.eval.get("plots", True):
         # Plots are a convenience: a plotting failure must not lose a finished run's metrics.
         try:
-            from finetune.plots import plot_predictions, plot_training_curves
+            from finetune.plots import plot_predictions
+            from pretrain.core.curves import plot_training_curves
 
             logs = sorted((run_dir / "logs").glob("metrics*.csv"))
             plot_training_curves(logs, run_dir / "plots", history)

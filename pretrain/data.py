@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from pretrain.core.synthetic import ensure_synthetic
+from pretrain.core.unlabeled import UnlabeledImages
 from pretrain.knn import BoxCrops
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,6 @@ def unlabeled_source(data_cfg: Mapping[str, Any]) -> Path:
         if path.is_file() and path.suffix.lower() != ".json":
             raise ValueError(f"data.root={root} is a file but not a COCO JSON; give a folder or a .json")
         return path
-    from finetune.data.synthetic import ensure_synthetic
-
     out = ensure_synthetic(Path(str(data_cfg["synthetic_dir"])), **dict(data_cfg.get("synthetic") or {}))
     return Path(out["unlabeled"])
 
@@ -39,8 +39,6 @@ def train_loader(data_cfg: Mapping[str, Any], transform: Callable[[Any], Any]) -
 
     Under DDP Lightning swaps in a DistributedSampler itself.
     """
-    from finetune.data.unlabeled import UnlabeledImages
-
     source = unlabeled_source(data_cfg)
     max_pixels = data_cfg.get("max_pixels")
     dataset = (UnlabeledImages(source, transform=transform, max_pixels=int(max_pixels)) if max_pixels

@@ -1,7 +1,7 @@
 """Export the pretrained backbone file from a finished run or any pretrain Lightning checkpoint.
 
 ``python -m pretrain.export RUN/checkpoints/last.ckpt [--out DIR]`` writes
-``backbone.safetensors`` + ``backbone.json`` (see pretrain/backbone_file.py and DESIGN.md) into
+``backbone.safetensors`` + ``backbone.json`` (see pretrain/core/backbone_file.py and DESIGN.md) into
 the checkpoint's run directory or ``DIR``. The checkpoint is read with ``weights_only=True``.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from pretrain.backbone_file import extract_backbone, save_backbone_file
-from pretrain.backbones import FEATURE_DIMS, build_resnet
-from pretrain.runtime import CKPT_DIR
+from pretrain.core.backbone_file import extract_backbone, save_backbone_file
+from pretrain.core.resnet import FEATURE_DIMS, build_resnet
+from pretrain.core.runtime import CKPT_DIR
 
 # Method config keys that describe code or augmentation plumbing rather than the method.
 _NOT_SETTINGS = ("name", "module", "transform")

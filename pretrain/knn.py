@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from pretrain.core.coco import CocoDetection
+
 log = logging.getLogger(__name__)
 VOTES = ("weighted", "majority")
 
@@ -81,7 +83,7 @@ class BoxCrops(Dataset):
     so every validation epoch only runs the backbone.
 
     Args:
-        ann_file: COCO JSON; its images are read through :class:`finetune.data.coco.CocoDetection`
+        ann_file: COCO JSON; its images are read through :class:`pretrain.core.coco.CocoDetection`
             (crowd boxes left out, missing images skipped with a warning).
         size: side of the square each box is resized to.
         max_boxes: keep a seeded random subset of at most this many boxes.
@@ -100,8 +102,6 @@ class BoxCrops(Dataset):
         seed: int = 0,
         max_pixels: int | None = None,
     ) -> None:
-        from finetune.data.coco import CocoDetection
-
         path = Path(ann_file)
         if not path.is_file():
             raise FileNotFoundError(f"kNN probe: no COCO JSON at {path} (data.knn_val_json)")

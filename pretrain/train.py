@@ -15,11 +15,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from pretrain.backbones import ARCHS
-from pretrain.data import knn_loader, train_loader
-from pretrain.export import write_backbone
-from pretrain.methods.base import SSLMethod, plain_config
-from pretrain.runtime import (
+from pretrain.core.curves import plot_pretrain_curves
+from pretrain.core.resnet import ARCHS
+from pretrain.core.runtime import (
     build_trainer,
     hydra_run_dir,
     last_checkpoint,
@@ -27,6 +25,9 @@ from pretrain.runtime import (
     save_config,
     write_json,
 )
+from pretrain.data import knn_loader, train_loader
+from pretrain.export import write_backbone
+from pretrain.methods.base import SSLMethod, plain_config
 
 log = logging.getLogger(__name__)
 PRETRAIN_NORMS = ("bn", "gn", "syncbn")
@@ -130,8 +131,6 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     write_json(run_dir / "metrics.json", metrics)
     log.info("backbone written to %s", weights)
     try:  # plots are a convenience: a plotting failure must not lose the exported backbone
-        from finetune.plots import plot_pretrain_curves
-
         plot_pretrain_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots")
     except Exception as e:  # noqa: BLE001
         log.warning("plots failed: %s", e)

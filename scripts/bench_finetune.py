@@ -35,13 +35,13 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from finetune.coco_eval import evaluate_coco
-from finetune.data.coco import CocoDetection, collate_fn
-from finetune.data.synthetic import make_synthetic
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, build_model, lr_factor
 from finetune.optim import param_groups
 from finetune.transforms import build_transforms
-from pretrain.backbones import build_resnet
-from pretrain.runtime import build_trainer
+from pretrain.core.coco import CocoDetection, collate_fn
+from pretrain.core.resnet import build_resnet
+from pretrain.core.runtime import build_trainer
+from pretrain.core.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]  # for conf/finetune
 

@@ -33,7 +33,7 @@ from lightly.transforms import SwaVTransform
 from PIL import Image
 from torch import nn
 
-from pretrain.backbones import FEATURE_DIMS, build_resnet
+from pretrain.core.resnet import FEATURE_DIMS, build_resnet
 from pretrain.methods.base import plain_config
 from pretrain.methods.swav import SwAV
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data.synthetic import make_synthetic
+from pretrain.core.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

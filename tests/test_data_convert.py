@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.data.coco import CocoDetection
 from finetune.data.convert import ConversionError, main, voc_to_coco, yolo_label_path, yolo_to_coco
+from pretrain.core.coco import CocoDetection
 
 
 def _load(path: Path) -> dict:

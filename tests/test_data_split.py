@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data.coco import CocoDetection
 from finetune.data.split import ClassCoverageWarning, choose_labeled, labeled_count, main, split_coco
+from pretrain.core.coco import CocoDetection
 
 
 def _toy(n_images: int = 50) -> dict:

@@ -18,7 +18,7 @@ from finetune.detectors import (
     default_anchor_sizes,
     freeze_stages,
 )
-from pretrain.backbones import build_resnet
+from pretrain.core.resnet import build_resnet
 
 NUM_CLASSES = 3
 # Few proposals and a narrow RoI head keep a Faster R-CNN step well under a second on CPU.

@@ -8,7 +8,7 @@ from torch import nn
 
 from finetune.detectors import build_detector
 from finetune.optim import PARTS, PRESETS, param_groups, part_of, resolve_multipliers
-from pretrain.backbones import build_resnet
+from pretrain.core.resnet import build_resnet
 
 BASE_LR, WD = 0.01, 1e-4
 

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from finetune.coco_eval import COCO_STATS, evaluate_coco
 from finetune.module import load_detection_checkpoint
 from finetune.train import train
-from pretrain.backbone_file import save_backbone_file
+from pretrain.core.backbone_file import save_backbone_file
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
 
@@ -171,7 +171,7 @@ def test_data_paths_errors(tmp_path):
 @pytest.mark.slow
 def test_fasterrcnn_overfits_a_handful_of_images(tmp_path):
     """Trained and validated on the same 4 images, Faster R-CNN from scratch reaches AP50 > 0.9 (~80 steps)."""
-    from finetune.data.synthetic import make_synthetic
+    from pretrain.core.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "data", seed=3, num_train=4, num_val=0, num_unlabeled=0, image_size=96)
     cfg = smoke_cfg(data["root"], f"data.val_json={data['train_json']}", "augment=none", "backbone.norm=bn",

@@ -47,7 +47,7 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
 
 def test_sweep_2x2_gives_four_rows_and_plots(tmp_path):
     sweep = tmp_path / "sweep"
-    _run(["-m", "pretrain", "-m", "+chain=finetune", "experiment=smoke", "method=swav",
+    _run(["-m", "finetune.sweep", "-m", "experiment=smoke", "method=swav",
           "method.num_prototypes=8,16", "trainer.max_epochs=1,2", f"hydra.sweep.dir={quote(sweep)}"], cwd=REPO)
     rows = load_rows(sweep)
     assert len(rows) == 4
@@ -99,3 +99,13 @@ def test_demo_verdict_says_whether_and_why():
     assert "SwAV collapsed" in text and "mean cosine 0.91" in text and "100% of the maximum entropy" in text
     assert "after 150 steps" in text
     assert "collapsed" not in verdict(worse, better, {"final_loss": 2.1, "num_prototypes": 32})
+
+
+def test_sweep_entry_adds_the_finetune_callback_and_keeps_user_settings():
+    from finetune.sweep import sweep_argv
+
+    argv = sweep_argv(["-m", "method=swav", "hydra.callbacks.finetune.overrides=[detector=retinanet]"])
+    assert argv[:2] == ["-m", "method=swav"]
+    assert "+hydra.callbacks.finetune._target_=finetune.pipeline.FinetuneAfterPretrain" in argv
+    assert "+hydra.callbacks.finetune.overrides=[detector=retinanet]" in argv
+    assert "+hydra.callbacks.finetune.baseline=false" in argv and len(argv) == 5

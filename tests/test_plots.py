@@ -7,7 +7,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from finetune.plots import plot_predictions, plot_pretrain_curves
+from finetune.plots import plot_predictions
+from pretrain.core.curves import plot_pretrain_curves
 
 
 def _red_fraction(panel: np.ndarray) -> float:

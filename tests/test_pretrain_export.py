@@ -23,8 +23,8 @@ def build(config: dict) -> SSLMethod:
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from pretrain.backbone_file import read_backbone_file
-from pretrain.backbones import build_resnet
+from pretrain.core.backbone_file import read_backbone_file
+from pretrain.core.resnet import build_resnet
 from pretrain.export import export_checkpoint, main, write_backbone
 from pretrain.methods.base import SSLMethod, plain_config
 

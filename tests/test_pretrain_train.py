@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pretrain.callbacks import LossNearValueWarning, MetricBelowWarning
+from pretrain.core.runtime import NonFiniteLossError
 from pretrain.methods.swav import SwAV
-from pretrain.runtime import NonFiniteLossError
 from pretrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_cli_smoke_run_and_export_command(tmp_path, method):
     out = tmp_path / "exported"
     subprocess.run([sys.executable, "-m", "pretrain.export", str(run / "checkpoints" / "last.ckpt"), "--out",
                     str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    from pretrain.backbone_file import read_backbone_file
+    from pretrain.core.backbone_file import read_backbone_file
 
     a, meta = read_backbone_file(run / "backbone.safetensors")
     b, _ = read_backbone_file(out)

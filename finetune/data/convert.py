@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from finetune.data.images import IMAGE_EXTENSIONS, ImageError, image_size
+from pretrain.core.images import IMAGE_EXTENSIONS, ImageError, image_size
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-from pretrain.backbones import FEATURE_DIMS, build_resnet
+from pretrain.core.resnet import FEATURE_DIMS, build_resnet
 from pretrain.knn import knn_top1
 
 log = logging.getLogger(__name__)

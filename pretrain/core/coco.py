@@ -43,7 +43,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-from finetune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, load_rgb
+from pretrain.core.images import DEFAULT_MAX_PIXELS, ImageError, image_size, load_rgb
 
 log = logging.getLogger(__name__)
 
