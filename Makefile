@@ -55,9 +55,9 @@ sweep: install
 report: install
 	$(PY) scripts/report.py $(DIR) $(ARGS)
 
+# Speed against plain loops and the machine's ceiling; writes this machine's section of BENCHMARKS.md.
 bench: install
-	$(PY) scripts/bench_pretrain.py
-	$(PY) scripts/bench_finetune.py
+	$(PY) scripts/bench_report.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check --line-length 110 pretrain finetune scripts tests

@@ -28,6 +28,7 @@ from finetune.backbone import load_backbone
 from finetune.evaluate import evaluate_module
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
+from pretrain.core import precision
 from pretrain.core.coco import CocoDetection, collate_fn, save_label_map
 from pretrain.core.runtime import (
     CKPT_DIR,
@@ -211,6 +212,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         checkpoint = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="best", monitor="val/AP", mode="max",
                                      save_top_k=1, save_last=False, auto_insert_metric_name=False)
     trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    hardware = precision.apply(trainer_cfg)
     if cfg.backbone.norm == "syncbn":
         trainer_cfg.setdefault("sync_batchnorm", True)  # Lightning converts BN under DDP
     trainer = build_trainer(trainer_cfg, run_dir, callbacks=[last_cb] if checkpoint else [],
@@ -221,7 +223,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}
-    return finish(cfg, run_dir, trainer, module, checkpoint, train_ds, val_ds, paths, train_s)
+    return finish(cfg, run_dir, trainer, module, checkpoint, train_ds, val_ds, paths, train_s, hardware)
 
 
 def finish(
@@ -234,6 +236,7 @@ def finish(
     val_ds: CocoDetection | None,
     paths: DataPaths,
     train_s: float,
+    hardware: precision.HardwareChoice | None = None,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on the val set; write metrics.json, predictions.json and plots."""
     ckpt_dir = run_dir / CKPT_DIR
@@ -259,6 +262,8 @@ def finish(
         "global_step": int(trainer.global_step),
         "history": history,
         "train_time_s": round(train_s, 2),
+        "precision": hardware.precision if hardware else str(trainer.precision),
+        "hardware": hardware.as_dict() if hardware else None,
         "run_dir": str(run_dir),
     }
     if val_ds is None:

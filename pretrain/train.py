@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from pretrain.core import precision
 from pretrain.core.curves import plot_pretrain_curves
 from pretrain.core.resnet import ARCHS
 from pretrain.core.runtime import (
@@ -72,6 +73,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     run_dir = hydra_run_dir()
     config = plain_config(cfg)
     check_config(config)
+    hardware = precision.apply(config["trainer"], config["backbone"].get("channels_last", "auto"))
+    config["backbone"]["channels_last"] = hardware.channels_last
     pl.seed_everything(int(config.get("seed", 0)), workers=True)
     save_config(cfg if isinstance(cfg, DictConfig) else DictConfig(config), run_dir)
 
@@ -121,7 +124,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         "images_seen": int(model.images_seen),
         "global_step": int(trainer.global_step),
         "global_batch_size": model.global_batch_size(),
-        "precision": str(config["trainer"].get("precision")),
+        "precision": hardware.precision,
+        "hardware": hardware.as_dict(),
         "wall_time_s": round(wall, 2),
         "backbone": str(weights),
         "run_dir": str(run_dir),

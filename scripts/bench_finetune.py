@@ -6,12 +6,13 @@ batch, data, optimiser and schedule. Evaluation: seconds for ``finetune.coco_eva
 against pycocotools called directly (and faster-coco-eval) on the same predictions.
 
     python scripts/bench_finetune.py [--detector fasterrcnn] [--arch resnet18] [--batch-size 4]
-        [--min-size 320] [--steps 30] [--precision 32|bf16-mixed] [--device auto] [--repeats 3]
+        [--min-size 320] [--steps 30] [--precision auto|32|bf16-mixed] [--device auto] [--repeats 3]
 
-Timings take the best of ``--repeats`` alternating runs: on a shared machine (other jobs on the
-same cores) the best run is the least disturbed one. Training is also reported per CPU-second of
-this process, which other jobs on the machine disturb far less than wall time. Targets: training >= 0.95x the plain loop,
-evaluation >= 1.0x pycocotools.
+Ours runs at the precision ``trainer.precision=auto`` chooses on this machine (``--precision``
+overrides it); the plain loop is torchvision's reference loop in fp32, as a user would write it.
+Timings are the median of ``--repeats`` alternating runs. Training is also reported per CPU-second of
+this process, which other jobs on the machine disturb far less than wall time. ``--json FILE``
+writes the figures (with the machine) for scripts/bench_report.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import describe, machine_info, median, write_json
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
@@ -39,6 +41,7 @@ from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, build_
 from finetune.optim import param_groups
 from finetune.transforms import build_transforms
 from pretrain.core.coco import CocoDetection, collate_fn
+from pretrain.core.precision import choose
 from pretrain.core.resnet import build_resnet
 from pretrain.core.runtime import build_trainer
 from pretrain.core.synthetic import make_synthetic
@@ -124,7 +127,7 @@ def bench_plain(cfg: Any, ds: CocoDetection, args: argparse.Namespace, device: t
     opt = torch.optim.SGD(groups, lr=0.005, momentum=0.9, weight_decay=1e-4)
     total = args.warmup + args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total_steps=total, name="step"))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.plain_precision == "bf16-mixed"
                 else contextlib.nullcontext())
     step, images, t0 = 0, 0, (0.0, 0.0)
     while step < total:
@@ -191,13 +194,13 @@ def ours_from_files(ann_file: Path, pred_file: Path, backend: str) -> list[float
     return list(result.stats.values())
 
 
-def best_time(fn: Any, repeats: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
+def median_time(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, out = [], None
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        times.append(time.perf_counter() - t)
+    return median(times), out
 
 
 def main() -> None:
@@ -210,13 +213,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--precision", default="32", choices=("32", "bf16-mixed"))
+    p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16-mixed"),
+                   help="ours (default auto: chosen from the hardware)")
+    p.add_argument("--plain-precision", default="32", choices=("32", "bf16-mixed"),
+                   help="the plain loop's (default 32, torchvision's reference)")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-images", type=int, default=200)
-    p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
+    p.add_argument("--json", "--out", dest="json", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args.precision = choose({"accelerator": device.type, "precision": args.precision}).precision
     tmp = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:
         run(args, device, tmp)
@@ -231,10 +238,10 @@ def run(args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
     cfg = compose_cfg(args, data["root"])
     ds = CocoDetection(data["train_json"], transforms=build_transforms(True, hflip=0.5), train=True)
 
-    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"{args.detector} {args.arch}, batch {args.batch_size}, min_size {args.min_size}, "
-          f"precision {args.precision}, {args.steps} timed steps after {args.warmup}, best of {args.repeats}",
-          flush=True)
+    info = machine_info(device.type)
+    print(f"machine: {describe(info)}\n{args.detector} {args.arch}, batch {args.batch_size}, min_size "
+          f"{args.min_size}, ours at precision {args.precision}, plain at {args.plain_precision}; {args.steps} "
+          f"timed steps after {args.warmup}, median of {args.repeats}", flush=True)
     plain_rates, our_rates = [], []
     for r in range(args.repeats):  # alternate so that machine load hits both alike
         plain_rates.append(bench_plain(cfg, ds, args, device))
@@ -242,8 +249,8 @@ def run(args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
             our_rates.append(bench_ours(cfg, ds, args, device, tmp / f"run{r}"))
         print(f"  repeat {r}: plain {plain_rates[-1][0]:.2f} img/s ({plain_rates[-1][1]:.2f} per CPU-s), "
               f"ours {our_rates[-1][0]:.2f} img/s ({our_rates[-1][1]:.2f} per CPU-s)", flush=True)
-    plain_best, ours_best = max(r[0] for r in plain_rates), max(r[0] for r in our_rates)
-    plain_cpu, ours_cpu = max(r[1] for r in plain_rates), max(r[1] for r in our_rates)
+    plain_best, ours_best = median([r[0] for r in plain_rates]), median([r[0] for r in our_rates])
+    plain_cpu, ours_cpu = median([r[1] for r in plain_rates]), median([r[1] for r in our_rates])
 
     # Evaluation on the same predictions.
     from pycocotools.coco import COCO
@@ -253,9 +260,9 @@ def run(args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
     preds = noisy_predictions(gt, per_box=5)
     pred_file = tmp / "predictions.json"
     pred_file.write_text(json.dumps(preds))
-    t_direct, s_direct = best_time(lambda: pycocotools_direct(data["val_json"], pred_file), args.repeats)
-    t_ours, s_ours = best_time(lambda: ours_from_files(data["val_json"], pred_file, "pycocotools"), args.repeats)
-    t_fast, s_fast = best_time(lambda: ours_from_files(data["val_json"], pred_file, "faster_coco_eval"), args.repeats)
+    t_direct, s_direct = median_time(lambda: pycocotools_direct(data["val_json"], pred_file), args.repeats)
+    t_ours, s_ours = median_time(lambda: ours_from_files(data["val_json"], pred_file, "pycocotools"), args.repeats)
+    t_fast, s_fast = median_time(lambda: ours_from_files(data["val_json"], pred_file, "faster_coco_eval"), args.repeats)
     assert s_ours == s_direct, "our numbers differ from pycocotools'"
     assert max(abs(a - b) for a, b in zip(s_fast, s_direct)) < 1e-12, "faster-coco-eval differs"
 
@@ -273,13 +280,20 @@ def run(args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
     for name, val, ratio in rows:
         print(f"{name:<{w}}  {val:>12}  {ratio:>12}")
     print("AP (identical across evaluators):", round(s_direct[0], 4))
-    if args.out:
-        args.out.write_text(json.dumps({
-            "args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-            "train_img_s_wall_cpu": {"plain": plain_rates, "ours": our_rates},
-            "train_ratio": ours_best / plain_best, "train_ratio_cpu": ours_cpu / plain_cpu,
-            "eval_s": {"pycocotools": t_direct, "ours": t_ours, "ours_faster_coco_eval": t_fast},
-        }, indent=2))
+    if args.json:
+        rows_json = {
+            "train_plain": {"images_per_s": round(plain_best, 2), "per_cpu_s": round(plain_cpu, 2),
+                            "runs": [round(r[0], 2) for r in plain_rates], "vs_plain": 1.0,
+                            "precision": args.plain_precision},
+            "train_ours": {"images_per_s": round(ours_best, 2), "per_cpu_s": round(ours_cpu, 2),
+                           "runs": [round(r[0], 2) for r in our_rates], "vs_plain": round(ours_best / plain_best, 3),
+                           "vs_plain_cpu": round(ours_cpu / plain_cpu, 3), "precision": args.precision},
+            "eval_pycocotools": {"seconds": round(t_direct, 4), "vs_plain": 1.0},
+            "eval_ours": {"seconds": round(t_ours, 4), "vs_plain": round(t_direct / t_ours, 3)},
+            "eval_ours_faster_coco_eval": {"seconds": round(t_fast, 4), "vs_plain": round(t_direct / t_fast, 3)},
+        }
+        settings = {k: str(v) for k, v in vars(args).items() if k != "json"}
+        print(f"wrote {write_json(args.json, 'finetune', info, rows_json, settings)}")
 
 
 if __name__ == "__main__":

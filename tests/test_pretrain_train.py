@@ -43,6 +43,11 @@ def test_smoke_run_writes_every_output(tmp_path, monkeypatch):
     assert saved["epochs"] == 1 and saved["global_step"] == 4 and saved["images_seen"] == 32
     assert math.isfinite(saved["final_loss"]) and 0.0 <= saved["knn_top1"] <= 1.0
     assert set(saved["diagnostics"]) == {"swav_code_entropy", "swav_embedding_cos"}
+    # trainer.precision=auto: chosen from the hardware, recorded with its reason.
+    from pretrain.core.precision import choose
+
+    assert saved["precision"] == choose({"accelerator": "cpu", "precision": "auto"}).precision
+    assert saved["hardware"]["reason"] != "set explicitly"
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["arch"] == "resnet18" and meta["epochs"] == 1 and meta["images_seen"] == 32
     with open(tmp_path / "logs" / "metrics.csv") as f:

@@ -16,6 +16,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
+from pretrain.core import precision
+
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 
@@ -160,6 +162,8 @@ def build_trainer(
         if isinstance(trainer_cfg, DictConfig)
         else dict(trainer_cfg)
     )
+    if str(kwargs.get("precision", "auto")) == "auto":
+        precision.apply(kwargs)
     ckpt = checkpoint or last_checkpoint_callbacks(run_dir)[0]
     cbs = [ckpt, StopOnNonFiniteLoss(), pl.callbacks.LearningRateMonitor("step"), *callbacks]
     return pl.Trainer(

@@ -1,0 +1,79 @@
+"""What every benchmark report carries: the machine, the threads, what ``auto`` chose, medians,
+and a ``--json`` file that other scripts (``scripts/bench_report.py``) read."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.core.precision import choose, cpu_flags
+
+# The flags that decide precision and kernel choice on x86 (lscpu shows many more).
+KEY_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(accelerator: str = "auto") -> dict[str, Any]:
+    """CPU model and its precision-relevant flags (or the GPU), torch threads and versions, and what
+    ``trainer.precision=auto`` / ``channels_last=auto`` resolve to on this machine."""
+    flags = cpu_flags()
+    auto = choose({"accelerator": accelerator, "precision": "auto"}, "auto")
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_flags": [f for f in KEY_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "auto": auto.as_dict(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def describe(info: dict[str, Any]) -> str:
+    where = info.get("gpu") or f"{info['cpu']} [{' '.join(info['cpu_flags']) or 'no avx512/bf16 flags'}]"
+    auto = info["auto"]
+    return (f"{where}, {info['torch_threads']} torch threads, torch {info['torch']}; auto chose precision "
+            f"{auto['precision']}, channels_last {auto['channels_last']} ({auto['reason']})")
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write_json(path: str | Path, bench: str, info: dict[str, Any], rows: dict[str, dict[str, Any]],
+               settings: dict[str, Any]) -> Path:
+    """One benchmark's figures: ``{"bench", "date", "command", "machine", "settings", "rows": {mode: {...}}}``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "bench": bench,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": info,
+        "settings": settings,
+        "rows": rows,
+    }, indent=2))
+    return out

@@ -1,0 +1,112 @@
+"""``make bench``: run the speed benchmarks and write their figures into BENCHMARKS.md.
+
+Each benchmark runs as its own process with ``--json`` (scripts/bench_pretrain.py with ``--e2e``,
+scripts/bench_finetune.py); this script reads the JSON files and rewrites the speed section of
+BENCHMARKS.md for this machine (other sections, and other machines' sections, are kept), naming the
+machine, the date and the exact commands. ``--from-json A.json B.json`` only formats existing files.
+
+    python scripts/bench_report.py [--out BENCHMARKS.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
+BEGIN, END = "<!-- speed: {key} -->", "<!-- /speed: {key} -->"
+
+
+def run_bench(script: str, args: list[str], out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(SCRIPTS / script), *args, "--json", str(out)]
+    print("[bench]", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(out.read_text())
+
+
+def _fmt(v: Any, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:.2f}{suffix}"
+
+
+def pretrain_table(d: dict[str, Any]) -> list[str]:
+    rows = d["rows"]
+    lines = ["| mode | images/s (median) | vs plain | vs ceiling | precision |", "|---|---:|---:|---:|---|"]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | {_fmt(r['images_per_s'])} | {_fmt(r['vs_plain'], 'x')} | "
+                     f"{_fmt(r['vs_ceiling'])} | {r['precision']} |")
+    return lines
+
+
+def finetune_table(d: dict[str, Any]) -> list[str]:
+    rows = d["rows"]
+    lines = ["| mode | result (median) | vs plain | precision |", "|---|---:|---:|---|"]
+    for mode, r in rows.items():
+        value = f"{r['images_per_s']:.2f} img/s" if "images_per_s" in r else f"{r['seconds']:.3f} s"
+        lines.append(f"| {mode} | {value} | {_fmt(r['vs_plain'], 'x')} | {r.get('precision', '-')} |")
+    return lines
+
+
+def section(results: list[dict[str, Any]]) -> tuple[str, str]:
+    """The markdown section for one machine, and its key (the CPU or GPU model)."""
+    m = results[0]["machine"]
+    where = m.get("gpu") or m["cpu"]
+    key = where.replace(" ", "_")
+    auto = m["auto"]
+    out = [BEGIN.format(key=key), f"### {where}", "",
+           f"- machine: {m.get('gpu') or m['cpu']}, CPU flags [{' '.join(m['cpu_flags']) or 'none of avx512/bf16'}], "
+           f"{m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}",
+           f"- `auto` chose precision {auto['precision']}, channels_last {auto['channels_last']}: {auto['reason']}",
+           f"- date: {results[0]['date']}", ""]
+    for d in results:
+        out += [f"**{d['bench']}** (`{d['command']}`)", ""]
+        out += pretrain_table(d) if d["bench"] == "pretrain" else finetune_table(d)
+        out.append("")
+    out.append(END.format(key=key))
+    return "\n".join(out), key
+
+
+def update(md: Path, text: str, key: str) -> None:
+    """Replace this machine's section in ``md`` (or add it under the speed heading)."""
+    head = "# Benchmarks\n\n## Speed\n\nWritten by `make bench` (scripts/bench_report.py); one section per machine.\n"
+    old = md.read_text() if md.exists() else head
+    begin, end = BEGIN.format(key=key), END.format(key=key)
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
+    elif "## Speed" in old:
+        i = old.index("## Speed")
+        nxt = old.find("\n## ", i + 1)
+        nxt = len(old) if nxt < 0 else nxt
+        new = old[:nxt].rstrip() + "\n\n" + text + "\n" + old[nxt:]
+    else:
+        new = old.rstrip() + "\n\n## Speed\n\n" + text + "\n"
+    md.write_text(new if new.endswith("\n") else new + "\n")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    p.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke check, not figures)")
+    p.add_argument("--from-json", nargs="+", type=Path, default=None, help="format these JSON files only")
+    args = p.parse_args(argv)
+    if args.from_json:
+        results = [json.loads(f.read_text()) for f in args.from_json]
+    else:
+        quick_p = ["--steps", "2", "--warmup", "1", "--rounds", "1"] if args.quick else []
+        quick_f = ["--steps", "3", "--warmup", "1", "--repeats", "1", "--eval-images", "20"] if args.quick else []
+        with tempfile.TemporaryDirectory() as tmp:
+            results = [run_bench("bench_pretrain.py", ["--e2e", *quick_p], Path(tmp) / "pretrain.json"),
+                       run_bench("bench_finetune.py", quick_f, Path(tmp) / "finetune.json")]
+    text, key = section(results)
+    update(args.out, text, key)
+    print(f"wrote {args.out} ({key})")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The benchmarks' honesty rules: the ceiling is the best configuration this machine has, ratios are
+against it and the plain loop, and the report names the machine and keeps other machines' figures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_pretrain  # noqa: E402
+import bench_report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "pretrain.json"
+    bench_pretrain.main(["--batch-size", "4", "--crops", "32x2,16x2", "--prototypes", "16", "--steps", "1",
+                         "--warmup", "1", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_ceiling_is_the_best_of_every_precision_and_format(tiny_bench: dict) -> None:
+    rows = tiny_bench["rows"]
+    configs = {m: r["images_per_s"] for m, r in rows.items() if m.startswith("ceiling_")}
+    assert set(configs) == {"ceiling_32_nchw", "ceiling_32_nhwc", "ceiling_bf16-mixed_nchw", "ceiling_bf16-mixed_nhwc"}
+    assert rows["ceiling"]["images_per_s"] == max(configs.values())
+    ours = rows["ours"]
+    assert ours["vs_ceiling"] == pytest.approx(ours["images_per_s"] / rows["ceiling"]["images_per_s"], rel=1e-2)
+    assert ours["vs_plain"] == pytest.approx(ours["images_per_s"] / rows["plain"]["images_per_s"], rel=1e-2)
+    assert ours["precision"] == tiny_bench["machine"]["auto"]["precision"]
+
+
+def test_report_names_the_machine_and_keeps_other_sections(tiny_bench: dict, tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    other = tiny_bench | {"machine": {**tiny_bench["machine"], "cpu": "Other CPU"}}
+    for d in (other, tiny_bench, tiny_bench):  # the second write of a machine replaces its section
+        text, key = bench_report.section([d])
+        bench_report.update(md, text, key)
+    body = md.read_text()
+    assert body.count("### Other CPU") == 1 and body.count(f"### {tiny_bench['machine']['cpu']}") == 1
+    assert tiny_bench["command"] in body and tiny_bench["machine"]["auto"]["reason"] in body
+    assert f"| ours | {tiny_bench['rows']['ours']['images_per_s']:.2f} |" in body
