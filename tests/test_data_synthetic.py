@@ -101,3 +101,21 @@ def test_ensure_concurrent_callers_generate_once(tmp_path: Path) -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: ensure_synthetic(tmp_path, generate=counting, **kw), range(4)))
     assert len(calls) == 1 and all(r["counts"] == results[0]["counts"] for r in results)
+
+
+def test_scales_choose_the_size_buckets(tmp_path: Path) -> None:
+    """``scales=("medium", "large")``: no small objects (the demo's regime), recorded in the marker;
+    the default leaves every scene as it was."""
+    rng_default, rng_all = np.random.default_rng(3), np.random.default_rng(3)
+    a, objs_a = render_scene(rng_default, 160)
+    b, objs_b = render_scene(rng_all, 160, ("small", "medium", "large"))
+    assert np.array_equal(a, b) and objs_a == objs_b
+    out = make_synthetic(tmp_path / "ml", seed=0, num_train=30, num_val=0, num_unlabeled=0, image_size=160,
+                         scales=("medium", "large"))
+    coco = json.loads(out["train_json"].read_text())
+    buckets = Counter(size_bucket(a["area"]) for a in coco["annotations"])
+    # Occlusion and the border may cut a medium object below 32^2 px of box now and then.
+    assert buckets["small"] <= 0.03 * sum(buckets.values()) and buckets["medium"] > 0 and buckets["large"] > 0
+    assert json.loads((out["root"] / "synthetic.json").read_text())["params"]["scales"] == ["medium", "large"]
+    with pytest.raises(ValueError, match="scales"):
+        make_synthetic(tmp_path / "bad", num_train=1, num_val=0, num_unlabeled=0, scales=("huge",))

@@ -27,6 +27,7 @@ def test_auto_follows_the_hardware(accelerator, cuda_bf16, cpu_bf16, expected) -
 
 def test_a_cpu_without_native_bf16_resolves_to_32(monkeypatch: pytest.MonkeyPatch) -> None:
     # Intel Xeon Skylake-SP: AVX-512 but no AVX512_BF16 (the flags as lscpu shows them there).
+    monkeypatch.delenv("FEWLABEL_CPU_BF16", raising=False)
     skylake = frozenset("fpu sse sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl".split())
     monkeypatch.setattr(precision, "cpu_flags", lambda: skylake)
     assert choose({"accelerator": "cpu", "precision": "auto"}).precision == "32"
@@ -35,7 +36,15 @@ def test_a_cpu_without_native_bf16_resolves_to_32(monkeypatch: pytest.MonkeyPatc
     assert choose({"accelerator": "cpu", "precision": "auto"}).precision == "bf16-mixed"
 
 
-def test_flag_reading() -> None:
+def test_the_environment_overrides_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEWLABEL_CPU_BF16", "0")
+    assert choose({"accelerator": "cpu", "precision": "auto"}).precision == "32"
+    monkeypatch.setenv("FEWLABEL_CPU_BF16", "1")
+    assert choose({"accelerator": "cpu", "precision": "auto"}).precision == "bf16-mixed"
+
+
+def test_flag_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEWLABEL_CPU_BF16", raising=False)
     assert cpu_has_native_bf16(frozenset({"avx512f", "amx_bf16"}))
     assert cpu_has_native_bf16(frozenset({"avx512_bf16"}))
     assert not cpu_has_native_bf16(frozenset({"avx512f", "avx512bw"}))

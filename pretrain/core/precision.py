@@ -16,6 +16,7 @@ both CPU kinds by ``scripts/bench_pretrain.py``), off on Apple's MPS.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64", "bf16-true", "16-true")
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ENV_CPU_BF16 = "FEWLABEL_CPU_BF16"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,14 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where the CPU has bf16 arithmetic units (x86 AVX512_BF16 / AMX-BF16, Arm BF16)."""
+    """True where the CPU has bf16 arithmetic units (x86 AVX512_BF16 / AMX-BF16, Arm BF16).
+
+    ``FEWLABEL_CPU_BF16=0`` (or ``1``) overrides the probe: for a VM that hides its CPU flags, or
+    to run the fp32 path of a CPU without bf16 units on one that has them.
+    """
+    forced = os.environ.get(ENV_CPU_BF16)
+    if forced in ("0", "1"):
+        return forced == "1"
     flags = cpu_flags() if flags is None else flags
     return any(f in flags for f in X86_BF16_FLAGS) or ("bf16" in flags and platform.machine() in ("aarch64", "arm64"))
 

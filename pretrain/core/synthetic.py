@@ -44,6 +44,7 @@ CLASSES = ("striped_disc", "checkered_square", "dotted_triangle", "grid_ring", "
 # Textures that no class owns; distractors and occluders use them together with mismatched ones.
 NEUTRAL_TEXTURES = ("solid", "noise", "gradient")
 SPLIT_CODES = {"train": 0, "val": 1, "unlabeled": 2}
+SCALES = ("small", "medium", "large")  # COCO's area buckets: < 32^2, < 96^2, larger
 MIN_VISIBLE = 0.6  # an object must keep this fraction of its pixels visible
 SUPERSAMPLE = 4  # shape masks are drawn at 4x and box-filtered down: anti-aliased edges
 
@@ -174,8 +175,9 @@ def _size_ranges(image_size: int) -> dict[str, tuple[int, int]]:
     return {"small": (8, 30), "medium": (34, min(92, image_size - 4)), "large": (100, large_hi)}
 
 
-def render_scene(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Draw one scene.
+def render_scene(rng: np.random.Generator, image_size: int,
+                 scales: tuple[str, ...] = SCALES) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Draw one scene, its objects drawn at the COCO size buckets named in ``scales``.
 
     Returns:
         ``(image, objects)``: a (S, S, 3) uint8 array and a list of
@@ -205,11 +207,14 @@ def render_scene(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray,
     owner = np.full((S, S), -1, np.int32)
     objects: list[dict[str, Any]] = []
     full_px: list[float] = []
-    scales = ["small", "medium", "large"] if ranges["large"][1] > ranges["large"][0] else ["small", "medium"]
-    probs = np.array([0.4, 0.42, 0.18][: len(scales)])
+    weights = {"small": 0.4, "medium": 0.42, "large": 0.18}
+    if ranges["large"][1] <= ranges["large"][0]:
+        weights.pop("large")  # images too small for COCO's large objects
+    chosen = [k for k in weights if k in scales] or ["medium"]
+    probs = np.array([weights[k] for k in chosen])
     have_large = False
     for _ in range(int(rng.integers(1, 7))):
-        scale = str(rng.choice(scales, p=probs / probs.sum()))
+        scale = str(rng.choice(chosen, p=probs / probs.sum()))
         if scale == "large" and have_large:
             scale = "medium"
         lo, hi = ranges[scale]
@@ -262,14 +267,22 @@ def render_scene(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray,
 
 
 # ------------------------------------------------------------------------------------- writing
-def _params(seed: int, num_train: int, num_val: int, num_unlabeled: int, image_size: int) -> dict[str, int]:
+def _params(seed: int, num_train: int, num_val: int, num_unlabeled: int, image_size: int,
+            scales: tuple[str, ...] | list[str] = SCALES) -> dict[str, Any]:
     for name, v in (("num_train", num_train), ("num_val", num_val), ("num_unlabeled", num_unlabeled)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 (objects up to 92 px), got {image_size}")
-    return {"version": SYNTHETIC_VERSION, "seed": int(seed), "num_train": int(num_train),
-            "num_val": int(num_val), "num_unlabeled": int(num_unlabeled), "image_size": int(image_size)}
+    bad = [x for x in scales if x not in SCALES]
+    if bad or not scales:
+        raise ValueError(f"scales={list(scales)}: give one or more of {SCALES}")
+    params: dict[str, Any] = {"version": SYNTHETIC_VERSION, "seed": int(seed), "num_train": int(num_train),
+                              "num_val": int(num_val), "num_unlabeled": int(num_unlabeled),
+                              "image_size": int(image_size)}
+    if tuple(scales) != SCALES:  # the default leaves the marker (and every file) as before
+        params["scales"] = [x for x in SCALES if x in scales]
+    return params
 
 
 def _write_split(root: Path, split: str, n: int, params: dict[str, int]) -> dict[str, Any]:
@@ -279,7 +292,7 @@ def _write_split(root: Path, split: str, n: int, params: dict[str, int]) -> dict
     anns: list[dict[str, Any]] = []
     for i in range(n):
         rng = np.random.default_rng([params["seed"], SPLIT_CODES[split], i])
-        pixels, objects = render_scene(rng, params["image_size"])
+        pixels, objects = render_scene(rng, params["image_size"], tuple(params.get("scales", SCALES)))
         name = f"{split}/{i:06d}.png"
         Image.fromarray(pixels).save(root / name, compress_level=6)
         images.append({"id": i + 1, "file_name": name, "width": params["image_size"],
@@ -306,6 +319,7 @@ def make_synthetic(
     num_val: int = 100,
     num_unlabeled: int = 1000,
     image_size: int = 160,
+    scales: tuple[str, ...] | list[str] = SCALES,
 ) -> dict[str, Any]:
     """Generate the synthetic set into ``out_dir`` (overwriting its own files).
 
@@ -317,7 +331,7 @@ def make_synthetic(
         ``{"root", "train_json", "val_json", "unlabeled", "unlabeled_json", "params", "counts"}``
         with paths as :class:`~pathlib.Path`.
     """
-    params = _params(seed, num_train, num_val, num_unlabeled, image_size)
+    params = _params(seed, num_train, num_val, num_unlabeled, image_size, scales)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)  # a half-written set must not look complete
@@ -348,6 +362,7 @@ def ensure_synthetic(
     num_val: int = 100,
     num_unlabeled: int = 1000,
     image_size: int = 160,
+    scales: tuple[str, ...] | list[str] = SCALES,
     generate: Callable[..., dict[str, Any]] = make_synthetic,
 ) -> dict[str, Any]:
     """Return the synthetic set in ``out_dir``, generating it only if missing or made differently.
@@ -355,7 +370,7 @@ def ensure_synthetic(
     The marker ``synthetic.json`` records the parameters; it is written last, so an interrupted
     generation is redone on the next call. Same arguments and return value as :func:`make_synthetic`.
     """
-    params = _params(seed, num_train, num_val, num_unlabeled, image_size)
+    params = _params(seed, num_train, num_val, num_unlabeled, image_size, scales)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     # Several processes (DDP ranks, parallel sweeps) may ask at once: one generates, the others wait
@@ -370,7 +385,7 @@ def ensure_synthetic(
         except (FileNotFoundError, json.JSONDecodeError, AttributeError):
             pass
         return generate(root, seed=seed, num_train=num_train, num_val=num_val, num_unlabeled=num_unlabeled,
-                        image_size=image_size)
+                        image_size=image_size, scales=scales)
 
 
 @contextlib.contextmanager
