@@ -183,7 +183,7 @@ def evaluate_coco(
             ev.accumulate()
             ev.summarize()
     if ids:
-        stats = {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
+        stats = summary_stats(ev.eval, ev.params)
         precision = np.asarray(ev.eval["precision"])
     else:
         stats = {k: -1.0 for k in COCO_STATS}
@@ -198,6 +198,37 @@ def evaluate_coco(
         num_detections=len(coco_dt.dataset["annotations"]),
         backend=backend,
     )
+
+
+def summary_stats(evaluation: Mapping[str, Any], params: Any) -> dict[str, float]:
+    """The 12 COCO numbers from accumulated ``precision`` / ``recall``, at ``params.maxDets``.
+
+    pycocotools' ``summarize`` computes the first AP entry at a hard-coded 100 detections per
+    image, so with ``maxDets=[1, 10, 300]`` it reports AP -1; here every AP entry and AR100 use
+    the last ``maxDets``, AR1 / AR10 the first two, exactly as pycocotools does at 100.
+    """
+    precision, recall = np.asarray(evaluation["precision"]), np.asarray(evaluation["recall"])
+    iou_thrs = np.asarray(params.iouThrs)
+    max_dets = list(params.maxDets)
+
+    def mean_of(ap: bool, iou: float | None, area: str, dets: int) -> float:
+        a = list(params.areaRngLbl).index(area)
+        m = max_dets.index(dets)
+        s = precision[..., a, m] if ap else recall[..., a, m]  # (T, R, K) or (T, K)
+        if iou is not None:
+            s = s[np.where(np.isclose(iou_thrs, iou))[0]]
+        valid = s[s > -1]
+        return float(valid.mean()) if valid.size else -1.0
+
+    last = max_dets[-1]
+    values = [
+        mean_of(True, None, "all", last), mean_of(True, 0.5, "all", last), mean_of(True, 0.75, "all", last),
+        mean_of(True, None, "small", last), mean_of(True, None, "medium", last), mean_of(True, None, "large", last),
+        mean_of(False, None, "all", max_dets[0]), mean_of(False, None, "all", max_dets[1]),
+        mean_of(False, None, "all", last), mean_of(False, None, "small", last),
+        mean_of(False, None, "medium", last), mean_of(False, None, "large", last),
+    ]
+    return dict(zip(COCO_STATS, values))
 
 
 def per_class_ap(precision: np.ndarray, cat_ids: Sequence[int], names: Mapping[int, str]) -> dict[str, float]:

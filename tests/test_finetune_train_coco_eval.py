@@ -164,3 +164,32 @@ def test_lr_factor_warmup_step_and_cosine():
     assert not math.isnan(lr_factor(0, 0, "cosine"))
     with pytest.raises(ValueError, match="unknown LR schedule"):
         lr_factor(0, 10, "poly")
+
+
+def test_max_dets_other_than_100_gives_the_hand_set_pycocotools_ap(tmp_path):
+    """pycocotools' summarize computes AP at a hard-coded 100 detections: with maxDets 300 it says -1.
+    Ours equals pycocotools run with maxDets [1, 10, 300] and AP read from its accumulated precision."""
+    rng = random.Random(1)
+    anns = [(i, 3 if k % 2 else 7, (rng.uniform(0, 80), rng.uniform(0, 80), 12, 12))
+            for i in (1, 2) for k in range(60)]
+    gt = _gt(tmp_path, anns)
+    # 200 detections per image, the true boxes scored lowest: only a cap above 100 finds most of them.
+    preds = [{"image_id": i, "category_id": c, "bbox": list(b), "score": 0.01 + 0.001 * rng.random()}
+             for i, c, b in anns]
+    preds += [{"image_id": i, "category_id": 3, "bbox": [rng.uniform(0, 80), rng.uniform(0, 80), 5, 5],
+               "score": 0.5 + 0.5 * rng.random()} for i in (1, 2) for _ in range(140)]
+    pred_file = write_predictions(tmp_path / "p.json", preds)
+    coco = COCO(str(gt))
+    ev = COCOeval(coco, coco.loadRes(str(pred_file)), "bbox")
+    ev.params.maxDets = [1, 10, 300]
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ev.stats[0] == -1  # the pycocotools quirk this guards against
+    p = ev.eval["precision"][:, :, :, 0, 2]
+    by_hand = float(p[p > -1].mean())
+    for backend in ("pycocotools", "faster_coco_eval"):
+        ours = evaluate_coco(gt, json.loads(pred_file.read_text()), max_dets=300, backend=backend)
+        assert ours.stats["AP"] == pytest.approx(by_hand, abs=1e-12), backend
+        assert ours.stats["AP50"] == pytest.approx(ev.stats[1], abs=1e-12)
+        assert ours.stats["AR100"] == pytest.approx(ev.stats[8], abs=1e-12)
+    at_100 = evaluate_coco(gt, json.loads(pred_file.read_text()))
+    assert ours.stats["AP"] > at_100.stats["AP"] + 0.05  # the detections past 100 are true ones
