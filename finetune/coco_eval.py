@@ -295,21 +295,46 @@ def write_predictions(path: str | Path, predictions: Sequence[Mapping[str, Any]]
     return p
 
 
-def format_table(stats: Mapping[str, float], per_class: Mapping[str, float] | None = None) -> str:
-    """COCO summary (and per-class AP) as aligned text, values in percent; '-' for -1."""
+def _pct(v: Any) -> str:
+    undefined = v is None or v < 0 or (isinstance(v, float) and math.isnan(v))
+    return "-" if undefined else f"{100 * v:.1f}"
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None or v < 0 or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
-    keys = list(COCO_STATS)
-    lines = [
-        "  ".join(f"{k:>6}" for k in keys),
-        "  ".join(f"{pct(stats.get(k)):>6}" for k in keys),
-    ]
+def format_table(
+    stats: Mapping[str, float] | Mapping[str, Mapping[str, float]],
+    per_class: Mapping[str, float] | None = None,
+    keys: Sequence[str] = COCO_STATS,
+    difference: bool = False,
+) -> str:
+    """COCO numbers as aligned text in percent ('-' for -1 / undefined).
+
+    Args:
+        stats: one summary ``{"AP": ..}``, or named summaries ``{run: {"AP": ..}}`` for a
+            side-by-side table (one row per run).
+        per_class: per-class AP listed under the table.
+        keys: the columns.
+        difference: add a row with the first run minus the last, in points.
+    """
+    runs: Mapping[str, Mapping[str, float]] = (
+        {"": stats} if not stats or not isinstance(next(iter(stats.values())), Mapping)  # type: ignore[dict-item]
+        else stats  # type: ignore[assignment]
+    )
+    width = max(len(n) for n in runs) + 2 if any(runs) else 0
+    lines = [" " * width + "  ".join(f"{k:>6}" for k in keys)]
+    for name, row in runs.items():
+        lines.append(f"{name:<{width}}" + "  ".join(f"{_pct(row.get(k)):>6}" for k in keys))
+    if difference and len(runs) >= 2:
+        first, last = next(iter(runs.values())), list(runs.values())[-1]
+        deltas = []
+        for k in keys:
+            a, b = first.get(k), last.get(k)
+            ok = all(v is not None and v >= 0 for v in (a, b))
+            deltas.append(f"{(a - b) * 100:+.1f}" if ok else "-")  # type: ignore[operator]
+        lines.append(f"{'difference':<{width}}" + "  ".join(f"{d:>6}" for d in deltas))
     if per_class:
         width = max(len(n) for n in per_class)
         lines.append("")
         lines.append(f"{'class':<{width}}  {'AP':>6}")
         for name, ap in per_class.items():
-            lines.append(f"{name:<{width}}  {pct(ap):>6}")
+            lines.append(f"{name:<{width}}  {_pct(ap):>6}")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from finetune.coco_eval import format_table
+
 COLUMNS = ("backbone", "method", "epochs", "prototypes", "detector", "AP", "AP50", "APs", "APm", "APl")
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
 SETTING = ("backbone", "method", "epochs", "prototypes", "detector")
@@ -159,22 +161,4 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict[str, P
 
 def compare(runs: dict[str, dict[str, Any]], keys: Iterable[str] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
     """A side-by-side table (AP in %) of the COCO summaries of named runs, first minus last."""
-    keys = list(keys)
-    names = list(runs)
-    width = max(len(n) for n in names) + 2
-    lines = [" " * width + "".join(f"{k:>8}" for k in keys)]
-    for n in names:
-        coco = runs[n].get("coco") or {}
-        lines.append(f"{n:<{width}}" + "".join(f"{_fmt(_score(coco.get(k))):>8}" for k in keys))
-    if len(names) >= 2:
-        a, b = (runs[names[0]].get("coco") or {}), (runs[names[-1]].get("coco") or {})
-        deltas = []
-        for k in keys:
-            va, vb = _score(a.get(k)), _score(b.get(k))
-            deltas.append("-" if va is None or vb is None else f"{(va - vb) * 100:+.1f}")
-        lines.append(f"{'difference':<{width}}" + "".join(f"{d:>8}" for d in deltas))
-    return "\n".join(lines)
-
-
-def _score(v: Any) -> float | None:
-    return None if v is None or v < 0 else float(v)
+    return format_table({n: (r.get("coco") or {}) for n, r in runs.items()}, keys=list(keys), difference=True)

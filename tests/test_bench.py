@@ -12,8 +12,8 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-import bench_pretrain  # noqa: E402
-import bench_report  # noqa: E402
+import bench_pretrain
+import bench_report
 
 
 @pytest.fixture(scope="module")

@@ -52,3 +52,16 @@ def test_rows_summary_and_files(tmp_path):
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fine-tuning metrics.json"):
         write_report(tmp_path)
+
+
+def test_compare_is_the_coco_table_with_a_difference_row():
+    from finetune.coco_eval import format_table
+    from finetune.report import compare
+
+    runs = {"ssl": {"coco": {"AP": 0.25, "AP50": 0.5}}, "random": {"coco": {"AP": 0.2, "AP50": -1.0}}}
+    text = compare(runs, keys=("AP", "AP50"))
+    rows = [line.split() for line in text.splitlines()]
+    assert rows[1] == ["ssl", "25.0", "50.0"] and rows[2] == ["random", "20.0", "-"]
+    assert rows[3] == ["difference", "+5.0", "-"]
+    # One table writer: the single-run summary is the same function without names.
+    assert format_table({"AP": 0.25, "AP50": 0.5}, keys=("AP", "AP50")).splitlines()[1].split() == ["25.0", "50.0"]
