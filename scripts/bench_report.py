@@ -59,8 +59,8 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
     key = where.replace(" ", "_")
     auto = m["auto"]
     out = [BEGIN.format(key=key), f"### {where}", "",
-           f"- machine: {m.get('gpu') or m['cpu']}, CPU flags [{' '.join(m['cpu_flags']) or 'none of avx512/bf16'}], "
-           f"{m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}",
+           (f"- machine: {m.get('gpu') or m['cpu']}, CPU flags [{' '.join(m['cpu_flags']) or 'none of avx512/bf16'}], "
+            f"{m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}"),
            f"- `auto` chose precision {auto['precision']}, channels_last {auto['channels_last']}: {auto['reason']}",
            f"- date: {results[0]['date']}", ""]
     for d in results:
