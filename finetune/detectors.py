@@ -1,9 +1,9 @@
 """Faster R-CNN and RetinaNet (FPN) on a ResNet that the caller built and loaded.
 
 The detectors are torchvision's own classes; only the backbone wrapping, the box heads and the
-anchor defaults are chosen here. Labels are 1..K for K foreground classes, so both detectors get
-``num_classes = K + 1`` (index 0 is background for Faster R-CNN and an always-negative, unused
-class for RetinaNet's sigmoid classifier), and predicted labels map straight back to 1..K.
+anchor defaults are chosen here. Labels are 1..K for K foreground classes: Faster R-CNN's softmax
+gets ``K + 1`` outputs (index 0 is background); RetinaNet's sigmoid classifier gets exactly K and
+:class:`KClassRetinaNet` shifts labels to 0..K-1 on the way in and back to 1..K on the way out.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def build_detector(
         head = RetinaNetHead(
             FPN_CHANNELS,
             anchors.num_anchors_per_location()[0],
-            num_classes + 1,
+            num_classes,
             norm_layer=_norm_factory(head_norm or "none"),
         )
         if box_loss == "smooth_l1":
@@ -172,9 +172,9 @@ def build_detector(
             )
         else:
             head.regression_head._loss_type = box_loss
-        model = RetinaNet(
+        model = KClassRetinaNet(
             body,
-            num_classes=num_classes + 1,
+            num_classes=num_classes,
             anchor_generator=anchors,
             head=head,
             score_thresh=score_thresh,
@@ -314,6 +314,24 @@ class Res5BoxHead(nn.Module):
         x = self.blocks(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return F.relu(self.fc(x))
+
+
+class KClassRetinaNet(RetinaNet):
+    """RetinaNet with exactly K sigmoid classifiers, speaking the 1..K labels of the rest of the code.
+
+    A sigmoid classifier has no background class: built for K+1 classes, index 0 would be a class
+    with no positives that still adds focal-loss terms to every anchor and, at a low score
+    threshold (0.001 for mAP), is emitted as a detection of no category. So the head has K
+    outputs, training labels go in as 0..K-1 and detections come out as 1..K.
+    """
+
+    def forward(self, images, targets=None):  # type: ignore[no-untyped-def, override]
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] - 1} for t in targets]
+        out = super().forward(images, targets)
+        if isinstance(out, list):  # detections (eval mode)
+            out = [{**d, "labels": d["labels"] + 1} for d in out]
+        return out
 
 
 class _SmoothL1RegressionHead(RetinaNetRegressionHead):

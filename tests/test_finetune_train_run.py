@@ -136,13 +136,21 @@ def test_evaluate_and_predict_cli(frcnn_run, synthetic_data, tmp_path):
 
 
 def test_retinanet_smoke_run_with_layerwise_lr(synthetic_data, tmp_path):
+    # score_thresh 0.001, the usual setting for mAP: far below the classifier's prior (0.01), so an
+    # extra always-negative class would be emitted and had no category id (KeyError before the fix).
     cfg = smoke_cfg(synthetic_data["root"], "detector=retinanet", "eval.plots=false", "trainer.max_epochs=1",
-                    "lr_multipliers=3-5-7", "optimizer=adamw", "optimizer.lr=0.001")
+                    "lr_multipliers=3-5-7", "optimizer=adamw", "optimizer.lr=0.001", "detector.score_thresh=0.001")
     m = train(cfg, run_dir=tmp_path)
     assert m["detector"] == "retinanet" and m["backbone"]["checkpoint"] is None
     for name in ("metrics.json", "predictions.json", "label_map.json", "checkpoints/best.ckpt"):
         assert (tmp_path / name).is_file(), name
     assert set(m["coco"]) == set(COCO_STATS)
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    real = {c["id"] for c in json.loads(synthetic_data["val_json"].read_text())["categories"]}
+    assert len(preds) > 100 and {p["category_id"] for p in preds} <= real
+    head = load_detection_checkpoint(tmp_path / "checkpoints" / "best.ckpt").model.head
+    num_anchors = head.classification_head.num_anchors
+    assert head.classification_head.cls_logits.out_channels == num_anchors * len(real)  # K, not K + 1
     # The per-group learning rates Lightning logged at step 0 follow the 3-5-7 preset.
     import csv
 
