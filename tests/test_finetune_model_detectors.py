@@ -175,7 +175,8 @@ def test_box_loss_and_heads_are_wired() -> None:
     assert sum(isinstance(m, nn.LayerNorm) for m in ln.modules()) == 2
     # K foreground classes + background.
     assert _build("fasterrcnn", "frozen_bn").roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1
-    assert _build("retinanet", "frozen_bn").head.classification_head.num_classes == NUM_CLASSES + 1
+    # softmax with a background class vs K sigmoids (no always-negative extra class)
+    assert _build("retinanet", "frozen_bn").head.classification_head.num_classes == NUM_CLASSES
 
 
 @pytest.mark.parametrize(
