@@ -153,3 +153,52 @@ def test_yolo_conventions(tmp_path: Path) -> None:
     yaml_path.write_text("path: ds\ntrain: images/train\nnc: 3\nnames: [a]\n")
     with pytest.raises(ConversionError, match="nc=3 but 1 names"):
         yolo_to_coco(yaml_path, tmp_path / "out")
+
+
+def _labelimg(root: Path, ann_dir: str, img_dir: str, filename_of=lambda stem: f"{stem}.jpg") -> None:
+    """LabelImg's output: one XML per image, ``<filename>`` as the tool wrote it."""
+    (root / ann_dir).mkdir(parents=True, exist_ok=True)
+    (root / img_dir).mkdir(parents=True, exist_ok=True)
+    for stem, box in (("cat1", (5, 5, 30, 20)), ("cat2", (1, 1, 10, 10)), ("dog", (20, 10, 45, 35))):
+        Image.new("RGB", (50, 40)).save(root / img_dir / f"{stem}.jpg")
+        (root / ann_dir / f"{stem}.xml").write_text(
+            f"<annotation><folder>{img_dir}</folder><filename>{filename_of(stem)}</filename><size><width>50</width>"
+            f"<height>40</height><depth>3</depth></size>{_voc_obj(stem.rstrip('12'), box)}</annotation>")
+
+
+@pytest.mark.parametrize("ann_dir", ["annotations", "annots"])
+def test_voc_labelimg_layouts_are_found(tmp_path: Path, ann_dir: str) -> None:
+    _labelimg(tmp_path / "set", ann_dir, "images")
+    out = tmp_path / "out"
+    coco = voc_to_coco(tmp_path / "set", out)["all"]
+    assert len(coco["images"]) == 3 and len(coco["annotations"]) == 3
+    assert [c["name"] for c in coco["categories"]] == ["cat", "dog"]
+    assert {i["file_name"] for i in coco["images"]} == {f"../set/images/{s}.jpg" for s in ("cat1", "cat2", "dog")}
+
+
+def test_voc_annotations_and_images_given_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # <filename> holds the labelling machine's path: its last part finds the image.
+    _labelimg(tmp_path, "xml_here", "pics", filename_of=lambda stem: f"C:\\Users\\me\\pics\\{stem}.jpg")
+    out = tmp_path / "out"
+    main(["voc", "--annotations", str(tmp_path / "xml_here"), "--images", str(tmp_path / "pics"), "--out", str(out)])
+    coco = json.loads((out / "all.json").read_text())
+    assert len(coco["images"]) == 3 and len(coco["annotations"]) == 3
+    assert "all 3 XML files go to all.json" in capsys.readouterr().out
+    ds = CocoDetection(out / "all.json")
+    assert len(ds) == 3 and ds.num_classes == 2
+
+
+def test_voc_xml_beside_images_and_errors(tmp_path: Path) -> None:
+    _labelimg(tmp_path / "flat", "", "")
+    coco = voc_to_coco(tmp_path / "flat", tmp_path / "o")["all"]
+    assert len(coco["images"]) == 3 and coco["images"][0]["file_name"].startswith("../flat/")
+    _labelimg(tmp_path / "two" / "a", "annotations", "images")
+    _labelimg(tmp_path / "two" / "b", "annots", "images")
+    with pytest.raises(ConversionError, match="several VOC annotation folders"):
+        voc_to_coco(tmp_path / "two", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="no VOC XML found.*--annotations DIR --images DIR"):
+        voc_to_coco(tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(ConversionError, match="missing from .*--images DIR"):
+        voc_to_coco(None, tmp_path / "o", annotations=tmp_path / "two" / "a" / "annotations",
+                    images=tmp_path / "empty")

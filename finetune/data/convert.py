@@ -2,6 +2,7 @@
 
 Examples:
     python -m finetune.data.convert voc /data/VOCdevkit/VOC2007 --out data/voc
+    python -m finetune.data.convert voc --annotations labels/annots --images labels/images --out data/mine
     python -m finetune.data.convert yolo /data/coco128/data.yaml --out data/coco128
 
 Where the images are: the images are not copied. Each written JSON stores image ``file_name``s
@@ -18,7 +19,10 @@ Conventions:
       ignores detections on them as the VOC protocol does, and training leaves them out; they
       carry ``"difficult": 1``. ``--difficult keep`` makes them ordinary boxes, ``drop`` omits them.
       Splits come from ``ImageSets/Main/<split>.txt``; ``trainval`` is skipped when it is just
-      ``train`` + ``val``; without ImageSets everything goes to ``all.json``.
+      ``train`` + ``val``; without ImageSets everything goes to ``all.json``. Layouts: the devkit's,
+      LabelImg's (``annotations/`` or ``annots/`` beside ``images/``), XML beside the images, or
+      ``--annotations DIR --images DIR``; an XML's image is its ``<filename>`` (or that name's last
+      part) or ``<xml stem>.<ext>`` in the image folder.
     * YOLO: ``path``, ``train``/``val``/``test`` resolve as in ultralytics (split entries are image
       folders, image files, or .txt lists of images; ``path`` relative to the YAML's folder), and
       each ``.../images/...`` image has its labels in ``.../labels/...txt``. Image sizes are the
@@ -36,6 +40,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +85,73 @@ def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- VOC
-def find_voc_root(root: str | os.PathLike[str]) -> Path:
-    """The folder holding ``Annotations/``: ``root`` itself or its single such descendant (depth <= 2)."""
-    root = Path(root)
-    if (root / "Annotations").is_dir():
-        return root
-    found = sorted({p.parent for p in root.glob("*/Annotations") if p.is_dir()}
-                   | {p.parent for p in root.glob("*/*/Annotations") if p.is_dir()})
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ConversionError(f"{root}: no Annotations/ folder found (expected a VOC root with "
-                              "Annotations/*.xml and JPEGImages/)")
-    raise ConversionError(f"{root}: several VOC roots found ({', '.join(map(str, found))}); pass one of them")
+ANNOTATION_DIRS = ("Annotations", "annotations", "annots", "Annots", "xml", "labels")
+IMAGE_DIRS = ("JPEGImages", "images", "Images", "imgs", "img")
+
+
+@dataclass(frozen=True)
+class VocLayout:
+    """Where a VOC-XML set keeps its files: the devkit layout (``Annotations/``, ``JPEGImages/``,
+    ``ImageSets/Main``), LabelImg's ``annotations/`` (or ``annots/``) beside ``images/``, XML files
+    beside their images, or any two folders given by hand."""
+
+    annotations: Path
+    images: tuple[Path, ...]
+    image_sets: Path | None = None
+
+    @property
+    def name(self) -> Path:
+        return self.annotations.parent if self.annotations.name in ANNOTATION_DIRS else self.annotations
+
+
+def _has_xml(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.xml"))
+
+
+def find_voc_layout(root: str | os.PathLike[str] | None = None, annotations: str | os.PathLike[str] | None = None,
+                    images: str | os.PathLike[str] | None = None) -> VocLayout:
+    """Find the XML and image folders of a VOC-XML set.
+
+    Args:
+        root: a VOC root, a folder holding one (depth <= 2), a LabelImg-style folder with an
+            annotation and an image folder, or a folder of images with their XML beside them.
+        annotations: the folder of ``*.xml`` files, given by hand (``root`` then is not needed).
+        images: the image folder; default: found beside the annotations, or the annotations folder.
+
+    Raises:
+        ConversionError: nothing that looks like VOC XML, or several candidates.
+    """
+    if annotations is not None:
+        ann = Path(annotations)
+        if not _has_xml(ann):
+            raise ConversionError(f"--annotations {ann}: no *.xml files there")
+        if images is not None:
+            imgs: tuple[Path, ...] = (Path(images),)
+        else:
+            imgs = tuple(d for d in (ann.parent / n for n in IMAGE_DIRS) if d.is_dir()) or (ann,)
+        sets = ann.parent / "ImageSets" / "Main"
+        return VocLayout(ann, imgs, sets if sets.is_dir() and ann.name == "Annotations" else None)
+    if root is None:
+        raise ConversionError("give a VOC root folder, or --annotations DIR (and --images DIR)")
+    base = Path(root)
+    if not base.is_dir():
+        raise ConversionError(f"{base}: no such folder")
+    if not any(_has_xml(base / n) for n in ANNOTATION_DIRS) and _has_xml(base):
+        return VocLayout(base, (Path(images),) if images else (base,))  # XML beside the images
+    for pattern in ("", "*", "*/*"):  # the shallowest level that has one
+        level = [base] if not pattern else sorted(p for p in base.glob(pattern) if p.is_dir())
+        found = [find_voc_layout(annotations=ann, images=images) for folder in level
+                 for ann in [next((folder / n for n in ANNOTATION_DIRS if _has_xml(folder / n)), None)] if ann]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            roots = ", ".join(str(f.annotations) for f in found)
+            raise ConversionError(f"{base}: several VOC annotation folders found ({roots}); pass one of them, "
+                                  "or --annotations DIR --images DIR")
+    raise ConversionError(
+        f"{base}: no VOC XML found: expected Annotations/*.xml + JPEGImages/ (VOC devkit), "
+        "annotations/ or annots/ + images/ (LabelImg), or *.xml beside the images; or pass "
+        "--annotations DIR --images DIR")
 
 
 def _text(node: ET.Element | None, tag: str, default: str | None = None) -> str | None:
@@ -127,55 +186,66 @@ def _parse_voc_xml(path: Path) -> dict[str, Any]:
     }
 
 
-def _voc_image(voc: Path, stem: str, filename: str | None) -> Path | None:
-    folder = voc / "JPEGImages"
-    if filename and (folder / filename).is_file():
-        return folder / filename
-    for ext in IMAGE_EXTENSIONS:
-        for e in (ext, ext.upper()):
-            if (folder / f"{stem}{e}").is_file():
-                return folder / f"{stem}{e}"
+def _voc_image(layout: VocLayout, stem: str, filename: str | None) -> Path | None:
+    """The image of ``<stem>.xml``: its ``<filename>`` (as written, or its base name: tools write
+    paths of the labelling machine), else ``<stem>.<any image extension>``, in each image folder."""
+    for folder in layout.images:
+        if filename:
+            for name in (filename, Path(filename.replace("\\", "/")).name):
+                if (folder / name).is_file():
+                    return folder / name
+        for ext in IMAGE_EXTENSIONS:
+            for e in (ext, ext.upper()):
+                if (folder / f"{stem}{e}").is_file():
+                    return folder / f"{stem}{e}"
     return None
 
 
-def voc_splits(voc: Path) -> dict[str, list[str]]:
+def voc_splits(layout: VocLayout) -> dict[str, list[str]]:
     """Image ids per split from ``ImageSets/Main/<split>.txt`` (``{"all": every xml}`` without them)."""
-    main = voc / "ImageSets" / "Main"
+    main = layout.image_sets
     # Per-class lists (aeroplane_train.txt) hold "<id> 1/-1" rows and carry "_" in their name.
-    files = sorted(p for p in main.glob("*.txt") if "_" not in p.stem) if main.is_dir() else []
+    files = sorted(p for p in main.glob("*.txt") if "_" not in p.stem) if main and main.is_dir() else []
     splits = {p.stem: [ln.split()[0] for ln in p.read_text().splitlines() if ln.strip()] for p in files}
     if {"trainval", "train", "val"} <= set(splits) and \
             set(splits["trainval"]) == set(splits["train"]) | set(splits["val"]):
         print("skipping ImageSets/Main/trainval.txt: it is train + val")
         del splits["trainval"]
     if not splits:
-        splits = {"all": sorted(p.stem for p in (voc / "Annotations").glob("*.xml"))}
+        splits = {"all": sorted(p.stem for p in layout.annotations.glob("*.xml"))}
+        print(f"no ImageSets/Main split lists: all {len(splits['all'])} XML files go to all.json")
     return splits
 
 
-def voc_to_coco(root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                classes: list[str] | None = None, difficult: str = "crowd") -> dict[str, dict[str, Any]]:
-    """Convert a Pascal VOC folder to one COCO dict per split (file_names relative to ``out_dir``).
+def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
+                classes: list[str] | None = None, difficult: str = "crowd",
+                annotations: str | os.PathLike[str] | None = None,
+                images: str | os.PathLike[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Convert a Pascal VOC-XML set to one COCO dict per split (file_names relative to ``out_dir``).
 
     Args:
-        root: the VOC root (with ``Annotations/``, ``JPEGImages/``) or a folder holding one.
+        root: a VOC root, LabelImg-style folder or folder of images + XML (see :func:`find_voc_layout`);
+            None with ``annotations``.
         out_dir: where the JSONs will be written (file_names are made relative to it).
         classes: class names in category-id order; default: sorted names found in all XMLs.
         difficult: ``"crowd"``, ``"keep"`` or ``"drop"`` for ``<difficult>1</difficult>`` objects.
+        annotations: the XML folder, given by hand.
+        images: the image folder, given by hand.
 
     Raises:
         ConversionError: missing XML/images, unknown class names, malformed XML.
     """
     if difficult not in ("crowd", "keep", "drop"):
         raise ValueError(f"difficult must be crowd, keep or drop, got {difficult!r}")
-    voc = find_voc_root(root)
-    splits = voc_splits(voc)
+    layout = find_voc_layout(root, annotations, images)
+    voc = layout.name
+    splits = voc_splits(layout)
     stems = sorted({s for ids in splits.values() for s in ids})
-    missing_xml = [s for s in stems if not (voc / "Annotations" / f"{s}.xml").is_file()]
+    missing_xml = [s for s in stems if not (layout.annotations / f"{s}.xml").is_file()]
     if missing_xml:
-        raise ConversionError(f"{voc}: {len(missing_xml)} listed ids have no Annotations/<id>.xml "
+        raise ConversionError(f"{voc}: {len(missing_xml)} listed ids have no {layout.annotations.name}/<id>.xml "
                               f"(first: {missing_xml[:5]})")
-    parsed = {s: _parse_voc_xml(voc / "Annotations" / f"{s}.xml") for s in stems}
+    parsed = {s: _parse_voc_xml(layout.annotations / f"{s}.xml") for s in stems}
     found = sorted({o["name"] for p in parsed.values() for o in p["objects"]})
     if classes is None:
         classes = found
@@ -183,11 +253,12 @@ def voc_to_coco(root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     if unknown:
         raise ConversionError(f"{voc}: class names {unknown} are not in --classes {classes}")
     cat_id = {name: i + 1 for i, name in enumerate(classes)}
-    image_paths = {s: _voc_image(voc, s, parsed[s]["filename"]) for s in stems}
+    image_paths = {s: _voc_image(layout, s, parsed[s]["filename"]) for s in stems}
     missing = [s for s, p in image_paths.items() if p is None]
     if missing:
-        raise ConversionError(f"{voc}: {len(missing)} annotated images are missing from JPEGImages/ "
-                              f"(first: {missing[:5]})")
+        where = ", ".join(str(d) for d in layout.images)
+        raise ConversionError(f"{voc}: {len(missing)} annotated images are missing from {where} "
+                              f"(first: {missing[:5]}); pass --images DIR if they are elsewhere")
     # One id per image across splits, so merged splits never collide.
     image_id = {s: i + 1 for i, s in enumerate(stems)}
 
@@ -395,8 +466,11 @@ def write_splits(cocos: dict[str, dict[str, Any]], out_dir: str | os.PathLike[st
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert VOC XML or YOLO txt labels to COCO JSON.")
     sub = p.add_subparsers(dest="format", required=True)
-    v = sub.add_parser("voc", help="Pascal VOC: Annotations/*.xml, JPEGImages/, ImageSets/Main/*.txt")
-    v.add_argument("root", type=Path)
+    v = sub.add_parser("voc", help="Pascal VOC XML: a devkit root (Annotations/, JPEGImages/, ImageSets/Main/), "
+                                    "LabelImg's annotations/ + images/, XML beside images, or --annotations/--images")
+    v.add_argument("root", type=Path, nargs="?", default=None)
+    v.add_argument("--annotations", type=Path, default=None, help="folder of the *.xml files")
+    v.add_argument("--images", type=Path, default=None, help="folder of the images (default: found beside)")
     v.add_argument("--out", type=Path, required=True)
     v.add_argument("--classes", default=None, help="comma-separated class names in id order")
     v.add_argument("--difficult", choices=("crowd", "keep", "drop"), default="crowd")
@@ -409,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.format == "voc":
             classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-            cocos = voc_to_coco(args.root, args.out, classes=classes, difficult=args.difficult)
+            cocos = voc_to_coco(args.root, args.out, classes=classes, difficult=args.difficult,
+                                annotations=args.annotations, images=args.images)
         else:
             cocos = yolo_to_coco(args.data_yaml, args.out, splits=[s for s in args.splits.split(",") if s])
     except ConversionError as e:
