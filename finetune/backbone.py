@@ -29,6 +29,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from finetune.ssl_checkpoints import split_backbone, unwrap
 from pretrain.core.backbone_file import (
     META_NAME,
     WEIGHTS_NAME,
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 
 # Norms whose weights carry BN running statistics; any of them can be loaded into any other.
 BN_FAMILY = ("bn", "frozen_bn", "syncbn")
-# Prefixes under which other SSL code bases keep the online encoder (after module./model. stripping).
-_ENCODER_PREFIXES = ("backbone.", "encoder_q.", "encoder.")
+# Key of read_weights' metadata listing the head / queue / momentum-copy keys it left out.
+IGNORED = "ignored_keys"
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 
 
@@ -63,8 +64,9 @@ class LoadReport:
         unexpected: file keys the model has no place for (empty after a strict load).
         meta: what the file says about itself (arch, norm, method, epochs, mean/std, ...), with
             ``arch`` and ``norm`` filled in from the weights when the file does not say.
-        ignored: keys dropped on purpose: ``fc.*`` classifier weights, and ``num_batches_tracked``
-            counters that FrozenBatchNorm2d has no buffer for.
+        ignored: keys dropped on purpose: ``fc.*`` classifier weights, ``num_batches_tracked``
+            counters that FrozenBatchNorm2d has no buffer for, and the heads, queues and momentum
+            copies of SSL checkpoints (see :mod:`finetune.ssl_checkpoints`).
     """
 
     source: str | None
@@ -170,7 +172,9 @@ def load_backbone(
     _check_norm(path, file_norm, norm)
 
     model = build_resnet(arch, norm, gn_groups)
+    heads = meta.pop(IGNORED, [])
     report = _load_into(model, state_dict, strict=strict, source=str(path), fmt=fmt, meta=meta)
+    report.ignored = sorted([*report.ignored, *heads])
     log.info("%s", report)
     return model, report
 
@@ -193,7 +197,8 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
             sd, meta = read_backbone_file(path)
             meta = {**meta, **_method_meta(meta.get("config") or {}), **_flat_meta(meta)}
             return extract_backbone(sd), meta, "backbone_file"
-        return _encoder_weights(load_file(str(path))), {}, "safetensors"
+        weights, ignored = split_backbone(load_file(str(path)))
+        return weights, {IGNORED: ignored}, "safetensors"
     if suffix == ".ckpt":
         ckpt = _torch_load(path)
         if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
@@ -217,16 +222,13 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
             meta["images_seen"] = int(sd["images_seen"])
         return _detector_body(extract_backbone(sd, prefix="backbone.")), meta, "lightning_ckpt"
     if suffix in _TORCH_SUFFIXES:
-        obj = _torch_load(path)
-        if isinstance(obj, Mapping):
-            # Common wrappers: torchvision references save {"model": sd}, MoCo/DINO-style {"state_dict": sd}.
-            for key in ("state_dict", "model", "teacher"):
-                if key in obj and isinstance(obj[key], Mapping):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{path} does not hold a state dict of tensors")
-        return _encoder_weights(obj), {}, "state_dict"
+        # torchvision references save {"model": sd}, MoCo {"state_dict": sd}, DINO {"teacher": sd},
+        # VISSL nested dicts: finetune.ssl_checkpoints knows the layouts of the SSL code bases.
+        try:
+            weights, ignored = split_backbone(unwrap(_torch_load(path)))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        return weights, {IGNORED: ignored}, "state_dict"
     raise ValueError(
         f"unrecognised backbone checkpoint {path}: expected a backbone file (.safetensors + .json), "
         f"a torchvision state dict ({'/'.join(_TORCH_SUFFIXES)}) or a pretrain checkpoint (.ckpt)"
@@ -313,15 +315,6 @@ def _torch_load(path: Path) -> Any:
             f"cannot read {path} with torch.load(weights_only=True): {e}. Checkpoints holding pickled "
             "objects are not loaded; save a plain state dict (model.state_dict()) instead."
         ) from e
-
-
-def _encoder_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Torchvision names from a plain or SSL-wrapped state dict; ``fc.*`` is kept so it can be reported."""
-    cleaned = {strip_wrappers(k): v for k, v in sd.items()}
-    for prefix in _ENCODER_PREFIXES:
-        if any(k.startswith(prefix) for k in cleaned):
-            return _detector_body({k[len(prefix) :]: v for k, v in cleaned.items() if k.startswith(prefix)})
-    return cleaned
 
 
 def _detector_body(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
