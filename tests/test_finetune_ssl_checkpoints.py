@@ -79,7 +79,7 @@ def test_official_layouts_load_with_heads_ignored(repo: str, resnet: dict, tmp_p
 
 
 def test_an_unknown_extra_key_is_still_an_error(resnet: dict, tmp_path: Path) -> None:
-    build, suffix, _ = LAYOUTS["swav"]
+    build, _, _ = LAYOUTS["swav"]
     ckpt = build(resnet)
     ckpt["state_dict"]["module.mystery_block.weight"] = T(3)
     torch.save(ckpt, tmp_path / "swav_plus.pth")
