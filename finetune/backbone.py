@@ -235,18 +235,6 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
     )
 
 
-def convert_sync_batchnorm(model: nn.Module, norm: str, world_size: int) -> nn.Module:
-    """Turn BatchNorm into SyncBatchNorm when ``norm == 'syncbn'`` and more than one process trains.
-
-    SyncBatchNorm needs a process group, so models are built with plain BN and converted once the
-    strategy is known (Lightning's ``Trainer(sync_batchnorm=True)`` does the same conversion; use
-    one or the other). FrozenBatchNorm2d and GroupNorm are left alone.
-    """
-    if norm == "syncbn" and world_size > 1:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
 def _check_norm(path: Path, file_norm: str, norm: str) -> None:
     if file_norm == "bn" and norm == "gn":
         raise BackboneMismatchError(

@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.coco_eval import detections_to_coco, evaluate_coco
 from finetune.detectors import build_detector
-from finetune.optim import param_groups
+from finetune.optim import freeze_parts, param_groups
 from pretrain.core.coco import LabelMap
 from pretrain.core.resnet import build_resnet
 
@@ -127,6 +127,8 @@ class DetectionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["resnet"])
         self.cfg = cfg
         self.model = build_model(cfg, num_classes, backbone_info, resnet)
+        # Frozen now, not in configure_optimizers: by then Lightning may have wrapped the model in DDP.
+        freeze_parts(self.model, cfg.get("lr_multipliers"), bool(cfg.get("freeze_backbone", False)))
         self.history: list[dict[str, Any]] = []
         # Val detections per image id (COCO results), collected over an epoch.
         self._val_predictions: dict[int, list[dict[str, Any]]] = {}

@@ -13,11 +13,15 @@ normalisation parameters, as is standard for detection). Frozen parameters are l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from finetune.detectors import to_frozen_bn
+
+log = logging.getLogger(__name__)
 PARTS = ("head", "fpn", "layer4", "layer3", "layer2", "layer1", "stem")
 BACKBONE_PARTS = ("stem", "layer1", "layer2", "layer3", "layer4")
 
@@ -58,11 +62,9 @@ def param_groups(
         base_lr: learning rate of a part with multiplier 1.
         weight_decay: applied to weights; biases and norm parameters get 0.
         multipliers: per-part LR multipliers (keys from ``PARTS``; missing ones are 1.0), or the
-            name of a preset in ``PRESETS``. A multiplier of 0 freezes that part.
-        freeze_backbone: set ``requires_grad=False`` on every backbone stage (stem..layer4); the FPN
-            and the head still train. With ``norm=bn`` the BN running statistics would still
-            update in train mode; for a fully fixed backbone build the detector with
-            ``trainable_layers=0`` instead, which also turns its BN into FrozenBatchNorm2d.
+            name of a preset in ``PRESETS``. Parts with multiplier 0 get no group: freeze them
+            when the model is built, with :func:`freeze_parts`.
+        freeze_backbone: leave every backbone stage (stem..layer4) out, as :func:`freeze_parts` froze it.
 
     Returns:
         Non-empty groups, each ``{"name", "params", "lr", "weight_decay", "lr_mult"}``; names are
@@ -80,9 +82,7 @@ def param_groups(
                 continue
             seen.add(id(param))
             part = part_of(f"{module_name}.{param_name}" if module_name else param_name)
-            if (freeze_backbone and part in BACKBONE_PARTS) or mults[part] == 0:
-                param.requires_grad_(False)
-            if not param.requires_grad:
+            if not param.requires_grad or (freeze_backbone and part in BACKBONE_PARTS) or mults[part] == 0:
                 continue
             no_decay = param.ndim <= 1 or isinstance(module, _NORM_TYPES)
             buckets.setdefault((part, no_decay), []).append(param)
@@ -104,6 +104,45 @@ def param_groups(
     if not groups:
         raise ValueError("no trainable parameters left: everything is frozen")
     return groups
+
+
+def freeze_parts(
+    model: nn.Module,
+    multipliers: Mapping[str, float] | str | None = None,
+    freeze_backbone: bool = False,
+) -> list[str]:
+    """Freeze the parts that will not train, when the model is built.
+
+    Parts with multiplier 0 (and, with ``freeze_backbone``, stem..layer4) lose their gradients and
+    their BatchNorms become FrozenBatchNorm2d, so their running statistics stay as loaded too. This
+    must happen before the trainer wraps the model (DDP registers the parameters that need
+    gradients when it wraps; a later ``requires_grad_(False)`` breaks its gradient reduction).
+
+    Parts with a small but non-zero multiplier (3-5-7 gives stem..layer2 1e-4) still train, and with
+    ``norm=bn`` their BN statistics still follow every batch: use multiplier 0 or
+    ``backbone.norm=frozen_bn`` to keep them fixed. That is logged.
+
+    Returns:
+        The frozen parts.
+    """
+    mults = resolve_multipliers(multipliers)
+    frozen = [p for p in PARTS if mults[p] == 0 or (freeze_backbone and p in BACKBONE_PARTS)]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and part_of(f"{name}.weight") in frozen:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, to_frozen_bn(module))
+    for name, param in model.named_parameters():
+        if part_of(name) in frozen:
+            param.requires_grad_(False)
+    drifting = [p for p in PARTS if p not in frozen and 0 < mults[p] < 1e-2 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and part_of(f"{n}.weight") == p
+        for n, m in model.named_modules())]
+    if frozen:
+        log.info("frozen at build time (no gradients, BN statistics fixed): %s", ", ".join(frozen))
+    if drifting:
+        log.info("parts %s train at LR multipliers below 1e-2 but their BatchNorm statistics follow every "
+                 "batch; use multiplier 0 or backbone.norm=frozen_bn to keep them as pretrained", drifting)
+    return frozen
 
 
 def resolve_multipliers(multipliers: Mapping[str, float] | str | None) -> dict[str, float]:

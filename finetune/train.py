@@ -37,6 +37,7 @@ from pretrain.core.runtime import (
     last_checkpoint,
     last_checkpoint_callbacks,
     save_config,
+    use_sync_batchnorm,
     write_json,
 )
 
@@ -213,8 +214,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                      save_top_k=1, save_last=False, auto_insert_metric_name=False)
     trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     hardware = precision.apply(trainer_cfg)
-    if cfg.backbone.norm == "syncbn":
-        trainer_cfg.setdefault("sync_batchnorm", True)  # Lightning converts BN under DDP
+    trainer_cfg["sync_batchnorm"] = use_sync_batchnorm(trainer_cfg, str(cfg.backbone.norm), norms=("syncbn",))
     trainer = build_trainer(trainer_cfg, run_dir, callbacks=[last_cb] if checkpoint else [],
                             checkpoint=checkpoint or last_cb)
 

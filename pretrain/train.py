@@ -12,7 +12,6 @@ from typing import Any
 
 import hydra.utils
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
 from pretrain.core import precision
@@ -24,6 +23,7 @@ from pretrain.core.runtime import (
     last_checkpoint,
     last_checkpoint_callbacks,
     save_config,
+    use_sync_batchnorm,
     write_json,
 )
 from pretrain.data import knn_loader, train_loader
@@ -52,13 +52,7 @@ def check_config(config: dict[str, Any]) -> None:
 
 def _trainer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(config["trainer"])
-    if kwargs.get("sync_batchnorm") is None:
-        # SyncBN under DDP: per-GPU batches are small, and BN statistics over them alone are noisy.
-        # torch's SyncBatchNorm only runs on GPUs; CPU DDP (gloo) keeps per-process BN.
-        ddp = str(kwargs.get("strategy", "auto")).startswith("ddp")
-        accelerator = str(kwargs.get("accelerator", "auto"))
-        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        kwargs["sync_batchnorm"] = ddp and gpu and config["backbone"].get("norm", "bn") in ("bn", "syncbn")
+    kwargs["sync_batchnorm"] = use_sync_batchnorm(kwargs, config["backbone"].get("norm", "bn"))
     return kwargs
 
 

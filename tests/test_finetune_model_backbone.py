@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from finetune.backbone import BackboneMismatchError, convert_sync_batchnorm, load_backbone
+from finetune.backbone import BackboneMismatchError, load_backbone
 from pretrain.core.backbone_file import save_backbone_file
 from pretrain.core.resnet import build_resnet
 
@@ -196,18 +196,6 @@ def test_random_init_and_bad_inputs(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
         load_backbone(tmp_path / "pickled.pth", "resnet18", "bn")
-
-
-def test_convert_sync_batchnorm() -> None:
-    model = build_resnet("resnet18", "syncbn")
-    model.layer1 = nn.Sequential(FrozenBatchNorm2d(64))
-    assert convert_sync_batchnorm(model, "syncbn", world_size=1) is model
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    converted = convert_sync_batchnorm(model, "syncbn", world_size=2)
-    assert isinstance(converted.bn1, nn.SyncBatchNorm)
-    assert isinstance(converted.layer1[0], FrozenBatchNorm2d)  # frozen statistics stay frozen
-    plain = build_resnet("resnet18", "bn")
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in convert_sync_batchnorm(plain, "bn", 2).modules())
 
 
 def test_file_written_by_pretrain_export(tmp_path: Path) -> None:

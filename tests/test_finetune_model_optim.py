@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from finetune.detectors import build_detector
-from finetune.optim import PARTS, PRESETS, param_groups, part_of, resolve_multipliers
+from finetune.optim import PARTS, PRESETS, freeze_parts, param_groups, part_of, resolve_multipliers
 from pretrain.core.resnet import build_resnet
 
 BASE_LR, WD = 0.01, 1e-4
@@ -63,17 +64,33 @@ def test_no_decay_for_biases_and_norms() -> None:
 
 def test_freeze_backbone() -> None:
     model = _model()
+    assert freeze_parts(model, freeze_backbone=True) == ["layer4", "layer3", "layer2", "layer1", "stem"]
     groups = param_groups(model, BASE_LR, WD, freeze_backbone=True)
     assert {g["name"].split(".")[0] for g in groups} == {"head", "fpn"}
     assert not any(p.requires_grad for p in model.backbone.body.parameters())
     assert all(p.requires_grad for p in model.backbone.fpn.parameters())
 
 
-def test_zero_multiplier_freezes_the_part() -> None:
-    model = _model()
+def test_zero_multiplier_freezes_the_part_and_its_statistics() -> None:
+    model = _model("fasterrcnn", norm="bn")
+    assert freeze_parts(model, {"layer1": 0.0}) == ["layer1"]
     groups = param_groups(model, BASE_LR, WD, {"layer1": 0.0})
     assert not any(g["name"].startswith("layer1") for g in groups)
     assert not any(p.requires_grad for p in model.backbone.body.layer1.parameters())
+    # BN statistics fixed too: a train-mode forward leaves layer1's running mean as it was.
+    assert isinstance(model.backbone.body.layer1[0].bn1, FrozenBatchNorm2d)
+    assert isinstance(model.backbone.body.layer2[0].bn1, nn.BatchNorm2d)
+    before = model.backbone.body.layer1[0].bn1.running_mean.clone()
+    model.train()
+    model.backbone.body(torch.rand(2, 3, 64, 64))
+    assert torch.equal(model.backbone.body.layer1[0].bn1.running_mean, before)
+
+
+def test_param_groups_no_longer_change_requires_grad() -> None:
+    """Freezing belongs to build time (before DDP wraps the model); param_groups only reads."""
+    model = _model()
+    param_groups(model, BASE_LR, WD, {"layer1": 0.0}, freeze_backbone=True)
+    assert all(p.requires_grad for p in model.backbone.body.layer1.parameters())
 
 
 def test_wrapped_model_and_optimizer() -> None:

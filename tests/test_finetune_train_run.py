@@ -189,3 +189,29 @@ def test_fasterrcnn_overfits_a_handful_of_images(tmp_path):
                     "eval.plots=false", "data.batch_size=4")
     m = train(cfg, run_dir=tmp_path / "run")
     assert m["coco"]["AP50"] > 0.9, m["coco"]
+
+
+def test_freeze_backbone_under_two_process_cpu_ddp(synthetic_data, backbone_file, tmp_path):
+    """Frozen at build time, before DDP wraps the model: the run completes on 2 CPU processes (gloo)
+    and the backbone (weights and BN statistics, norm=bn) leaves it exactly as loaded."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "finetune", "experiment=smoke", f"data.root={synthetic_data['root']}",
+           "data.synthetic=null", f"backbone.checkpoint={backbone_file}", "backbone.arch=auto", "backbone.norm=bn",
+           "freeze_backbone=true", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+           "trainer.max_epochs=1", "eval.plots=false", f"hydra.run.dir={run}"]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["global_step"] >= 1 and set(m["coco"]) == set(COCO_STATS)
+    body = load_detection_checkpoint(run / "checkpoints" / "last.ckpt").model.backbone.body.state_dict()
+    loaded = load_file(str(backbone_file))
+    for k in ("conv1.weight", "layer1.0.bn1.running_mean", "layer4.1.conv2.weight", "layer4.1.bn2.running_var"):
+        assert torch.equal(body[k], loaded[k]), k

@@ -219,6 +219,17 @@ def test_sync_batchnorm_is_chosen_for_bn_under_gpu_ddp(trainer, norm, expected):
     assert kwargs["sync_batchnorm"] is expected
 
 
+def test_one_sync_batchnorm_rule_for_both_stages():
+    from pretrain.core.runtime import use_sync_batchnorm
+
+    gpu_ddp = {"strategy": "ddp", "accelerator": "gpu"}
+    assert use_sync_batchnorm(gpu_ddp, "syncbn", norms=("syncbn",))  # fine-tuning asks by norm
+    assert not use_sync_batchnorm(gpu_ddp, "bn", norms=("syncbn",))
+    assert not use_sync_batchnorm({"strategy": "ddp", "accelerator": "cpu"}, "syncbn", norms=("syncbn",))
+    # An explicit true on a CPU is not honoured: torch's SyncBatchNorm would fail at the first step.
+    assert not use_sync_batchnorm({"strategy": "ddp", "accelerator": "cpu", "sync_batchnorm": True}, "bn")
+
+
 @pytest.mark.slow
 def test_demo_swav_recipe_gets_past_the_uniform_phase(tmp_path, monkeypatch):
     # The demo's SwAV recipe (experiment=demo) on the demo's kind of data and its 300 steps

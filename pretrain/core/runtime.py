@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,26 @@ def last_checkpoint_callbacks(run_dir: str | Path, every_n_train_steps: int | No
 
     steps = int(every_n_train_steps or 0)
     return [last(every_n_epochs=1), *([last(every_n_train_steps=steps)] if steps > 0 else [])]
+
+
+def use_sync_batchnorm(trainer_cfg: Mapping[str, Any], norm: str, norms: tuple[str, ...] = ("bn", "syncbn")) -> bool:
+    """Whether Lightning should convert BatchNorm to SyncBatchNorm: the one rule of both stages.
+
+    An explicit ``trainer.sync_batchnorm`` wins, except on CPUs; otherwise SyncBN exactly when several
+    GPU processes train (DDP) a backbone whose ``norm`` is one of ``norms`` (pretraining: bn and
+    syncbn, since per-GPU batches are small and BN statistics over them alone are noisy;
+    fine-tuning: syncbn, the norm that asks for it). torch's SyncBatchNorm runs on GPUs only, so
+    CPU DDP (gloo) keeps per-process BN.
+    """
+    ddp = str(trainer_cfg.get("strategy", "auto")).startswith("ddp")
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    explicit = trainer_cfg.get("sync_batchnorm")
+    if explicit is not None:
+        if explicit and not gpu:
+            log.warning("trainer.sync_batchnorm=true ignored: torch's SyncBatchNorm runs on GPUs only")
+        return bool(explicit) and gpu
+    return ddp and gpu and norm in norms
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
