@@ -59,14 +59,10 @@ class CocoEvalResult:
         return format_table(self.stats, self.per_class_ap)
 
 
-def _load_gt(gt: Any, backend: str) -> Any:
-    """A ground-truth COCO object of the backend's type, from a path or a loaded COCO.
-
-    Annotation ids are renumbered 1..N when any is < 1: pycocotools stores the matched
-    ground-truth id per detection and reads 0 as "unmatched", so a box with id 0 (Roboflow
-    exports start at 0) turns its true positive into a false positive. The caller's
-    object is never modified.
-    """
+def evaluated_ground_truth(gt: Any) -> dict[str, Any]:
+    """The ground truth exactly as evaluated: the COCO dict of ``gt`` (a path or a loaded COCO),
+    with annotation ids renumbered 1..N when any is < 1 (see :func:`_load_gt`). Written beside a
+    run's predictions, plain pycocotools on it reproduces the run's numbers."""
     if hasattr(gt, "dataset") and hasattr(gt, "imgs"):
         dataset = gt.dataset
     else:
@@ -75,9 +71,21 @@ def _load_gt(gt: Any, backend: str) -> Any:
             raise FileNotFoundError(f"annotation file {path} does not exist")
         dataset = json.loads(path.read_text())
     anns = dataset.get("annotations", [])
-    renumber = any(int(a["id"]) < 1 for a in anns)
-    if renumber:
+    if any(int(a["id"]) < 1 for a in anns):
         dataset = {**dataset, "annotations": [{**a, "id": i + 1} for i, a in enumerate(anns)]}
+    return dataset
+
+
+def _load_gt(gt: Any, backend: str) -> Any:
+    """A ground-truth COCO object of the backend's type, from a path or a loaded COCO.
+
+    Annotation ids are renumbered 1..N when any is < 1: pycocotools stores the matched
+    ground-truth id per detection and reads 0 as "unmatched", so a box with id 0 (Roboflow
+    exports start at 0) turns its true positive into a false positive. The caller's
+    object is never modified.
+    """
+    dataset = evaluated_ground_truth(gt)
+    renumber = dataset is not getattr(gt, "dataset", None)
     if backend == "faster_coco_eval":
         from faster_coco_eval import COCO as FastCOCO
 

@@ -22,13 +22,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from finetune.coco_eval import BACKENDS, CocoEvalResult, detections_to_coco, evaluate_coco, write_predictions
+from finetune.coco_eval import (
+    BACKENDS,
+    CocoEvalResult,
+    detections_to_coco,
+    evaluate_coco,
+    evaluated_ground_truth,
+    write_predictions,
+)
 from finetune.module import DetectionModule, load_detection_checkpoint, original_scale
 from finetune.transforms import build_transforms
 from pretrain.core.coco import CocoDetection, collate_fn
 from pretrain.core.runtime import write_json
 
 log = logging.getLogger(__name__)
+GROUND_TRUTH = "ground_truth.json"  # the evaluated (cleaned) ground truth, beside predictions.json
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -93,12 +101,17 @@ def evaluate_module(
     names = dict(zip(module.label_map.cat_ids, module.label_map.class_names))
     result = evaluate_coco(dataset.coco, preds, image_ids=ids, class_names=names, backend=backend)
     t2 = time.perf_counter()
-    result.ann_file = str(dataset.ann_file)
+    # The loader cleaned the file (boxes clipped or dropped, sizes fixed): what was evaluated is
+    # written beside the predictions and named in metrics.json, so pycocotools on the two files
+    # gives these numbers; the file the user gave is kept as source_ann_file.
+    ground_truth = write_json(out / GROUND_TRUTH, evaluated_ground_truth(dataset.coco))
+    result.ann_file = str(ground_truth)
     write_predictions(out / "predictions.json", preds)
     metrics = {
         **dict(extra or {}),
         "detector": module.cfg["detector"]["name"],
         **result.to_dict(),
+        "source_ann_file": str(dataset.ann_file),
         "image_root": str(dataset.image_root),
         "score_thresh": module.cfg["detector"].get("score_thresh"),
         "detections_per_img": module.cfg["detector"].get("detections_per_img"),

@@ -52,7 +52,8 @@ def test_fasterrcnn_smoke_run_outputs(frcnn_run, synthetic_data, backbone_file):
         assert (frcnn_run / name).is_file(), name
     m = json.loads((frcnn_run / "metrics.json").read_text())
     assert m["stage"] == "finetune" and m["detector"] == "fasterrcnn"
-    assert Path(m["ann_file"]) == Path(synthetic_data["val_json"]).resolve()
+    assert Path(m["source_ann_file"]) == Path(synthetic_data["val_json"]).resolve()
+    assert Path(m["ann_file"]) == frcnn_run / "ground_truth.json"  # what was evaluated
     assert set(m["coco"]) == set(COCO_STATS)
     assert set(m["per_class_ap"]) == set(m["classes"]) and m["num_classes"] == 5
     bb = m["backbone"]
@@ -93,6 +94,33 @@ def test_metrics_equal_pycocotools_on_predictions_file(frcnn_run, synthetic_data
     # faster-coco-eval gives identical numbers on these real predictions.
     fast = evaluate_coco(synthetic_data["val_json"], preds, backend="faster_coco_eval")
     assert [fast.stats[k] for k in COCO_STATS] == pytest.approx(list(ev.stats), abs=1e-12)
+
+
+def test_metrics_name_the_ground_truth_they_were_computed_on(frcnn_run, synthetic_data, tmp_path):
+    """The loader repairs a file (here: boxes running past the image are clipped). metrics.json names
+    the repaired ground truth it wrote, and plain pycocotools on it reproduces every number."""
+    from finetune.evaluate import evaluate_module
+    from pretrain.core.coco import CocoDetection
+
+    raw = json.loads(synthetic_data["val_json"].read_text())
+    for a in raw["annotations"][::2]:
+        a["bbox"][2] += 60  # past the right border of the 96 px images
+    (tmp_path / "val").symlink_to(Path(synthetic_data["root"]) / "val")
+    broken = tmp_path / "val_broken.json"
+    broken.write_text(json.dumps(raw))
+    ds = CocoDetection(broken)
+    assert ds.report.fixes()  # the loader clipped them
+    module = load_detection_checkpoint(frcnn_run / "checkpoints" / "best.ckpt")
+    _, _, m = evaluate_module(module, ds, tmp_path / "eval")
+    assert m["source_ann_file"] == str(broken) and m["ann_file"] == str(tmp_path / "eval" / "ground_truth.json")
+    coco = COCO(m["ann_file"])
+    ev = COCOeval(coco, coco.loadRes(str(tmp_path / "eval" / "predictions.json")), "bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert [m["coco"][k] for k in COCO_STATS] == pytest.approx(list(ev.stats), abs=1e-9)
+    on_raw = COCO(str(broken))
+    ev_raw = COCOeval(on_raw, on_raw.loadRes(str(tmp_path / "eval" / "predictions.json")), "bbox")
+    ev_raw.evaluate(), ev_raw.accumulate(), ev_raw.summarize()
+    assert list(ev_raw.stats) != pytest.approx(list(ev.stats), abs=1e-9)  # the raw file is not what was scored
 
 
 def test_resume_continues_global_step(frcnn_run, synthetic_data, backbone_file):
