@@ -14,7 +14,7 @@ DIR ?= multirun
 # Torch threads: use every core unless told otherwise.
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench lint clean
+.PHONY: install demo test test-full pretrain finetune pipeline sweep report bench lint clean
 
 install: $(STAMP)
 
@@ -60,7 +60,7 @@ bench: install
 	$(PY) scripts/bench_report.py $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check --line-length 110 pretrain finetune scripts tests
+	$(VENV)/bin/ruff check pretrain finetune scripts tests
 	$(VENV)/bin/mypy
 
 clean:

@@ -196,7 +196,8 @@ def evaluate_coco(
     else:
         stats = {k: -1.0 for k in COCO_STATS}
         precision = np.full((1, 1, len(ev.params.catIds), 1, 1), -1.0)
-    names = dict(class_names) if class_names is not None else {c["id"]: c["name"] for c in coco_gt.dataset["categories"]}
+    names = (dict(class_names) if class_names is not None
+             else {c["id"]: c["name"] for c in coco_gt.dataset["categories"]})
     per_class = per_class_ap(precision, list(ev.params.catIds), names)
     return CocoEvalResult(
         stats=stats,
@@ -264,7 +265,8 @@ def _clean(p: Mapping[str, Any]) -> dict[str, Any]:
     bbox = [float(v) for v in p["bbox"]]
     if len(bbox) != 4:
         raise ValueError(f"bbox must be [x, y, w, h], got {p['bbox']!r}")
-    return {"image_id": int(p["image_id"]), "category_id": int(p["category_id"]), "bbox": bbox, "score": float(p["score"])}
+    return {"image_id": int(p["image_id"]), "category_id": int(p["category_id"]), "bbox": bbox,
+            "score": float(p["score"])}
 
 
 def detections_to_coco(
@@ -291,7 +293,8 @@ def detections_to_coco(
         cat = label_to_cat_id.get(int(label))
         if cat is None:
             raise KeyError(f"label {label} has no category id in the label map {dict(label_to_cat_id)}")
-        out.append({"image_id": int(image_id), "category_id": int(cat), "bbox": [round(v, 2) for v in box], "score": round(float(score), 5)})
+        out.append({"image_id": int(image_id), "category_id": int(cat), "bbox": [round(v, 2) for v in box],
+                    "score": round(float(score), 5)})
     return out
 
 

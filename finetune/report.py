@@ -81,7 +81,8 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _sort_key(r: dict[str, Any]) -> tuple:
-    return tuple((v is None, str(v) if not isinstance(v, (int, float)) else f"{v:012.4f}") for v in (r[k] for k in SETTING))
+    values = (r[k] for k in SETTING)
+    return tuple((v is None, str(v) if not isinstance(v, (int, float)) else f"{v:012.4f}") for v in values)
 
 
 def markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:

@@ -28,7 +28,8 @@ CALLBACK = {
 def sweep_argv(argv: Sequence[str]) -> list[str]:
     """``argv`` with the callback added: ``+key=value`` for each of its settings, the user's value
     where ``argv`` gives one (``hydra.callbacks.finetune.overrides=[detector=retinanet]``)."""
-    given = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a and a.lstrip("+").startswith("hydra.callbacks.finetune."))
+    ours = [a for a in argv if "=" in a and a.lstrip("+").startswith("hydra.callbacks.finetune.")]
+    given = dict(a.lstrip("+").split("=", 1) for a in ours)
     rest = [a for a in argv if not ("=" in a and a.lstrip("+").startswith("hydra.callbacks.finetune."))]
     return [*rest, *(f"+{k}={given.pop(k, v)}" for k, v in CALLBACK.items()), *(f"+{k}={v}" for k, v in given.items())]
 

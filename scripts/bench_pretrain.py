@@ -60,7 +60,8 @@ def parse_crops(spec: str) -> tuple[list[int], list[int]]:
     return sizes, counts
 
 
-def make_batches(n: int, batch_size: int, sizes: list[int], counts: list[int], seed: int = 0) -> list[list[torch.Tensor]]:
+def make_batches(n: int, batch_size: int, sizes: list[int], counts: list[int],
+                 seed: int = 0) -> list[list[torch.Tensor]]:
     """``n`` batches of SwaVTransform crops of random-texture images (content does not matter here)."""
     rng = np.random.default_rng(seed)
     transform = SwaVTransform(crop_sizes=tuple(sizes), crop_counts=tuple(counts),
@@ -301,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ips["ceiling"] = ceilings[best]
         print(f"ceiling: the best of {len(ceilings)} configurations is {best}")
     rows: dict[str, dict] = {}
-    print(f"\nmedian of {args.rounds} rounds:\n{'mode':<26}{'images/s':>10}{'ms/step':>10}{'vs plain':>10}{'vs ceiling':>12}")
+    print(f"\nmedian of {args.rounds} rounds:\n"
+          f"{'mode':<26}{'images/s':>10}{'ms/step':>10}{'vs plain':>10}{'vs ceiling':>12}")
     for mode, v in ips.items():
         base = "plain_e2e" if mode.endswith("_e2e") else "plain"
         vs_plain = v / ips[base] if base in ips else None

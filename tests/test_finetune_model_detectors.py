@@ -93,7 +93,8 @@ def test_frozen_stages_get_no_gradient_and_keep_statistics() -> None:
     torch.manual_seed(0)
     model = _build("fasterrcnn", "bn", trainable_layers=2)  # stem, layer1, layer2 frozen
     body = model.backbone.body
-    frozen = {k: v.clone() for k, v in body.state_dict().items() if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2")}
+    early = ("conv1", "bn1", "layer1", "layer2")
+    frozen = {k: v.clone() for k, v in body.state_dict().items() if k.split(".")[0] in early}
     trained_stats = body.layer3[0].bn1.running_mean.clone()
     # torchvision only disables gradients in frozen stages; we also turn their BN into FrozenBN.
     assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer2[0].bn1, FrozenBatchNorm2d)

@@ -30,14 +30,18 @@ T = torch.zeros
 SEQUENTIAL = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
 # repository -> (builder of its checkpoint object from a ResNet state dict, file suffix, a head key it ignores)
 LAYOUTS: dict[str, tuple[Callable[[dict], dict], str, str]] = {
-    "swav": (lambda r: {"epoch": 100, "state_dict": {**under("module.", r), "module.projection_head.0.weight": T(8, 512),
+    "swav": (lambda r: {"epoch": 100, "state_dict": {**under("module.", r),
+                                                     "module.projection_head.0.weight": T(8, 512),
                                                      "module.prototypes.weight": T(30, 8)}}, ".pth.tar",
              "projection_head.0.weight"),
     "moco_v2": (lambda r: {"epoch": 200, "arch": "resnet18", "state_dict": {
-        **under("module.encoder_q.", r), "module.encoder_q.fc.0.weight": T(8, 512), "module.encoder_q.fc.2.weight": T(4, 8),
+        **under("module.encoder_q.", r), "module.encoder_q.fc.0.weight": T(8, 512),
+        "module.encoder_q.fc.2.weight": T(4, 8),
         **under("module.encoder_k.", r), "module.queue": T(4, 16), "module.queue_ptr": T(1)}}, ".pth.tar", "queue"),
-    "moco_v3": (lambda r: {"state_dict": {**under("module.base_encoder.", r), "module.base_encoder.fc.0.weight": T(8, 512),
-                                          **under("module.momentum_encoder.", r), "module.predictor.0.weight": T(8, 8)}},
+    "moco_v3": (lambda r: {"state_dict": {**under("module.base_encoder.", r),
+                                          "module.base_encoder.fc.0.weight": T(8, 512),
+                                          **under("module.momentum_encoder.", r),
+                                          "module.predictor.0.weight": T(8, 8)}},
                 ".pth.tar", "predictor.0.weight"),
     "simclr": (lambda r: {**under("encoder.", r), "projector.0.weight": T(8, 512)}, ".pt", "projector.0.weight"),
     "byol": (lambda r: {**under("online_encoder.net.", r), "online_encoder.projector.net.0.weight": T(8, 512),
@@ -46,7 +50,8 @@ LAYOUTS: dict[str, tuple[Callable[[dict], dict], str, str]] = {
     "dino": (lambda r: {"epoch": 100, "teacher": {**under("backbone.", r), "head.mlp.0.weight": T(8, 512),
                                                   "head.last_layer.weight_g": T(16, 1)},
                         "student": under("module.backbone.", r)}, ".pth", "head.last_layer.weight_g"),
-    "vicreg": (lambda r: {"epoch": 3, "model": {**under("module.backbone.", r), "module.projector.0.weight": T(8, 512)}},
+    "vicreg": (lambda r: {"epoch": 3, "model": {**under("module.backbone.", r),
+                                                "module.projector.0.weight": T(8, 512)}},
                ".pth", "projector.0.weight"),
     "barlow_twins": (lambda r: {"model": {**under("module.backbone.", r), "module.projector.0.weight": T(8, 512),
                                           "module.bn.running_mean": T(8)}}, ".pth", "bn.running_mean"),
@@ -57,7 +62,8 @@ LAYOUTS: dict[str, tuple[Callable[[dict], dict], str, str]] = {
     "vissl": (lambda r: {"classy_state_dict": {"base_model": {"model": {
         "trunk": under("_feature_blocks.", r), "heads": {"0.clf.0.weight": T(8, 512)}}}}}, ".torch.pth",
               "heads.0.clf.0.weight"),
-    "lightly": (lambda r: {**{f"backbone.{SEQUENTIAL[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}": v for k, v in r.items()},
+    "lightly": (lambda r: {**{f"backbone.{SEQUENTIAL[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}": v
+                              for k, v in r.items()},
                            "projection_head.layers.0.weight": T(8, 512), "prototypes.layers.weight": T(30, 8)}, ".pth",
                 "prototypes.layers.weight"),
     "timm": (lambda r: {**r, "fc.weight": T(1000, 512), "fc.bias": T(1000)}, ".pth", "fc.weight"),

@@ -119,7 +119,8 @@ def test_matches_pycocotools_and_faster_coco_eval_on_real_annotations(tmp_path, 
     for a in data["annotations"]:
         x, y, w, h = a["bbox"]
         for _ in range(3):
-            preds.append({"image_id": a["image_id"], "category_id": a["category_id"] if rng.random() < 0.8 else rng.choice(cats),
+            cat = a["category_id"] if rng.random() < 0.8 else rng.choice(cats)
+            preds.append({"image_id": a["image_id"], "category_id": cat,
                           "bbox": [x + rng.gauss(0, 0.1 * w), y + rng.gauss(0, 0.1 * h), w * rng.uniform(0.7, 1.3),
                                    h * rng.uniform(0.7, 1.3)], "score": rng.random()})
     # Renumber annotation ids from 1 so that plain pycocotools is not hit by the id-0 bug.

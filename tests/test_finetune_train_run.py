@@ -234,8 +234,8 @@ def test_freeze_backbone_under_two_process_cpu_ddp(synthetic_data, backbone_file
            "data.synthetic=null", f"backbone.checkpoint={backbone_file}", "backbone.arch=auto", "backbone.norm=bn",
            "freeze_backbone=true", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
            "trainer.max_epochs=1", "eval.plots=false", f"hydra.run.dir={run}"]
-    result = subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["global_step"] >= 1 and set(m["coco"]) == set(COCO_STATS)

@@ -28,7 +28,8 @@ def test_auto_follows_the_hardware(accelerator, cuda_bf16, cpu_bf16, expected) -
 def test_a_cpu_without_native_bf16_resolves_to_32(monkeypatch: pytest.MonkeyPatch) -> None:
     # Intel Xeon Skylake-SP: AVX-512 but no AVX512_BF16 (the flags as lscpu shows them there).
     monkeypatch.delenv("FEWLABEL_CPU_BF16", raising=False)
-    skylake = frozenset(["fpu", "sse", "sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"])
+    skylake = frozenset(["fpu", "sse", "sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512cd", "avx512bw",
+                         "avx512vl"])
     monkeypatch.setattr(precision, "cpu_flags", lambda: skylake)
     assert choose({"accelerator": "cpu", "precision": "auto"}).precision == "32"
     zen5 = skylake | {"avx512_bf16", "avx512_vnni"}

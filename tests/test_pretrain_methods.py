@@ -92,7 +92,8 @@ def test_optimisation_steps_with_finite_loss(method):
     trainer = fit(model, loader(config), [Record()], precision="bf16-mixed")
     assert trainer.global_step == 2 and len(losses) == 2
     assert all(np.isfinite(losses))
-    changed = [k for k, v in model.backbone.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    changed = [k for k, v in model.backbone.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])]
     assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed
     assert int(model.images_seen) == 16
 
@@ -157,7 +158,8 @@ def test_moco_momentum_encoder_follows_the_online_one():
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.add_(1.0)
-    target = [(0.5 * m + 0.5 * o).clone() for m, o in zip(model.backbone_momentum.parameters(), model.backbone.parameters())]
+    pairs = zip(model.backbone_momentum.parameters(), model.backbone.parameters())
+    target = [(0.5 * m + 0.5 * o).clone() for m, o in pairs]
     model.compute_loss(next(iter(loader(config))))
     for t, m in zip(target, model.backbone_momentum.parameters()):
         assert torch.allclose(t, m)
@@ -198,3 +200,29 @@ def test_swav_collapse_diagnostics_tell_one_point_from_spread_embeddings():
 
     fit(model, loader(smoke_config("swav")), [Grab()], max_steps=1)
     assert 0.0 < logged["swav_code_entropy"] <= 1.0 + 1e-6 and -1.0 <= logged["swav_embedding_cos"] <= 1.0
+
+
+def test_moco_momentum_is_the_papers_constant_unless_cosine_is_asked_for():
+    config = smoke_config("moco")
+    assert config["method"]["momentum_schedule"] == "constant"
+    model = build(config)
+    fit(model, loader(config), max_steps=2)
+    assert model.momentum() == 0.999  # at every step, as MoCo v2's code keeps m fixed
+    cosine = build(smoke_config("moco", "method.momentum_schedule=cosine", "method.momentum_end=1.0"))
+    trainer = fit(cosine, loader(config), max_steps=2)
+    assert 0.999 < cosine.momentum() <= 1.0 and trainer.global_step == 2
+    with pytest.raises(ValueError, match="momentum_schedule"):
+        build(smoke_config("moco", "method.momentum_schedule=linear")).momentum()
+
+
+def test_swav_queue_length_is_global_and_split_over_processes():
+    config = smoke_config("swav", "method.queue_length=64", "data.batch_size=8")
+    model = build(config)
+    model.size_queue(4)  # as on 4 GPUs: the paper's 3840 = 4 x 960
+    assert model.queue_length == 16 and model.queue.shape == (model.num_high, 16, model.queue.shape[2])
+    model.size_queue(1)
+    assert model.queue_length == 64
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        model.size_queue(3)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        build(smoke_config("swav", "method.queue_length=16", "data.batch_size=8")).size_queue(4)

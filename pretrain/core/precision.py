@@ -60,7 +60,8 @@ def cpu_flags() -> frozenset[str]:
         pass
     if platform.system() == "Darwin":
         try:
-            out = subprocess.run(["sysctl", "hw.optional.arm"], check=False, capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run(["sysctl", "hw.optional.arm"], check=False, capture_output=True, text=True,
+                                 timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             return frozenset()
         return frozenset(line.split(":")[0].rsplit("FEAT_", 1)[-1].lower()

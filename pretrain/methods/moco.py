@@ -27,8 +27,10 @@ from pretrain.methods.base import SSLMethod
 class MoCoV2(SSLMethod):
     """MoCo v2: the online (query) encoder is ``backbone``; its EMA copy is ``backbone_momentum``.
 
-    The EMA momentum rises from ``momentum_start`` to ``momentum_end`` on a cosine schedule over
-    the run. Keys are computed with shuffled BN across processes under DDP ([0], Sec. 3.3).
+    The key encoder's EMA momentum is the paper's constant 0.999 (``momentum_schedule=constant``;
+    [0] and its code keep m fixed), or rises from ``momentum_start`` to ``momentum_end`` on a cosine
+    schedule over the run (``momentum_schedule=cosine``, as BYOL and MoCo v3 do). Keys are computed
+    with shuffled BN across processes under DDP ([0], Sec. 3.3).
     The queue lives in lightly's memory bank; the base class saves it in checkpoints.
     """
 
@@ -50,6 +52,11 @@ class MoCoV2(SSLMethod):
     def momentum(self) -> float:
         """The EMA momentum at the current step."""
         m = self.method_cfg
+        schedule = str(m.get("momentum_schedule", "constant"))
+        if schedule == "constant":
+            return float(m["momentum_start"])
+        if schedule != "cosine":
+            raise ValueError(f"method.momentum_schedule={schedule!r}; choose constant or cosine")
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
         return cosine_schedule(min(self.global_step, total), total, float(m["momentum_start"]),
                                float(m["momentum_end"]))

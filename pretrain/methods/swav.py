@@ -31,8 +31,8 @@ class SwAV(SSLMethod):
 
     The high-resolution crops (the first ``crop_counts[0]`` views) get codes from Sinkhorn;
     every other view predicts them. Once ``queue_start_epoch`` is reached, their embeddings
-    also enter a per-process queue; when it is full, its scores join the Sinkhorn step, which
-    keeps the equipartition meaningful with small batches ([0], appendix A.1).
+    also enter a queue (``queue_length`` is global, split over the processes); when it is full,
+    its scores join the Sinkhorn step, which keeps the equipartition meaningful with small batches ([0], appendix A.1).
     """
 
     def __init__(self, config: Mapping[str, Any] | DictConfig) -> None:
@@ -68,6 +68,26 @@ class SwAV(SSLMethod):
         self.queue_count: Tensor
         self.register_buffer("queue", torch.zeros(self.num_high, queue_length, dim))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    def setup(self, stage: str) -> None:
+        # The world size is known now, before a checkpoint is restored into the buffers.
+        self.size_queue(self.world_size)
+
+    def size_queue(self, world_size: int) -> None:
+        """Hold ``method.queue_length / world_size`` embeddings in this process: the configured
+        length is the global queue of the paper (3840 = 4 processes x 960)."""
+        total = int(self.method_cfg.get("queue_length", 0))
+        if total % world_size:
+            raise ValueError(f"method.queue_length={total} is not divisible by the {world_size} processes; "
+                             f"use a multiple of {world_size}")
+        per = total // world_size
+        batch = int(self.config["data"]["batch_size"])
+        if 0 < per < batch:
+            raise ValueError(f"method.queue_length={total} over {world_size} processes holds {per} embeddings per "
+                             f"process, fewer than one batch ({batch}); use 0 (no queue) or >= {batch * world_size}")
+        if per != self.queue_length:
+            self.queue = torch.zeros(self.num_high, per, self.queue.shape[2], device=self.queue.device)
+            self.queue_count.zero_()
 
     @property
     def queue_length(self) -> int:
