@@ -25,25 +25,18 @@ from torch.utils.data import DataLoader
 from finetune.coco_eval import (
     BACKENDS,
     CocoEvalResult,
-    detections_to_coco,
     evaluate_coco,
     evaluated_ground_truth,
     write_predictions,
 )
-from finetune.module import DetectionModule, load_detection_checkpoint, original_scale
+from finetune.module import DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
 from pretrain.core.coco import CocoDetection, collate_fn
-from pretrain.core.runtime import write_json
+from pretrain.core.precision import resolve_device
+from pretrain.core.runtime import run_dir_of, write_json
 
 log = logging.getLogger(__name__)
 GROUND_TRUTH = "ground_truth.json"  # the evaluated (cleaned) ground truth, beside predictions.json
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA GPU if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()
@@ -62,17 +55,13 @@ def predict_dataset(
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_fn)
-    model = module.model.eval().to(device)
-    lookup = module.label_map.label_to_cat_id
+    module.eval().to(device)
     preds: list[dict[str, Any]] = []
     ids: list[int] = []
     for images, targets in loader:
-        outputs = model([im.to(device) for im in images])
-        for image, out, t in zip(images, outputs, targets):
-            iid = int(t["image_id"])
+        for iid, dets in module.predict_coco(images, targets, dataset.coco).items():
             ids.append(iid)
-            preds += detections_to_coco(iid, out["boxes"], out["scores"], out["labels"], lookup,
-                                        scale=original_scale(dataset.coco.imgs[iid], image))
+            preds += dets
     return preds, ids
 
 
@@ -123,7 +112,7 @@ def evaluate_module(
 
 def default_out_dir(ckpt: Path, ann_file: Path) -> Path:
     """``<run dir>/eval/<annotation stem>`` next to the checkpoint's run."""
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = run_dir_of(ckpt)
     stem = ann_file.stem if ann_file.stem not in ("_annotations.coco", "_annotations") else ann_file.parent.name
     return run_dir / "eval" / stem
 

@@ -195,14 +195,21 @@ class DetectionModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
         images, targets = batch
-        coco = _ground_truth(self.trainer.val_dataloaders)
-        outputs = self.model(list(images))
-        for image, out, t in zip(images, outputs, targets):
-            iid = int(t["image_id"])
-            self._val_predictions[iid] = detections_to_coco(
-                iid, out["boxes"], out["scores"], out["labels"], self.label_map.label_to_cat_id,
-                scale=original_scale(coco.imgs[iid], image),
-            )
+        self._val_predictions.update(self.predict_coco(images, targets, _ground_truth(self.trainer.val_dataloaders)))
+
+    @torch.no_grad()
+    def predict_coco(self, images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]],
+                     coco: Any) -> dict[int, list[dict[str, Any]]]:
+        """COCO results per image id for a batch (the model in eval mode): original category ids,
+        boxes in the annotation file's frame (``coco.imgs[id]`` gives its size). Validation and
+        :func:`finetune.evaluate.predict_dataset` both predict through this."""
+        outputs = self.model([im.to(self.device) for im in images])
+        lookup = self.label_map.label_to_cat_id
+        return {
+            int(t["image_id"]): detections_to_coco(int(t["image_id"]), out["boxes"], out["scores"], out["labels"],
+                                                   lookup, scale=original_scale(coco.imgs[int(t["image_id"])], image))
+            for image, out, t in zip(images, outputs, targets)
+        }
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a few batches are no measure of AP

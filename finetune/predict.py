@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.evaluate import resolve_device
 from finetune.module import DetectionModule, load_detection_checkpoint
 from finetune.plots import PRED_COLOUR, draw_detections
 from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
-from pretrain.core.runtime import write_json
+from pretrain.core.precision import resolve_device
+from pretrain.core.runtime import run_dir_of, write_json
 from pretrain.core.unlabeled import list_images
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     module = load_detection_checkpoint(args.ckpt)
     paths = collect_images(args.images)
-    run_dir = args.ckpt.parent.parent if args.ckpt.parent.name == "checkpoints" else args.ckpt.parent
+    run_dir = run_dir_of(args.ckpt)
     out = args.out or run_dir / "predict"
     results = predict_images(module, paths, None if args.no_draw else out, score=args.score,
                              device=resolve_device(args.device), batch_size=args.batch_size)

@@ -18,7 +18,7 @@ import torch
 
 from pretrain.core.backbone_file import extract_backbone, save_backbone_file
 from pretrain.core.resnet import FEATURE_DIMS, build_resnet
-from pretrain.core.runtime import CKPT_DIR
+from pretrain.core.runtime import run_dir_of
 
 # Method config keys that describe code or augmentation plumbing rather than the method.
 _NOT_SETTINGS = ("name", "module", "transform")
@@ -128,7 +128,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path | None = None) 
     ckpt = load_checkpoint(ckpt_path)
     sd = ckpt["state_dict"]
     if out_dir is None:
-        out_dir = ckpt_path.parent.parent if ckpt_path.parent.name == CKPT_DIR else ckpt_path.parent
+        out_dir = run_dir_of(ckpt_path)
     images_seen = int(sd["images_seen"]) if "images_seen" in sd else 0
     epochs = int(sd["epochs_done"]) if "epochs_done" in sd else int(ckpt.get("epoch", 0))
     return write_backbone(sd, ckpt["hyper_parameters"]["config"], out_dir, images_seen, epochs,

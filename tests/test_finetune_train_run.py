@@ -141,7 +141,9 @@ def test_evaluate_and_predict_cli(frcnn_run, synthetic_data, tmp_path):
                              "--out", str(out), "--workers", "0"])
     assert (out / "metrics.json").is_file() and (out / "predictions.json").is_file()
     assert metrics["stage"] == "evaluate" and set(metrics["coco"]) == set(COCO_STATS)
-    assert json.loads((out / "metrics.json").read_text())["ann_file"] == str(synthetic_data["val_json"])
+    written_metrics = json.loads((out / "metrics.json").read_text())
+    assert written_metrics["source_ann_file"] == str(synthetic_data["val_json"])
+    assert written_metrics["ann_file"] == str(out / "ground_truth.json")
 
     images = synthetic_data["root"] / "val"
     results = predict.main([str(frcnn_run / "checkpoints" / "best.ckpt"), str(images), "--out", str(tmp_path / "p"),

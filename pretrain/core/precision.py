@@ -92,6 +92,11 @@ def training_device(accelerator: str = "auto") -> str:
     return "cpu"
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the device Lightning's ``accelerator=auto`` would train on (CUDA, MPS, else CPU)."""
+    return torch.device(training_device("auto") if device == "auto" else device)
+
+
 def choose(
     trainer_cfg: Mapping[str, Any],
     channels_last: Any = "auto",

@@ -32,6 +32,13 @@ def hydra_run_dir() -> Path:
         return Path.cwd()
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/x.ckpt`` -> ``<run>``; a
+    checkpoint elsewhere -> its own folder."""
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == CKPT_DIR else path.parent
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     """``last.ckpt`` of an earlier run in ``run_dir``, if any: re-running resumes from it."""
     p = Path(run_dir) / CKPT_DIR / "last.ckpt"
