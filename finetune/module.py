@@ -10,7 +10,6 @@ containers, so ``torch.load(ckpt, weights_only=True)`` reads it and
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -22,55 +21,22 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.coco_eval import detections_to_coco, evaluate_coco
 from finetune.detectors import build_detector
 from finetune.optim import freeze_parts, param_groups
 from pretrain.core.coco import LabelMap
 from pretrain.core.resnet import build_resnet
+from pretrain.core.schedule import ResumableLambdaLR, lr_factor
 
 log = logging.getLogger(__name__)
 
 # torchvision's defaults, used when the backbone file does not say how it normalised inputs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SCHEDULES = ("step", "cosine", "constant")
 # Detector keys of the config that are build_detector arguments (the rest: name, kwargs).
 _DETECTOR_ARGS = ("box_head", "box_loss", "min_size", "max_size", "anchor_sizes", "score_thresh",
                   "detections_per_img")
-
-
-def lr_factor(
-    step: int,
-    total_steps: int,
-    name: str = "step",
-    warmup_steps: int = 0,
-    warmup_factor: float = 0.001,
-    milestones: Sequence[float] = (0.67, 0.89),
-    gamma: float = 0.1,
-    min_factor: float = 0.0,
-) -> float:
-    """LR multiplier at optimiser step ``step`` of ``total_steps``: linear warmup, then the schedule.
-
-    Warmup is capped at a tenth of the run so that short few-label runs spend most of their
-    steps at the real LR. ``milestones`` are fractions of ``total_steps`` (step schedule).
-    """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown LR schedule {name!r}; choose one of {SCHEDULES}")
-    total = max(1, int(total_steps))
-    warmup = min(int(warmup_steps), total // 10)
-    if name == "step":
-        factor = gamma ** sum(step >= round(m * total) for m in milestones)
-    elif name == "cosine":
-        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
-        factor = min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    else:
-        factor = 1.0
-    if step < warmup:
-        alpha = step / warmup
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
 
 
 def build_model(cfg: Mapping[str, Any], num_classes: int, backbone_info: Mapping[str, Any],
@@ -184,7 +150,7 @@ class DetectionModule(pl.LightningModule):
         optimizer = hydra.utils.instantiate(opt_cfg, _convert_="all")(groups)
         sched_cfg = dict(self.cfg["scheduler"])
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = LambdaLR(optimizer, partial(lr_factor, total_steps=total, **sched_cfg))
+        scheduler = ResumableLambdaLR(optimizer, partial(lr_factor, total_steps=total, **sched_cfg))
         log.info("optimizer %s, %d steps, groups: %s", type(optimizer).__name__, total,
                  ", ".join(f"{g['name']}={g['lr']:.3g}" for g in groups))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

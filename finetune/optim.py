@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from finetune.detectors import to_frozen_bn
+from pretrain.core.schedule import no_weight_decay
 
 log = logging.getLogger(__name__)
 PARTS = ("head", "fpn", "layer4", "layer3", "layer2", "layer1", "stem")
@@ -45,7 +46,6 @@ PRESETS: dict[str, dict[str, float]] = {
     "backbone_0.1": {stage: 0.1 for stage in BACKBONE_PARTS},
 }
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def param_groups(
@@ -84,7 +84,7 @@ def param_groups(
             part = part_of(f"{module_name}.{param_name}" if module_name else param_name)
             if not param.requires_grad or (freeze_backbone and part in BACKBONE_PARTS) or mults[part] == 0:
                 continue
-            no_decay = param.ndim <= 1 or isinstance(module, _NORM_TYPES)
+            no_decay = no_weight_decay(module, param)
             buckets.setdefault((part, no_decay), []).append(param)
 
     groups = []

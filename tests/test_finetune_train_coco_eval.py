@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from finetune.coco_eval import COCO_STATS, detections_to_coco, evaluate_coco, format_table, write_predictions
-from finetune.module import lr_factor
+from pretrain.core.schedule import lr_factor
 
 
 def _gt(tmp_path, anns, cats=((3, "cat"), (7, "dog")), n_images=2, first_ann_id=1):

@@ -12,19 +12,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import hydra.utils
 import pytorch_lightning as pl
 import torch
 from lightly.models.modules.memory_bank import MemoryBankModule
-from lightly.models.utils import get_weight_decay_parameters
-from lightly.utils.scheduler import CosineWarmupScheduler
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from pretrain.core.resnet import FEATURE_DIMS, build_resnet
+from pretrain.core.schedule import ResumableLambdaLR, decay_split, lr_factor
 from pretrain.knn import knn_top1
 
 log = logging.getLogger(__name__)
@@ -35,26 +35,6 @@ def plain_config(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
     return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)  # type: ignore[return-value]
-
-
-class WarmupCosine(CosineWarmupScheduler):
-    """lightly's per-step warmup + cosine factor, whose horizon comes from the current config.
-
-    A resumed run restores its position (step count, base LRs) but keeps the warmup and total
-    steps computed now, so raising ``trainer.max_epochs`` and re-running extends the cosine
-    instead of continuing at the old run's final LR.
-    """
-
-    _HORIZON = ("warmup_epochs", "max_epochs", "start_value", "end_value", "period",
-                "warmup_start_value", "warmup_end_value")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        keep = {k: getattr(self, k) for k in self._HORIZON}
-        super().load_state_dict(state_dict)
-        self.__dict__.update(keep)
-        # The restored optimiser carries the LR of the old horizon: set the current one now.
-        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
-            group["lr"] = base * factor(self.last_epoch)
 
 
 class SSLMethod(pl.LightningModule):
@@ -174,7 +154,7 @@ class SSLMethod(pl.LightningModule):
         weight_decay = float(ocfg["weight_decay"])
         trainable = [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
         if ocfg.get("exclude_bias_and_norm", True):
-            decay, no_decay = get_weight_decay_parameters(trainable)
+            decay, no_decay = decay_split(trainable)
         else:
             decay, no_decay = [p for m in trainable for p in m.parameters()], []
         groups = [
@@ -190,9 +170,10 @@ class SSLMethod(pl.LightningModule):
             math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches), 1
         ) if math.isfinite(self.trainer.num_training_batches) else total
         warmup = min(round(float(ocfg.get("warmup_epochs", 0)) * steps_per_epoch), total)
-        scheduler = WarmupCosine(
-            optimizer, warmup_epochs=warmup, max_epochs=total, end_value=float(ocfg.get("end_lr_ratio", 0.0))
-        )
+        # Linear warmup from 0, then cosine to end_lr_ratio x LR (the SSL papers' schedule).
+        factor = partial(lr_factor, total_steps=total, name="cosine", warmup_steps=warmup, warmup_factor=0.0,
+                         min_factor=float(ocfg.get("end_lr_ratio", 0.0)), max_warmup_fraction=1.0)
+        scheduler = ResumableLambdaLR(optimizer, factor)
         log.info("lr %.4g (base %.4g x global batch %d / 256), %d warmup of %d steps",
                  lr, ocfg["base_lr"], self.global_batch_size(), warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
