@@ -13,7 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from finetune.detectors import (
     BOX_HEADS,
     Res5BoxHead,
-    _SmoothL1RegressionHead,
+    SmoothL1RegressionHead,
     build_detector,
     default_anchor_sizes,
     freeze_stages,
@@ -169,7 +169,7 @@ def test_box_loss_and_heads_are_wired() -> None:
     giou = _build("retinanet", "frozen_bn", box_loss="giou")
     assert giou.head.regression_head._loss_type == "giou"
     smooth = _build("retinanet", "frozen_bn", smooth_l1_beta=0.05)
-    assert isinstance(smooth.head.regression_head, _SmoothL1RegressionHead)
+    assert isinstance(smooth.head.regression_head, SmoothL1RegressionHead)
     assert smooth.head.regression_head.beta == 0.05
     assert isinstance(_build("fasterrcnn", "frozen_bn", box_head="res5").roi_heads.box_head, Res5BoxHead)
     ln = _build("fasterrcnn", "frozen_bn", box_head="mlp_ln").roi_heads.box_head
@@ -224,3 +224,27 @@ def test_accepts_tv_tensor_inputs() -> None:
     tgt = {"boxes": tv_tensors.BoundingBoxes(targets[0]["boxes"], format="XYXY", canvas_size=(96, 128)),
            "labels": targets[0]["labels"]}
     assert torch.isfinite(sum(model([img], [tgt]).values()))
+
+
+def test_a_new_detector_is_one_registered_builder() -> None:
+    from finetune.detectors import DETECTORS, DetectorSpec, register_detector
+
+    seen: list[DetectorSpec] = []
+
+    @register_detector("test_only_frcnn")
+    def build(spec: DetectorSpec) -> nn.Module:  # e.g. Faster R-CNN with another RoI pooling
+        seen.append(spec)
+        return DETECTORS["fasterrcnn"](spec)
+
+    try:
+        model = build_detector("test_only_frcnn", build_resnet("resnet18", "frozen_bn"), "resnet18", NUM_CLASSES,
+                               min_size=96, max_size=128, representation_size=64, rpn_batch_size_per_image=32)
+        assert seen and seen[0].options["representation_size"] == 64
+        assert seen[0].extra == {"rpn_batch_size_per_image": 32}  # the rest goes to the torchvision class
+        assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1 and model.arch == "resnet18"
+        with pytest.raises(ValueError, match="registered twice"):
+            register_detector("test_only_frcnn")(build)
+    finally:
+        DETECTORS.pop("test_only_frcnn")
+    with pytest.raises(ValueError, match=r"unknown detector 'yolo'; registered: \['fasterrcnn', 'retinanet'\]"):
+        build_detector("yolo", build_resnet("resnet18", "frozen_bn"), "resnet18", NUM_CLASSES)

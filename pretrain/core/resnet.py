@@ -6,6 +6,7 @@ own end to end (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -35,12 +36,14 @@ def norm_layer(norm: str, gn_groups: int = 32) -> Callable[[int], nn.Module]:
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
     if norm == "gn":
-        return partial(_group_norm, gn_groups)
+        return partial(group_norm, gn_groups)
     raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
 
 
-def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(groups, channels), channels)
+def group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups, or the largest count below that divides ``channels``
+    (GroupNorm needs ``channels % groups == 0``): the one rule for backbones, FPNs and heads."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
 def build_resnet(arch: str, norm: str = "bn", gn_groups: int = 32) -> torchvision.models.ResNet:

@@ -1,0 +1,292 @@
+"""Detector builders: the torchvision class plus our backbone wrapping, one registered builder each.
+
+Adding a detector is one function decorated with ``@register_detector("name")`` and one yaml in
+``conf/finetune/detector/`` naming it; :func:`build_detector` does the shared part (arguments,
+anchors, frozen stages) and dispatches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from finetune.detectors.freezing import freeze_stages
+from finetune.detectors.heads import FPN_CHANNELS, ROI_SIZE, SmoothL1RegressionHead, build_box_head, norm_factory
+
+RETINANET_BOX_LOSSES = ("smooth_l1", "l1", "giou", "diou", "ciou")
+NUM_LEVELS = 5  # P2-P6 (Faster R-CNN) and P3-P7 (RetinaNet) alike
+
+
+@dataclass
+class DetectorSpec:
+    """What every builder receives, validated and resolved by :func:`build_detector`."""
+
+    backbone: torchvision.models.ResNet
+    num_classes: int
+    trainable_layers: int
+    anchor_sizes: Sequence[int] | Sequence[Sequence[int]] | None
+    aspect_ratios: tuple[float, ...]
+    box_head: str
+    box_loss: str
+    transform: dict[str, Any]  # min_size, max_size, image_mean, image_std for the torchvision class
+    score_thresh: float
+    detections_per_img: int
+    options: dict[str, Any]  # our keyword options (head_norm, fpn_norm, representation_size, ...)
+    extra: dict[str, Any]  # everything else: passed to the torchvision class
+
+
+Builder = Callable[[DetectorSpec], nn.Module]
+DETECTORS: dict[str, Builder] = {}
+# Our keyword options (popped before the rest goes to the torchvision class), with defaults.
+OPTIONS = {"head_norm": None, "fpn_norm": None, "aspect_ratios": (0.5, 1.0, 2.0), "representation_size": 1024,
+           "retinanet_p6p7_from": "c5", "smooth_l1_beta": 0.1, "roi_sampling_ratio": 2}
+
+
+def register_detector(name: str) -> Callable[[Builder], Builder]:
+    """Register ``fn(spec) -> nn.Module`` as the builder of ``detector.name=<name>``."""
+
+    def add(fn: Builder) -> Builder:
+        if name in DETECTORS:
+            raise ValueError(f"detector {name!r} is registered twice")
+        DETECTORS[name] = fn
+        return fn
+
+    return add
+
+
+def build_detector(
+    name: str,
+    backbone: torchvision.models.ResNet,
+    arch: str,
+    num_classes: int,
+    trainable_layers: int = 3,
+    box_head: str = "mlp",
+    box_loss: str = "smooth_l1",
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    anchor_sizes: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    score_thresh: float = 0.05,
+    detections_per_img: int = 100,
+    **kwargs: Any,
+) -> nn.Module:
+    """Wrap a loaded ResNet into a torchvision detector.
+
+    Args:
+        name: a registered detector (``DETECTORS``): ``fasterrcnn`` (P2-P6 FPN, RPN + RoI head) or
+            ``retinanet`` (P3-P7 FPN, focal loss); add one with :func:`register_detector`.
+        backbone: the ResNet from :func:`finetune.backbone.load_backbone`, in any norm.
+        arch: its architecture name (recorded on the model as ``arch``; the FPN reads channels
+            from the module itself).
+        num_classes: K, the number of foreground classes; labels are 1..K.
+        trainable_layers: backbone stages left trainable, counted from layer4 (torchvision's
+            convention): 0 = none, 4 = layer1-4, 5 = also the stem (conv1/bn1). BatchNorm inside
+            frozen stages is converted to FrozenBatchNorm2d so its statistics do not drift either.
+        box_head: Faster R-CNN RoI box head: ``mlp`` (torchvision's TwoMLPHead), ``mlp_ln`` (the
+            same with LayerNorm after each layer), ``res5`` (two residual bottleneck blocks on the
+            7x7 RoI features, average pooled, then fc) or ``4conv1fc`` (four 3x3 convs + fc,
+            torchvision's FastRCNNConvFCHead as in Faster R-CNN v2 / "Rethinking ImageNet
+            pre-training"). RetinaNet keeps its own head and accepts only the default ``mlp``.
+        box_loss: Faster R-CNN supports ``smooth_l1`` only (torchvision's fixed RoI/RPN loss);
+            RetinaNet supports ``smooth_l1`` (beta ``smooth_l1_beta``, default 0.1 as in
+            detectron2), ``l1`` (torchvision v1), ``giou`` (torchvision v2), ``diou``, ``ciou``.
+        min_size: shorter side the detector resizes every image to; a list trains at a random
+            one of them per batch (multi-scale training) and evaluates at the last.
+        max_size: cap on the longer side.
+        anchor_sizes: one size per pyramid level (5), or one tuple of sizes per level. RetinaNet
+            expands a single size s into the octave scales (s, s*2^(1/3), s*2^(2/3)). Default:
+            torchvision's 32..512 at min_size >= 800, scaled down with smaller inputs (never
+            below 8 px) so that small images with small objects get fitting anchors.
+        image_mean: input normalisation; default ImageNet's (use the backbone file's if it has it).
+        image_std: see image_mean.
+        score_thresh: minimum score of a returned detection.
+        detections_per_img: maximum detections per image.
+        **kwargs: ``head_norm`` (gn|bn|none; norm of the conv box heads and of the RetinaNet head;
+            default gn for res5/4conv1fc and none for RetinaNet as in the paper), ``fpn_norm``
+            (gn|bn|none, default none), ``aspect_ratios`` (default (0.5, 1, 2)),
+            ``representation_size`` (RoI head width, default 1024), ``roi_sampling_ratio``
+            (RoIAlign samples per bin side, default 2 as torchvision), ``retinanet_p6p7_from``
+            (``c5`` as in the RetinaNet paper, or ``p5``), ``smooth_l1_beta``; anything else goes
+            to the torchvision class (e.g. ``rpn_batch_size_per_image``, ``box_nms_thresh``,
+            ``nms_thresh``, ``topk_candidates``).
+
+    Returns:
+        A torchvision FasterRCNN or RetinaNet; in train mode it takes ``(images, targets)`` and
+        returns a loss dict, in eval mode a list of ``{"boxes", "labels", "scores"}``.
+    """
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; registered: {sorted(DETECTORS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be the number of foreground classes (>= 1), got {num_classes}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5] (5 = all, incl. conv1/bn1), got {trainable_layers}")
+    options = {k: kwargs.pop(k, default) for k, default in OPTIONS.items()}
+    min_sizes = (min_size,) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
+    transform = {
+        "min_size": min_sizes,
+        "max_size": max_size,
+        "image_mean": list(image_mean) if image_mean is not None else None,
+        "image_std": list(image_std) if image_std is not None else None,
+    }
+    freeze_stages(backbone, trainable_layers)
+    spec = DetectorSpec(backbone, num_classes, trainable_layers, anchor_sizes,
+                        tuple(options.pop("aspect_ratios")), box_head, box_loss, transform, score_thresh,
+                        detections_per_img, options, kwargs)
+    model = DETECTORS[name](spec)
+    model.arch = arch  # type: ignore[assignment]  # recorded for reports; not used by forward
+    return model
+
+
+def fpn_backbone(
+    backbone: torchvision.models.ResNet,
+    trainable_layers: int,
+    returned_layers: Sequence[int],
+    fpn_norm: str | None = None,
+    extra_blocks: nn.Module | None = None,
+) -> BackboneWithFPN:
+    """torchvision's ResNet-to-FPN wrapper (freezes stages as torchvision does)."""
+    return _resnet_fpn_extractor(
+        backbone,
+        trainable_layers,
+        returned_layers=list(returned_layers),
+        extra_blocks=extra_blocks if extra_blocks is not None else LastLevelMaxPool(),
+        norm_layer=None if fpn_norm in (None, "none") else norm_factory(fpn_norm),
+    )
+
+
+@register_detector("fasterrcnn")
+def build_fasterrcnn(spec: DetectorSpec) -> nn.Module:
+    """Faster R-CNN with a P2-P6 FPN, an RPN and the chosen RoI box head (softmax over K + 1)."""
+    if spec.box_loss != "smooth_l1":
+        raise ValueError(
+            f"Faster R-CNN uses torchvision's smooth-L1 RPN/RoI box loss; box_loss={spec.box_loss!r} is "
+            "available for retinanet only"
+        )
+    o = spec.options
+    anchors = _anchor_generator(spec, octaves=False)
+    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(1, 2, 3, 4), fpn_norm=o["fpn_norm"])
+    size = int(o["representation_size"])
+    # RoIAlign's bilinear samples per bin side (torchvision: 2). Its CPU backward scales with
+    # RoIs x channels x samples and dominates a CPU training step on small images: 1 is 4x cheaper.
+    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], ROI_SIZE, sampling_ratio=int(o["roi_sampling_ratio"]))
+    return FasterRCNN(
+        body,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=pool,
+        box_head=build_box_head(spec.box_head, size, o["head_norm"]),
+        box_predictor=FastRCNNPredictor(size, spec.num_classes + 1),
+        box_score_thresh=spec.score_thresh,
+        box_detections_per_img=spec.detections_per_img,
+        **spec.transform,
+        **spec.extra,
+    )
+
+
+@register_detector("retinanet")
+def build_retinanet(spec: DetectorSpec) -> nn.Module:
+    """RetinaNet with a P3-P7 FPN and K sigmoid classifiers (:class:`KClassRetinaNet`)."""
+    o = spec.options
+    if spec.box_head != "mlp":
+        raise ValueError(
+            f"box_head={spec.box_head!r} is a Faster R-CNN RoI head; RetinaNet keeps its own conv head "
+            "(leave box_head=mlp; head_norm=gn gives the GroupNorm head of torchvision's v2)"
+        )
+    if spec.box_loss not in RETINANET_BOX_LOSSES:
+        raise ValueError(f"unknown box_loss {spec.box_loss!r}; RetinaNet supports {RETINANET_BOX_LOSSES}")
+    p6p7_from = o["retinanet_p6p7_from"]
+    if p6p7_from not in ("c5", "p5"):
+        raise ValueError(f"retinanet_p6p7_from must be 'c5' or 'p5', got {p6p7_from!r}")
+    anchors = _anchor_generator(spec, octaves=True)
+    c5 = spec.backbone.inplanes  # channels of layer4's output, whatever the depth
+    extra = LastLevelP6P7(c5 if p6p7_from == "c5" else FPN_CHANNELS, FPN_CHANNELS)
+    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(2, 3, 4), fpn_norm=o["fpn_norm"],
+                        extra_blocks=extra)
+    num_anchors = anchors.num_anchors_per_location()[0]
+    head_norm = norm_factory(o["head_norm"] or "none")
+    head = RetinaNetHead(FPN_CHANNELS, num_anchors, spec.num_classes, norm_layer=head_norm)
+    if spec.box_loss == "smooth_l1":
+        head.regression_head = SmoothL1RegressionHead(FPN_CHANNELS, num_anchors, float(o["smooth_l1_beta"]),
+                                                      norm_layer=head_norm)
+    else:
+        head.regression_head._loss_type = spec.box_loss
+    return KClassRetinaNet(
+        body,
+        num_classes=spec.num_classes,
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=spec.score_thresh,
+        detections_per_img=spec.detections_per_img,
+        **spec.transform,
+        **spec.extra,
+    )
+
+
+class KClassRetinaNet(RetinaNet):
+    """RetinaNet with exactly K sigmoid classifiers, speaking the 1..K labels of the rest of the code.
+
+    A sigmoid classifier has no background class: built for K+1 classes, index 0 would be a class
+    with no positives that still adds focal-loss terms to every anchor and, at a low score
+    threshold (0.001 for mAP), is emitted as a detection of no category. So the head has K
+    outputs, training labels go in as 0..K-1 and detections come out as 1..K.
+    """
+
+    def forward(self, images, targets=None):  # type: ignore[no-untyped-def, override]
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] - 1} for t in targets]
+        out = super().forward(images, targets)
+        if isinstance(out, list):  # detections (eval mode)
+            out = [{**d, "labels": d["labels"] + 1} for d in out]
+        return out
+
+
+def _anchor_generator(spec: DetectorSpec, octaves: bool) -> AnchorGenerator:
+    min_sizes = spec.transform["min_size"]
+    sizes = _anchor_sizes(spec.anchor_sizes, max(min_sizes), octaves=octaves)
+    return AnchorGenerator(sizes, (spec.aspect_ratios,) * len(sizes))
+
+
+def default_anchor_sizes(min_size: int) -> tuple[int, ...]:
+    """One anchor size per level: 32..512 at min_size >= 800 (torchvision), smaller for small inputs.
+
+    The base size follows the input scale (32 px at 800, rounded to a power of two, at least 8 px):
+    at min_size 128-200 the anchors run 8..128, which covers objects of ~10-120 px.
+    """
+    base = 32 * min(1.0, min_size / 800)
+    base = max(8, 2 ** round(math.log2(base)))
+    return tuple(int(base * 2**i) for i in range(NUM_LEVELS))
+
+
+def _anchor_sizes(
+    anchor_sizes: Sequence[int] | Sequence[Sequence[int]] | None, min_size: int, octaves: bool
+) -> tuple[tuple[int, ...], ...]:
+    if anchor_sizes is None:
+        anchor_sizes = default_anchor_sizes(min_size)
+    sizes: list[Any] = list(anchor_sizes)
+    if len(sizes) != NUM_LEVELS:
+        raise ValueError(f"anchor_sizes needs one entry per FPN level ({NUM_LEVELS}), got {sizes}")
+    out = []
+    for s in sizes:
+        if isinstance(s, (int, float)):
+            if octaves:  # RetinaNet: three scales per octave (Lin et al. 2017)
+                out.append(tuple(int(s * 2 ** (i / 3)) for i in range(3)))
+            else:
+                out.append((int(s),))
+        else:
+            out.append(tuple(int(v) for v in s))
+    if len({len(level) for level in out}) != 1:
+        raise ValueError(f"every FPN level needs the same number of anchor sizes, got {out}")
+    return tuple(out)

@@ -1,0 +1,129 @@
+"""Box heads of the detectors: Faster R-CNN RoI heads and RetinaNet's smooth-L1 regression."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.retinanet import RetinaNetRegressionHead
+from torchvision.models.resnet import Bottleneck
+
+from pretrain.core.resnet import group_norm
+
+BOX_HEADS = ("mlp", "mlp_ln", "res5", "4conv1fc")
+HEAD_NORMS = ("gn", "bn", "none")
+FPN_CHANNELS = 256
+ROI_SIZE = 7  # MultiScaleRoIAlign output of torchvision's Faster R-CNN
+
+
+def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | None = None) -> nn.Module:
+    """The Faster R-CNN RoI box head on 256x7x7 pooled FPN features; outputs ``representation_size``.
+
+    Why these heads: ``mlp`` is torchvision's default; ``mlp_ln`` adds LayerNorm, which keeps the
+    head's activations in range when a normalised-but-unfamiliar SSL backbone feeds it.
+    ``res5`` is a res5-*style* head: in detectron2's C4 models (the MoCo/SwAV detection
+    transfer protocol) the RoI head is the backbone's own res5 stage. With an FPN, layer4 stays
+    in the backbone, so here the head is new and random: torchvision Bottleneck blocks (an
+    unstrided 256->512 block with a projection shortcut, then 512->512, so the 7x7 RoI keeps its
+    resolution), global average pooling as in C4 heads, and one fc layer, with a trainable norm
+    (GN by default; FrozenBN on a random head would be an identity). ``4conv1fc`` is the
+    convolutional head that FPN detectors pair with GN/SyncBN backbones (Faster R-CNN v2).
+    """
+    in_features = FPN_CHANNELS * ROI_SIZE * ROI_SIZE
+    if kind == "mlp":
+        return TwoMLPHead(in_features, representation_size)
+    if kind == "mlp_ln":
+        return nn.Sequential(
+            nn.Flatten(start_dim=1),
+            nn.Linear(in_features, representation_size),
+            nn.LayerNorm(representation_size),
+            nn.ReLU(inplace=True),
+            nn.Linear(representation_size, representation_size),
+            nn.LayerNorm(representation_size),
+            nn.ReLU(inplace=True),
+        )
+    norm = norm_factory(head_norm or "gn")
+    if kind == "res5":
+        if norm is None:
+            raise ValueError("the res5 box head needs a norm: head_norm=gn or bn")
+        return Res5BoxHead(FPN_CHANNELS, representation_size, norm)
+    if kind == "4conv1fc":
+        return FastRCNNConvFCHead(
+            (FPN_CHANNELS, ROI_SIZE, ROI_SIZE), [FPN_CHANNELS] * 4, [representation_size], norm_layer=norm
+        )
+    raise ValueError(f"unknown box_head {kind!r}; choose one of {BOX_HEADS}")
+
+
+class Res5BoxHead(nn.Module):
+    """Residual bottleneck RoI head: 2 blocks -> global average pool -> fc -> ReLU.
+
+    Args:
+        in_channels: RoI feature channels (the FPN width).
+        representation_size: output width fed to FastRCNNPredictor.
+        norm_layer: normalisation inside the blocks (trainable: GN or BN; FrozenBN would be an
+            identity on a random head).
+    """
+
+    def __init__(self, in_channels: int, representation_size: int, norm_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        width = in_channels // 2  # 128; Bottleneck's expansion 4 gives 512 output channels
+        out_channels = width * Bottleneck.expansion
+        shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm_layer(out_channels))
+        self.blocks = nn.Sequential(
+            Bottleneck(in_channels, width, downsample=shortcut, norm_layer=norm_layer),
+            Bottleneck(out_channels, width, norm_layer=norm_layer),
+        )
+        self.fc = nn.Linear(out_channels, representation_size)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Zero-init the last norm of each residual branch so the head starts as an identity map
+        # (Goyal et al. 2017), which keeps the freshly initialised head stable.
+        for block in self.blocks:
+            last_norm = block.bn3
+            if isinstance(last_norm, (nn.GroupNorm, nn.BatchNorm2d)) and last_norm.weight is not None:
+                nn.init.zeros_(last_norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return F.relu(self.fc(x))
+
+
+class SmoothL1RegressionHead(RetinaNetRegressionHead):
+    """RetinaNet box regression with smooth-L1 at a chosen beta.
+
+    torchvision's head supports ``smooth_l1`` but never passes a beta, so it uses 1.0, which with
+    RetinaNet's unit box-coder weights keeps almost every residual in the quadratic zone (weak
+    gradients). detectron2's RetinaNet default is 0.1; only the loss call differs from torchvision.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, beta: float, norm_layer=None):
+        super().__init__(in_channels, num_anchors, norm_layer=norm_layer)
+        self._loss_type = "smooth_l1"
+        self.beta = beta
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
+        losses = []
+        for tgt, reg, anc, idx in zip(targets, head_outputs["bbox_regression"], anchors, matched_idxs):
+            fg = torch.where(idx >= 0)[0]
+            loss = det_utils._box_loss(
+                "smooth_l1", self.box_coder, anc[fg], tgt["boxes"][idx[fg]], reg[fg], cnf={"beta": self.beta}
+            )
+            losses.append(loss / max(1, fg.numel()))
+        return sum(losses) / max(1, len(targets))
+
+
+def norm_factory(norm: str) -> Callable[[int], nn.Module] | None:
+    if norm == "gn":
+        return partial(group_norm, 32)
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm in ("none", None):
+        return None
+    raise ValueError(f"unknown head/FPN norm {norm!r}; choose one of {HEAD_NORMS}")
