@@ -1,8 +1,9 @@
 """COCO bbox evaluation with pycocotools: the 12-number summary and per-class AP.
 
-The numbers are pycocotools' own (``COCOeval.evaluate/accumulate/summarize``); this module
-only feeds it, handles the cases it crashes on (no detections at all), reads per-class AP
-out of ``eval["precision"]`` the way Detectron2 does, and writes/prints the results.
+The numbers are pycocotools' own (``COCOeval.evaluate/accumulate``, then summarize's averages
+over the accumulated arrays at any ``max_dets``); this module only feeds it, handles the cases
+it crashes on (no detections at all), reads per-class AP out of ``eval["precision"]`` the way
+Detectron2 does, and writes/prints the results.
 ``backend="faster_coco_eval"`` swaps in faster-coco-eval's C++ evaluator, whose numbers
 are tested to be identical on real predictions.
 """
@@ -32,7 +33,7 @@ class CocoEvalResult:
 
     ``stats`` holds the 12 COCO numbers in [0, 1]; -1 means "no ground truth for this
     slice" (pycocotools' convention, e.g. APs on a set without small objects).
-    ``per_class_ap`` maps class name to AP@[.5:.95] (area all, 100 detections), -1 for a
+    ``per_class_ap`` maps class name to AP@[.5:.95] (area all, ``max_dets`` detections), -1 for a
     class without ground truth among the evaluated images.
     """
 
@@ -168,7 +169,9 @@ def evaluate_coco(
         ids = sorted({int(i) for i in image_ids})
         unknown = sorted(set(ids) - known)
         if unknown:
-            raise ValueError(f"{len(unknown)} evaluated image ids are not in the annotations, e.g. {unknown[:5]}")
+            raise ValueError(
+                f"{len(unknown)} evaluated image ids are not in the annotations, e.g. {unknown[:5]}"
+            )
     stray = {a["image_id"] for a in coco_dt.dataset["annotations"]} - set(ids)
     if stray:
         raise ValueError(
@@ -185,11 +188,11 @@ def evaluate_coco(
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
     ev.params.imgIds = ids
     ev.params.maxDets = [1, 10, max_dets]
+    # No summarize(): it hard-codes 100 detections for AP; summary_stats reads the accumulated arrays.
     with contextlib.redirect_stdout(io.StringIO()):
         if ids:
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
     if ids:
         stats = summary_stats(ev.eval, ev.params)
         precision = np.asarray(ev.eval["precision"])
@@ -232,7 +235,8 @@ def summary_stats(evaluation: Mapping[str, Any], params: Any) -> dict[str, float
     last = max_dets[-1]
     values = [
         mean_of(True, None, "all", last), mean_of(True, 0.5, "all", last), mean_of(True, 0.75, "all", last),
-        mean_of(True, None, "small", last), mean_of(True, None, "medium", last), mean_of(True, None, "large", last),
+        mean_of(True, None, "small", last), mean_of(True, None, "medium", last),
+        mean_of(True, None, "large", last),
         mean_of(False, None, "all", max_dets[0]), mean_of(False, None, "all", max_dets[1]),
         mean_of(False, None, "all", last), mean_of(False, None, "small", last),
         mean_of(False, None, "medium", last), mean_of(False, None, "large", last),
@@ -243,8 +247,8 @@ def summary_stats(evaluation: Mapping[str, Any], params: Any) -> dict[str, float
 def per_class_ap(precision: np.ndarray, cat_ids: Sequence[int], names: Mapping[int, str]) -> dict[str, float]:
     """AP@[.5:.95] per category from ``COCOeval.eval["precision"]`` (T, R, K, A, M).
 
-    Uses area "all" and the last maxDets (100), averaging over entries > -1 as pycocotools'
-    summarize does; a category without ground truth gets -1. Categories not in ``names``
+    Uses area "all" and the last maxDets (``max_dets``, COCO: 100), averaging over entries > -1
+    as pycocotools' summarize does; a category without ground truth gets -1. Categories not in ``names``
     (e.g. an unused placeholder category) are left out.
     """
     out: dict[str, float] = {}
@@ -289,7 +293,8 @@ def detections_to_coco(
     b[:, 1::2] *= scale[1]
     xywh = torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], dim=1)
     out = []
-    for box, score, label in zip(xywh.tolist(), scores.detach().cpu().tolist(), labels.detach().cpu().tolist()):
+    cpu_scores, cpu_labels = scores.detach().cpu().tolist(), labels.detach().cpu().tolist()
+    for box, score, label in zip(xywh.tolist(), cpu_scores, cpu_labels):
         cat = label_to_cat_id.get(int(label))
         if cat is None:
             raise KeyError(f"label {label} has no category id in the label map {dict(label_to_cat_id)}")

@@ -112,7 +112,7 @@ def test_frozen_stages_get_no_gradient_and_keep_statistics() -> None:
     after = body.state_dict()
     for k, v in frozen.items():
         assert torch.equal(after[k], v), f"{k} moved in a frozen stage"
-    assert not torch.equal(body.layer3[0].bn1.running_mean, trained_stats), "BN stats in trained stages update"
+    assert not torch.equal(body.layer3[0].bn1.running_mean, trained_stats), "BN stats in trained stages move"
 
 
 def test_frozen_bn_statistics_never_move() -> None:
@@ -147,7 +147,8 @@ def test_gn_detector_has_no_batchnorm() -> None:
                          ("retinanet", {"head_norm": "gn"})):
         model = _build(name, "gn", **kwargs)
         kinds = {type(m) for m in model.modules()}
-        assert not any(issubclass(k, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)) for k in kinds), name
+        batch_norms = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+        assert not any(issubclass(k, batch_norms) for k in kinds), name
         assert nn.GroupNorm in kinds
 
 
@@ -237,14 +238,62 @@ def test_a_new_detector_is_one_registered_builder() -> None:
         return DETECTORS["fasterrcnn"](spec)
 
     try:
-        model = build_detector("test_only_frcnn", build_resnet("resnet18", "frozen_bn"), "resnet18", NUM_CLASSES,
-                               min_size=96, max_size=128, representation_size=64, rpn_batch_size_per_image=32)
+        model = build_detector("test_only_frcnn", build_resnet("resnet18", "frozen_bn"), "resnet18",
+                               NUM_CLASSES, min_size=96, max_size=128, representation_size=64,
+                               rpn_batch_size_per_image=32)
         assert seen and seen[0].options["representation_size"] == 64
         assert seen[0].extra == {"rpn_batch_size_per_image": 32}  # the rest goes to the torchvision class
-        assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1 and model.arch == "resnet18"
+        assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1
+        assert model.arch == "resnet18"
         with pytest.raises(ValueError, match="registered twice"):
             register_detector("test_only_frcnn")(build)
     finally:
         DETECTORS.pop("test_only_frcnn")
-    with pytest.raises(ValueError, match=r"unknown detector 'yolo'; registered: \['fasterrcnn', 'retinanet'\]"):
+    registered = r"unknown detector 'yolo'; registered: \['fasterrcnn', 'retinanet'\]"
+    with pytest.raises(ValueError, match=registered):
         build_detector("yolo", build_resnet("resnet18", "frozen_bn"), "resnet18", NUM_CLASSES)
+
+
+@pytest.mark.parametrize("channels", [48, 96, 200, 256])
+def test_one_group_norm_rule_for_backbone_and_heads(channels: int) -> None:
+    """GroupNorm needs channels % groups == 0: 32 groups on 48 channels (min(32, C) = 32) cannot be built."""
+    from finetune.detectors.heads import norm_factory
+    from pretrain.core.resnet import norm_layer
+
+    for gn in (norm_layer("gn", 32)(channels), norm_factory("gn")(channels)):
+        assert gn.num_groups == math.gcd(32, channels) and channels % gn.num_groups == 0
+        out = gn(torch.randn(2, channels, 3, 3))
+        # Normalised per group: every group of every sample has zero mean.
+        groups = out.reshape(2, gn.num_groups, -1).mean(-1)
+        assert torch.allclose(groups, torch.zeros_like(groups), atol=1e-5)
+
+
+def test_gn_backbone_with_groups_not_dividing_the_stem() -> None:
+    # 24 groups divide none of resnet18's widths (64..512): the backbone uses 8 (= gcd) and trains.
+    model = build_detector("retinanet", build_resnet("resnet18", "gn", gn_groups=24), "resnet18", NUM_CLASSES,
+                           **TINY_RETINA)
+    assert {m.num_groups for m in model.backbone.body.modules() if isinstance(m, nn.GroupNorm)} == {8}
+    images, targets = _batch(1)
+    assert torch.isfinite(sum(model.train()(images, targets).values()))
+
+
+def test_a_new_box_head_is_one_registered_function() -> None:
+    from finetune.detectors import register_box_head
+    from finetune.detectors.heads import IN_FEATURES
+
+    @register_box_head("test_only_linear")
+    def linear(representation_size: int, head_norm: str | None) -> nn.Module:
+        return nn.Sequential(nn.Flatten(1), nn.Linear(IN_FEATURES, representation_size), nn.ReLU())
+
+    try:
+        model = _build("fasterrcnn", "frozen_bn", box_head="test_only_linear")
+        assert isinstance(model.roi_heads.box_head[1], nn.Linear)
+        images, targets = _batch(1)
+        assert torch.isfinite(sum(model.train()(images, targets).values()))
+        with pytest.raises(ValueError, match="registered twice"):
+            register_box_head("test_only_linear")(linear)
+    finally:
+        BOX_HEADS.pop("test_only_linear")
+    registered = r"unknown box_head 'nope'; registered: \['4conv1fc', 'mlp', 'mlp_ln', 'res5'\]"
+    with pytest.raises(ValueError, match=registered):
+        _build("fasterrcnn", "frozen_bn", box_head="nope")

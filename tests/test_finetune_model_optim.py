@@ -86,6 +86,26 @@ def test_zero_multiplier_freezes_the_part_and_its_statistics() -> None:
     assert torch.equal(model.backbone.body.layer1[0].bn1.running_mean, before)
 
 
+def test_small_multipliers_train_but_their_bn_statistics_drift_and_say_so(caplog) -> None:
+    """3-5-7 gives stem..layer2 1e-4: they keep training, and with norm=bn a train-mode forward still
+    moves their running statistics; freeze_parts says so (and says nothing with frozen_bn)."""
+    model = _model("fasterrcnn", norm="bn")
+    with caplog.at_level("INFO", logger="finetune.optim"):
+        assert freeze_parts(model, "3-5-7") == []
+    assert "['layer2', 'layer1', 'stem']" in caplog.text
+    assert "BatchNorm statistics follow every batch" in caplog.text
+    assert all(p.requires_grad for p in model.backbone.body.layer1.parameters())
+    before = model.backbone.body.layer1[0].bn1.running_mean.clone()
+    model.train()
+    model.backbone.body(torch.rand(2, 3, 64, 64))
+    assert not torch.equal(model.backbone.body.layer1[0].bn1.running_mean, before)
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="finetune.optim"):
+        freeze_parts(_model("fasterrcnn", norm="frozen_bn"), "3-5-7")
+    assert "follow every batch" not in caplog.text
+
+
 def test_param_groups_no_longer_change_requires_grad() -> None:
     """Freezing belongs to build time (before DDP wraps the model); param_groups only reads."""
     model = _model()

@@ -45,16 +45,17 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
     assert all(stage_done(s, out / d) for s, d in (("pretrain", "pretrain"), ("finetune", "finetune")))
 
 
-def test_sweep_2x2_gives_four_rows_and_plots(tmp_path):
+def test_sweep_gives_a_row_per_job_and_plots(tmp_path):
+    # Two jobs (each a pretraining then its fine-tune) keep this under a minute on 2 cores.
     sweep = tmp_path / "sweep"
-    _run(["-m", "finetune.sweep", "-m", "experiment=smoke", "method=swav",
-          "method.num_prototypes=8,16", "trainer.max_epochs=1,2", f"hydra.sweep.dir={quote(sweep)}"], cwd=REPO)
+    _run(["-m", "finetune.sweep", "-m", "experiment=smoke", "method=swav", "method.num_prototypes=8,16",
+          "trainer.max_epochs=1", f"hydra.sweep.dir={quote(sweep)}"], cwd=REPO)
     rows = load_rows(sweep)
-    assert len(rows) == 4
-    assert {(r["epochs"], r["prototypes"]) for r in rows} == {(1, 8), (1, 16), (2, 8), (2, 16)}
+    assert len(rows) == 2
+    assert {(r["epochs"], r["prototypes"]) for r in rows} == {(1, 8), (1, 16)}
     files = write_report(sweep)
-    assert files["md"].read_text().count("| resnet18 | swav |") == 4
-    assert files["epochs"].exists() and files["prototypes"].exists()
+    assert files["md"].read_text().count("| resnet18 | swav |") == 2
+    assert files["prototypes"].exists()
 
 
 def test_chain_passes_the_experiment_on():

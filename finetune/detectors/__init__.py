@@ -5,8 +5,8 @@ anchor defaults are chosen here. Labels are 1..K for K foreground classes: Faste
 gets ``K + 1`` outputs (index 0 is background); RetinaNet's sigmoid classifier gets exactly K and
 :class:`KClassRetinaNet` shifts labels to 0..K-1 on the way in and back to 1..K on the way out.
 
-``builders`` (the registry and one builder per detector), ``heads`` (RoI box heads, RetinaNet's
-smooth-L1 regression), ``freezing`` (frozen stages with FrozenBatchNorm2d).
+``builders`` (the registry and one builder per detector), ``heads`` (the registry of RoI box heads,
+RetinaNet's smooth-L1 regression), ``freezing`` (frozen stages with FrozenBatchNorm2d).
 """
 
 from finetune.detectors.builders import (
@@ -20,10 +20,18 @@ from finetune.detectors.builders import (
     register_detector,
 )
 from finetune.detectors.freezing import STAGES, freeze_stages, to_frozen_bn
-from finetune.detectors.heads import BOX_HEADS, HEAD_NORMS, Res5BoxHead, SmoothL1RegressionHead, build_box_head
+from finetune.detectors.heads import (
+    BOX_HEADS,
+    HEAD_NORMS,
+    Res5BoxHead,
+    SmoothL1RegressionHead,
+    build_box_head,
+    register_box_head,
+)
 
 __all__ = [
-    "BOX_HEADS", "DETECTORS", "HEAD_NORMS", "RETINANET_BOX_LOSSES", "STAGES", "DetectorSpec", "KClassRetinaNet",
-    "Res5BoxHead", "SmoothL1RegressionHead", "build_box_head", "build_detector", "default_anchor_sizes",
-    "fpn_backbone", "freeze_stages", "register_detector", "to_frozen_bn",
+    "BOX_HEADS", "DETECTORS", "HEAD_NORMS", "RETINANET_BOX_LOSSES", "STAGES", "DetectorSpec",
+    "KClassRetinaNet", "Res5BoxHead", "SmoothL1RegressionHead", "build_box_head", "build_detector",
+    "default_anchor_sizes", "fpn_backbone", "freeze_stages", "register_box_head", "register_detector",
+    "to_frozen_bn",
 ]

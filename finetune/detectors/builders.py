@@ -23,7 +23,13 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from finetune.detectors.freezing import freeze_stages
-from finetune.detectors.heads import FPN_CHANNELS, ROI_SIZE, SmoothL1RegressionHead, build_box_head, norm_factory
+from finetune.detectors.heads import (
+    FPN_CHANNELS,
+    ROI_SIZE,
+    SmoothL1RegressionHead,
+    build_box_head,
+    norm_factory,
+)
 
 RETINANET_BOX_LOSSES = ("smooth_l1", "l1", "giou", "diou", "ciou")
 NUM_LEVELS = 5  # P2-P6 (Faster R-CNN) and P3-P7 (RetinaNet) alike
@@ -132,7 +138,9 @@ def build_detector(
     if num_classes < 1:
         raise ValueError(f"num_classes must be the number of foreground classes (>= 1), got {num_classes}")
     if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_layers must be in [0, 5] (5 = all, incl. conv1/bn1), got {trainable_layers}")
+        raise ValueError(
+            f"trainable_layers must be in [0, 5] (5 = all, incl. conv1/bn1), got {trainable_layers}"
+        )
     options = {k: kwargs.pop(k, default) for k, default in OPTIONS.items()}
     min_sizes = (min_size,) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
     transform = {
@@ -177,7 +185,8 @@ def build_fasterrcnn(spec: DetectorSpec) -> nn.Module:
         )
     o = spec.options
     anchors = _anchor_generator(spec, octaves=False)
-    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(1, 2, 3, 4), fpn_norm=o["fpn_norm"])
+    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(1, 2, 3, 4),
+                        fpn_norm=o["fpn_norm"])
     size = int(o["representation_size"])
     # RoIAlign's bilinear samples per bin side (torchvision: 2). Its CPU backward scales with
     # RoIs x channels x samples and dominates a CPU training step on small images: 1 is 4x cheaper.
@@ -213,8 +222,8 @@ def build_retinanet(spec: DetectorSpec) -> nn.Module:
     anchors = _anchor_generator(spec, octaves=True)
     c5 = spec.backbone.inplanes  # channels of layer4's output, whatever the depth
     extra = LastLevelP6P7(c5 if p6p7_from == "c5" else FPN_CHANNELS, FPN_CHANNELS)
-    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(2, 3, 4), fpn_norm=o["fpn_norm"],
-                        extra_blocks=extra)
+    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(2, 3, 4),
+                        fpn_norm=o["fpn_norm"], extra_blocks=extra)
     num_anchors = anchors.num_anchors_per_location()[0]
     head_norm = norm_factory(o["head_norm"] or "none")
     head = RetinaNetHead(FPN_CHANNELS, num_anchors, spec.num_classes, norm_layer=head_norm)

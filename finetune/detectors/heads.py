@@ -15,10 +15,26 @@ from torchvision.models.resnet import Bottleneck
 
 from pretrain.core.resnet import group_norm
 
-BOX_HEADS = ("mlp", "mlp_ln", "res5", "4conv1fc")
 HEAD_NORMS = ("gn", "bn", "none")
 FPN_CHANNELS = 256
 ROI_SIZE = 7  # MultiScaleRoIAlign output of torchvision's Faster R-CNN
+
+BoxHeadBuilder = Callable[[int, str | None], nn.Module]  # (representation_size, head_norm) -> head
+# The Faster R-CNN RoI box heads by name (``detector.box_head``); add one with @register_box_head.
+BOX_HEADS: dict[str, BoxHeadBuilder] = {}
+IN_FEATURES = FPN_CHANNELS * ROI_SIZE * ROI_SIZE  # 256x7x7 pooled FPN features
+
+
+def register_box_head(name: str) -> Callable[[BoxHeadBuilder], BoxHeadBuilder]:
+    """Register ``fn(representation_size, head_norm) -> nn.Module`` as ``detector.box_head=<name>``."""
+
+    def add(fn: BoxHeadBuilder) -> BoxHeadBuilder:
+        if name in BOX_HEADS:
+            raise ValueError(f"box head {name!r} is registered twice")
+        BOX_HEADS[name] = fn
+        return fn
+
+    return add
 
 
 def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | None = None) -> nn.Module:
@@ -34,29 +50,41 @@ def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | 
     (GN by default; FrozenBN on a random head would be an identity). ``4conv1fc`` is the
     convolutional head that FPN detectors pair with GN/SyncBN backbones (Faster R-CNN v2).
     """
-    in_features = FPN_CHANNELS * ROI_SIZE * ROI_SIZE
-    if kind == "mlp":
-        return TwoMLPHead(in_features, representation_size)
-    if kind == "mlp_ln":
-        return nn.Sequential(
-            nn.Flatten(start_dim=1),
-            nn.Linear(in_features, representation_size),
-            nn.LayerNorm(representation_size),
-            nn.ReLU(inplace=True),
-            nn.Linear(representation_size, representation_size),
-            nn.LayerNorm(representation_size),
-            nn.ReLU(inplace=True),
-        )
+    if kind not in BOX_HEADS:
+        raise ValueError(f"unknown box_head {kind!r}; registered: {sorted(BOX_HEADS)}")
+    return BOX_HEADS[kind](representation_size, head_norm)
+
+
+@register_box_head("mlp")
+def _mlp(representation_size: int, head_norm: str | None) -> nn.Module:
+    return TwoMLPHead(IN_FEATURES, representation_size)
+
+
+@register_box_head("mlp_ln")
+def _mlp_ln(representation_size: int, head_norm: str | None) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(start_dim=1),
+        nn.Linear(IN_FEATURES, representation_size),
+        nn.LayerNorm(representation_size),
+        nn.ReLU(inplace=True),
+        nn.Linear(representation_size, representation_size),
+        nn.LayerNorm(representation_size),
+        nn.ReLU(inplace=True),
+    )
+
+
+@register_box_head("res5")
+def _res5(representation_size: int, head_norm: str | None) -> nn.Module:
     norm = norm_factory(head_norm or "gn")
-    if kind == "res5":
-        if norm is None:
-            raise ValueError("the res5 box head needs a norm: head_norm=gn or bn")
-        return Res5BoxHead(FPN_CHANNELS, representation_size, norm)
-    if kind == "4conv1fc":
-        return FastRCNNConvFCHead(
-            (FPN_CHANNELS, ROI_SIZE, ROI_SIZE), [FPN_CHANNELS] * 4, [representation_size], norm_layer=norm
-        )
-    raise ValueError(f"unknown box_head {kind!r}; choose one of {BOX_HEADS}")
+    if norm is None:
+        raise ValueError("the res5 box head needs a norm: head_norm=gn or bn")
+    return Res5BoxHead(FPN_CHANNELS, representation_size, norm)
+
+
+@register_box_head("4conv1fc")
+def _four_conv_one_fc(representation_size: int, head_norm: str | None) -> nn.Module:
+    return FastRCNNConvFCHead((FPN_CHANNELS, ROI_SIZE, ROI_SIZE), [FPN_CHANNELS] * 4, [representation_size],
+                              norm_layer=norm_factory(head_norm or "gn"))
 
 
 class Res5BoxHead(nn.Module):
@@ -73,7 +101,8 @@ class Res5BoxHead(nn.Module):
         super().__init__()
         width = in_channels // 2  # 128; Bottleneck's expansion 4 gives 512 output channels
         out_channels = width * Bottleneck.expansion
-        shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm_layer(out_channels))
+        shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                 norm_layer(out_channels))
         self.blocks = nn.Sequential(
             Bottleneck(in_channels, width, downsample=shortcut, norm_layer=norm_layer),
             Bottleneck(out_channels, width, norm_layer=norm_layer),
@@ -119,7 +148,8 @@ class SmoothL1RegressionHead(RetinaNetRegressionHead):
         return sum(losses) / max(1, len(targets))
 
 
-def norm_factory(norm: str) -> Callable[[int], nn.Module] | None:
+def norm_factory(norm: str | None) -> Callable[[int], nn.Module] | None:
+    """The norm layer of the FPN and the heads: ``gn`` (32 groups), ``bn``, or ``none`` (None)."""
     if norm == "gn":
         return partial(group_norm, 32)
     if norm == "bn":
