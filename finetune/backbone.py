@@ -29,15 +29,9 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune.ssl_checkpoints import split_backbone, unwrap
-from pretrain.core.backbone_file import (
-    META_NAME,
-    WEIGHTS_NAME,
-    extract_backbone,
-    read_backbone_file,
-    strip_wrappers,
-)
+from pretrain.core.backbone_file import WEIGHTS_NAME, extract_backbone, meta_path, read_backbone_file
 from pretrain.core.resnet import ARCHS, NORMS, build_resnet, infer_arch, infer_norm
+from pretrain.core.ssl_checkpoints import split_backbone, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +60,7 @@ class LoadReport:
             ``arch`` and ``norm`` filled in from the weights when the file does not say.
         ignored: keys dropped on purpose: ``fc.*`` classifier weights, ``num_batches_tracked``
             counters that FrozenBatchNorm2d has no buffer for, and the heads, queues and momentum
-            copies of SSL checkpoints (see :mod:`finetune.ssl_checkpoints`).
+            copies of SSL checkpoints (see :mod:`pretrain.core.ssl_checkpoints`).
     """
 
     source: str | None
@@ -193,7 +187,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
         path = path / WEIGHTS_NAME
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        if _backbone_json(path).exists():
+        if meta_path(path).exists():
             sd, meta = read_backbone_file(path)
             meta = {**meta, **_method_meta(meta.get("config") or {}), **_flat_meta(meta)}
             return extract_backbone(sd), meta, "backbone_file"
@@ -204,11 +198,10 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
         if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
             raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
         sd = ckpt["state_dict"]
-        if not any(strip_wrappers(k).startswith("backbone.") for k in sd):
-            raise ValueError(
-                f"{path} has no 'backbone.*' weights (first keys: {_preview(list(sd))}); "
-                "is it a pretrain checkpoint?"
-            )
+        try:
+            weights, ignored = split_backbone(sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}; is it a pretrain or fine-tuning checkpoint?") from e
         hp = ckpt.get("hyper_parameters") or {}
         cfg = (hp.get("config") or hp.get("cfg") or hp) if isinstance(hp, Mapping) else {}
         meta = _method_meta(cfg)
@@ -220,10 +213,10 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
             meta["epochs"] = int(ckpt["epoch"]) + 1
         if "images_seen" in sd:
             meta["images_seen"] = int(sd["images_seen"])
-        return _detector_body(extract_backbone(sd, prefix="backbone.")), meta, "lightning_ckpt"
+        return weights, {**meta, IGNORED: ignored}, "lightning_ckpt"
     if suffix in _TORCH_SUFFIXES:
         # torchvision references save {"model": sd}, MoCo {"state_dict": sd}, DINO {"teacher": sd},
-        # VISSL nested dicts: finetune.ssl_checkpoints knows the layouts of the SSL code bases.
+        # VISSL nested dicts: pretrain.core.ssl_checkpoints knows the layouts of the SSL code bases.
         try:
             weights, ignored = split_backbone(unwrap(_torch_load(path)))
         except ValueError as e:
@@ -303,20 +296,6 @@ def _torch_load(path: Path) -> Any:
             f"cannot read {path} with torch.load(weights_only=True): {e}. Checkpoints holding pickled "
             "objects are not loaded; save a plain state dict (model.state_dict()) instead."
         ) from e
-
-
-def _detector_body(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ResNet of a torchvision detector's state dict (``backbone.body.*``; FPN and heads dropped).
-
-    Lets a fine-tuned detector (torchvision .pth or a finetune .ckpt) seed another fine-tuning run.
-    """
-    if any(k.startswith("body.") for k in sd):
-        return {k[len("body.") :]: v for k, v in sd.items() if k.startswith("body.")}
-    return sd
-
-
-def _backbone_json(path: Path) -> Path:
-    return path.with_name(META_NAME) if path.name == WEIGHTS_NAME else path.with_suffix(".json")
 
 
 def _method_meta(cfg: Any) -> dict[str, Any]:

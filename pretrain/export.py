@@ -66,7 +66,7 @@ def backbone_state(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, 
     Raises:
         ValueError: when the keys do not match the ResNet the config describes.
     """
-    sd = extract_backbone(state_dict, prefix="backbone.")
+    sd = extract_backbone(state_dict)
     bcfg = config["backbone"]
     norm = bcfg.get("norm", "bn")
     ref = build_resnet(bcfg["arch"], "bn" if norm == "syncbn" else norm, bcfg.get("gn_groups", 32)).state_dict()

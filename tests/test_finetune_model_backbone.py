@@ -123,8 +123,8 @@ def test_lightning_checkpoint(tmp_path: Path) -> None:
     torch.save({"state_dict": state, "hyper_parameters": {"cfg": cfg}, "epoch": 9}, tmp_path / "old.ckpt")
     assert load_backbone(tmp_path / "old.ckpt", "auto", "bn")[1].meta["epochs"] == 10
 
-    torch.save({"state_dict": {"encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="no 'backbone"):
+    torch.save({"state_dict": {"classifier.weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="no ResNet weights.*is it a pretrain or fine-tuning checkpoint"):
         load_backbone(tmp_path / "other.ckpt", "resnet18", "bn")
 
 

@@ -14,39 +14,33 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pretrain.core.ssl_checkpoints import split_backbone, strip_wrappers
+
+__all__ = ["extract_backbone", "meta_path", "read_backbone_file", "save_backbone_file", "strip_wrappers"]
+
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "backbone.safetensors"
 META_NAME = "backbone.json"
-# Prefixes that wrappers add in front of torchvision's names.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "model.")
+_RESNET_STAGES = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})
 
 
-def strip_wrappers(key: str) -> str:
-    """Remove torch.compile / DDP / wrapper prefixes wherever they appear at the front."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-        key = key.replace("._orig_mod.", ".")
-    return key
+def extract_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The online ResNet's weights under torchvision names, from any state dict that holds one.
 
-
-def extract_backbone(state_dict: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
-    """Keep the online backbone's weights under torchvision names.
-
-    Keys under ``prefix`` (after wrapper prefixes are stripped) are kept with the
-    prefix removed; momentum copies (``backbone_momentum.``), heads, prototypes and
-    ``fc.*`` are dropped. A state dict that already has torchvision names (a plain
-    ResNet) is returned without ``fc.*``.
+    Wrapper prefixes are stripped and the encoder is found by its key pattern
+    (:func:`pretrain.core.ssl_checkpoints.split_backbone`): ``backbone.*`` of our checkpoints, a
+    detector's ``backbone.body.*``, another SSL code base's layout, or plain torchvision names.
+    Momentum copies, heads, queues, counters and ``fc.*`` are left out.
     """
-    cleaned = {strip_wrappers(k): v for k, v in state_dict.items()}
-    if any(k.startswith(prefix) for k in cleaned):
-        out = {k[len(prefix) :]: v for k, v in cleaned.items() if k.startswith(prefix)}
-    else:
-        out = dict(cleaned)
-    return {k: v for k, v in out.items() if not k.startswith("fc.")}
+    weights, _ = split_backbone(state_dict)
+    return {k: v for k, v in weights.items() if k.split(".", 1)[0] in _RESNET_STAGES}
+
+
+def meta_path(weights: str | Path) -> Path:
+    """Where a backbone file's metadata lives: ``backbone.json`` beside ``backbone.safetensors``,
+    or ``<name>.json`` beside ``<name>.safetensors``."""
+    p = Path(weights)
+    return p.with_name(META_NAME) if p.name == WEIGHTS_NAME else p.with_suffix(".json")
 
 
 def save_backbone_file(
@@ -72,16 +66,16 @@ def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         p = p / WEIGHTS_NAME
     if not p.exists():
         raise FileNotFoundError(f"no backbone weights at {p}")
-    meta_path = p.with_name(META_NAME) if p.name == WEIGHTS_NAME else p.with_suffix(".json")
-    if not meta_path.exists():
+    meta_file = meta_path(p)
+    if not meta_file.exists():
         raise FileNotFoundError(
-            f"{p} has no {meta_path.name} beside it; the backbone file format needs both "
+            f"{p} has no {meta_file.name} beside it; the backbone file format needs both "
             "(re-export with `python -m pretrain.export CKPT`)"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_file.read_text())
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
-            f"{meta_path} has format version {meta['format_version']}; this code reads up to "
+            f"{meta_file} has format version {meta['format_version']}; this code reads up to "
             f"{FORMAT_VERSION}: upgrade the package"
         )
     return load_file(str(p)), meta

@@ -26,7 +26,10 @@ timm           (top level)                                  ``fc.*``
 
 The ResNet is found by its key pattern wherever it sits; every other key must belong to a known
 head (then it is listed as ignored) or it stays in the weights as *unexpected*, which a strict
-load refuses: nothing is dropped silently.
+load refuses: nothing is dropped silently. This project's own pretraining checkpoints
+(``backbone.*`` beside the heads, ``backbone_momentum.*`` and the queues) and fine-tuned detectors
+(``model.backbone.body.*``) are read the same way, by :func:`pretrain.core.backbone_file.extract_backbone`
+and by fine-tuning's loader.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from typing import Any
 
 import torch
 
-from pretrain.core.backbone_file import strip_wrappers
-
+# Prefixes that wrappers add in front of torchvision's names.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "model.")
 # Containers that hold the state dict inside a checkpoint file, most specific first.
 CONTAINERS = ("state_dict", "model", "teacher", "classy_state_dict", "base_model", "online_network_state_dict")
 # Where the *online* encoder sits, preferred in this order when several ResNet copies are present
@@ -53,11 +56,24 @@ KNOWN_PARTS = frozenset({
     "momentum_projector", "backbone_momentum", "projection_head_momentum", "target_encoder", "target_network",
     "target_projector", "online_projector", "online_predictor", "teacher", "student", "local_crops",
     "rpn", "roi_heads",  # a torchvision detector's heads, when one detector seeds the next
+    "epochs_done", "images_seen", "queue_count",  # this project's pretraining counters
 })
 _RESNET_PARTS = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc", "body"})
 _RESNET_KEY = re.compile(r"(?:^|\.)((?:conv1|bn1|layer[1-4]|fc)\.)")
 # lightly's examples wrap the ResNet as nn.Sequential(*list(resnet.children())[:-1]).
 _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def strip_wrappers(key: str) -> str:
+    """Remove torch.compile / DDP / wrapper prefixes wherever they appear at the front."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+        key = key.replace("._orig_mod.", ".")
+    return key
 
 
 def unwrap(obj: Any) -> dict[str, torch.Tensor]:
