@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pretrain.core.precision import choose, cpu_flags
+from pretrain.core.precision import ENV_CPU_BF16, choose, cpu_flags
 
 # The flags that decide precision and kernel choice on x86 (lscpu shows many more).
 KEY_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
@@ -46,6 +46,8 @@ def machine_info(accelerator: str = "auto") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "auto": auto.as_dict(),
+        # FEWLABEL_CPU_BF16=0 runs a bf16 CPU down the fp32 path of a CPU without bf16 units.
+        "cpu_bf16_override": os.environ.get(ENV_CPU_BF16),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

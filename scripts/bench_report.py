@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +55,12 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
     """The markdown section for one machine, and its key (the CPU or GPU model)."""
     m = results[0]["machine"]
     where = m.get("gpu") or m["cpu"]
-    key = where.replace(" ", "_")
     auto = m["auto"]
-    out = [BEGIN.format(key=key), f"### {where}", "",
+    title = f"{where}, precision auto = {auto['precision']}"
+    if m.get("cpu_bf16_override") is not None:
+        title += f" (FEWLABEL_CPU_BF16={m['cpu_bf16_override']})"
+    key = title.replace(" ", "_")
+    out = [BEGIN.format(key=key), f"### {title}", "",
            (f"- machine: {m.get('gpu') or m['cpu']}, CPU flags [{' '.join(m['cpu_flags']) or 'none of avx512/bf16'}], "
             f"{m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}"),
            f"- `auto` chose precision {auto['precision']}, channels_last {auto['channels_last']}: {auto['reason']}",
@@ -93,15 +95,20 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke check, not figures)")
     p.add_argument("--from-json", nargs="+", type=Path, default=None, help="format these JSON files only")
+    p.add_argument("--json-dir", type=Path, default=REPO / "outputs" / "bench", help="where the JSON files go")
+    p.add_argument("--pretrain-only", action="store_true", help="skip the (slow) fine-tuning benchmark")
     args = p.parse_args(argv)
     if args.from_json:
         results = [json.loads(f.read_text()) for f in args.from_json]
     else:
         quick_p = ["--steps", "2", "--warmup", "1", "--rounds", "1"] if args.quick else []
-        quick_f = ["--steps", "3", "--warmup", "1", "--repeats", "1", "--eval-images", "20"] if args.quick else []
-        with tempfile.TemporaryDirectory() as tmp:
-            results = [run_bench("bench_pretrain.py", ["--e2e", *quick_p], Path(tmp) / "pretrain.json"),
-                       run_bench("bench_finetune.py", quick_f, Path(tmp) / "finetune.json")]
+        quick_f = (["--steps", "3", "--warmup", "1", "--repeats", "1", "--eval-images", "20"] if args.quick
+                   else ["--steps", "12", "--warmup", "3"])
+        # Kept (outputs/ is not tracked) so that a section can be re-rendered with --from-json.
+        args.json_dir.mkdir(parents=True, exist_ok=True)
+        results = [run_bench("bench_pretrain.py", ["--e2e", *quick_p], args.json_dir / "pretrain.json")]
+        if not args.pretrain_only:
+            results.append(run_bench("bench_finetune.py", quick_f, args.json_dir / "finetune.json"))
     text, key = section(results)
     update(args.out, text, key)
     print(f"wrote {args.out} ({key})")
