@@ -77,7 +77,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"method.module={config['method']['module']} is not an SSLMethod")
     model = method_cls(config)
     transform = hydra.utils.instantiate(config["method"]["transform"])
-    loader = train_loader(config["data"], transform)
+    loader = train_loader(config["data"], transform, config["method"]["transform"])
     val_loader = knn_loader(config)
 
     checkpoint, *step_checkpoint = last_checkpoint_callbacks(run_dir, config.get("checkpoint_every_n_steps"))

@@ -66,7 +66,8 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
            f"- `auto` chose precision {auto['precision']}, channels_last {auto['channels_last']}: {auto['reason']}",
            f"- date: {results[0]['date']}", ""]
     for d in results:
-        out += [f"**{d['bench']}** (`{d['command']}`)", ""]
+        command = d["command"].replace(f"{REPO}/", "")  # repository-relative, as a user types it
+        out += [f"**{d['bench']}** (`{command}`)", ""]
         out += pretrain_table(d) if d["bench"] == "pretrain" else finetune_table(d)
         out.append("")
     out.append(END.format(key=key))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from pretrain.core.resnet import FEATURE_DIMS, build_resnet
 from pretrain.core.schedule import ResumableLambdaLR, decay_split, lr_factor
+from pretrain.data import tensor_views
 from pretrain.knn import knn_top1
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class SSLMethod(pl.LightningModule):
         self._epoch_loss_sum = 0.0
         self._epoch_loss_n = 0
         self.last_epoch_loss: float | None = None
+        # data.augment=tensor: the loader yields uint8 images and the views are made on the device.
+        self.tensor_views = tensor_views(config.get("data", {}), self.method_cfg.get("transform", {}))
 
     # ------------------------------------------------------------------------------- interface
     def compute_loss(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
@@ -124,6 +127,14 @@ class SSLMethod(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Pooled backbone features (what the backbone file exports)."""
         return self.backbone(self.prepare_input(x))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this on the device, after the transfer: the tensor path's views are made
+        # here, batched, instead of per image in the loader (validation batches pass through).
+        if self.tensor_views is not None and self._trainer is not None and self.trainer.training:
+            images, sizes = batch
+            return self.tensor_views(images, sizes)
+        return batch
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss_sum, self._epoch_loss_n = 0.0, 0
