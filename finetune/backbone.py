@@ -1,15 +1,15 @@
 """Load a pretrained ResNet for detection fine-tuning, with the normalisation swap.
 
-Three sources are accepted, all read without pickle code execution:
+Sources, all read without pickle code execution (:mod:`finetune.backbone_read`):
 
 * the backbone file (``backbone.safetensors`` + ``backbone.json``) written by pretrain;
-* a plain torchvision ResNet state dict (``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``,
-  or a ``.safetensors`` file without its json);
-* a pretrain Lightning checkpoint (``.ckpt``), whose weights live under ``state_dict["backbone.*"]``
-  and whose resolved config sits in ``hyper_parameters``.
-
-The ResNet inside a torchvision detector's weights (``backbone.body.*``, e.g. a finished fine-tuning
-run) is recognised too, so one detector can seed the next.
+* a torchvision or timm ResNet state dict (``.pth``/``.pt``/``.bin`` via
+  ``torch.load(weights_only=True)``, or a ``.safetensors`` file without its json);
+* a checkpoint of another SSL code base (SwAV, MoCo, SimCLR, BYOL, DINO, VICReg, Barlow Twins,
+  solo-learn, VISSL, lightly): its heads, queues and momentum copies are listed as ignored;
+* a Lightning checkpoint (``.ckpt``) of pretrain, whose weights live under
+  ``state_dict["backbone.*"]`` and whose resolved config sits in ``hyper_parameters``, or of a
+  fine-tuning run (``backbone.body.*``), so one detector can seed the next.
 
 The ResNet is always built here with the chosen ``norm_layer`` and loaded strictly: torchvision's
 detection builders silently fall back to plain BN and all-trainable layers when they are not given
@@ -26,20 +26,17 @@ from typing import Any
 
 import torch
 import torchvision
-from safetensors.torch import load_file
 from torch import nn
 
-from pretrain.core.backbone_file import WEIGHTS_NAME, extract_backbone, meta_path, read_backbone_file
+from finetune.backbone_read import IGNORED, read_weights
 from pretrain.core.resnet import ARCHS, NORMS, build_resnet, infer_arch, infer_norm
-from pretrain.core.ssl_checkpoints import split_backbone, unwrap
+
+__all__ = ["BackboneMismatchError", "LoadReport", "load_backbone", "read_weights"]
 
 log = logging.getLogger(__name__)
 
 # Norms whose weights carry BN running statistics; any of them can be loaded into any other.
 BN_FAMILY = ("bn", "frozen_bn", "syncbn")
-# Key of read_weights' metadata listing the head / queue / momentum-copy keys it left out.
-IGNORED = "ignored_keys"
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 
 
 class BackboneMismatchError(ValueError):
@@ -161,7 +158,8 @@ def load_backbone(
     if file_arch is not None and file_arch != arch:
         raise BackboneMismatchError(
             f"{path} holds {file_arch} weights but a {arch} backbone was requested; "
-            f"set the backbone arch to {file_arch} (override backbone.arch={file_arch}, or backbone.arch=auto)"
+            f"set the backbone arch to {file_arch} (override backbone.arch={file_arch}, "
+            "or backbone.arch=auto)"
         )
     _check_norm(path, file_norm, norm)
 
@@ -171,61 +169,6 @@ def load_backbone(
     report.ignored = sorted([*report.ignored, *heads])
     log.info("%s", report)
     return model, report
-
-
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """Read ResNet weights under torchvision names from any accepted file.
-
-    Returns:
-        (state_dict without ``fc.*``, metadata, format name).
-    """
-    if not path.exists():
-        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-    if path.is_dir():
-        if not (path / WEIGHTS_NAME).exists():
-            raise FileNotFoundError(f"{path} is a folder without {WEIGHTS_NAME}")
-        path = path / WEIGHTS_NAME
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        if meta_path(path).exists():
-            sd, meta = read_backbone_file(path)
-            meta = {**meta, **_method_meta(meta.get("config") or {}), **_flat_meta(meta)}
-            return extract_backbone(sd), meta, "backbone_file"
-        weights, ignored = split_backbone(load_file(str(path)))
-        return weights, {IGNORED: ignored}, "safetensors"
-    if suffix == ".ckpt":
-        ckpt = _torch_load(path)
-        if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-            raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
-        sd = ckpt["state_dict"]
-        try:
-            weights, ignored = split_backbone(sd)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}; is it a pretrain or fine-tuning checkpoint?") from e
-        hp = ckpt.get("hyper_parameters") or {}
-        cfg = (hp.get("config") or hp.get("cfg") or hp) if isinstance(hp, Mapping) else {}
-        meta = _method_meta(cfg)
-        # What was trained, which for a mid-run checkpoint is less than max_epochs: pretrain keeps
-        # counters as buffers; otherwise Lightning's 0-based epoch of the save.
-        if "epochs_done" in sd:
-            meta["epochs"] = int(sd["epochs_done"])
-        elif "epoch" in ckpt:
-            meta["epochs"] = int(ckpt["epoch"]) + 1
-        if "images_seen" in sd:
-            meta["images_seen"] = int(sd["images_seen"])
-        return weights, {**meta, IGNORED: ignored}, "lightning_ckpt"
-    if suffix in _TORCH_SUFFIXES:
-        # torchvision references save {"model": sd}, MoCo {"state_dict": sd}, DINO {"teacher": sd},
-        # VISSL nested dicts: pretrain.core.ssl_checkpoints knows the layouts of the SSL code bases.
-        try:
-            weights, ignored = split_backbone(unwrap(_torch_load(path)))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-        return weights, {IGNORED: ignored}, "state_dict"
-    raise ValueError(
-        f"unrecognised backbone checkpoint {path}: expected a backbone file (.safetensors + .json), "
-        f"a torchvision state dict ({'/'.join(_TORCH_SUFFIXES)}) or a pretrain checkpoint (.ckpt)"
-    )
 
 
 def _check_norm(path: Path, file_norm: str, norm: str) -> None:
@@ -286,60 +229,6 @@ def _load_into(
         raise BackboneMismatchError(f"strict load failed, keys do not match:\n{report}")
     model.load_state_dict({k: src[k] for k in report.matched}, strict=False)
     return report
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"cannot read {path} with torch.load(weights_only=True): {e}. Checkpoints holding pickled "
-            "objects are not loaded; save a plain state dict (model.state_dict()) instead."
-        ) from e
-
-
-def _method_meta(cfg: Any) -> dict[str, Any]:
-    """arch/norm/method/epochs/num_prototypes from a resolved pretrain config, when present."""
-    if not isinstance(cfg, Mapping):
-        return {}
-    out: dict[str, Any] = {}
-    backbone = cfg.get("backbone") or {}
-    method = cfg.get("method") or {}
-    trainer = cfg.get("trainer") or {}
-    data = cfg.get("data") or {}
-    if isinstance(backbone, Mapping):
-        for key in ("arch", "norm"):
-            if backbone.get(key) not in (None, "auto"):
-                out[key] = backbone[key]
-    if isinstance(method, Mapping):
-        if method.get("name") is not None:
-            out["method"] = method["name"]
-        if method.get("num_prototypes") is not None:
-            out["num_prototypes"] = method["num_prototypes"]
-    if isinstance(trainer, Mapping) and trainer.get("max_epochs") is not None:
-        out["max_epochs"] = out["epochs"] = trainer["max_epochs"]
-    if isinstance(data, Mapping):  # the input normalisation the backbone was trained with
-        for key in ("mean", "std"):
-            if isinstance(data.get(key), (list, tuple)):
-                out[key] = list(data[key])
-    return out
-
-
-def _flat_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level keys of backbone.json win over the embedded config; nested hparams fill gaps."""
-    out = {k: v for k, v in meta.items() if v is not None}
-    for nested in ("method_settings", "hparams", "hyperparameters"):
-        block = meta.get(nested)
-        if isinstance(block, Mapping):
-            for k, v in block.items():
-                out.setdefault(k, v)
-    if isinstance(out.get("method"), Mapping):  # {"method": {"name": ..., ...}}
-        block = out["method"]
-        out["method"] = block.get("name")
-        for k, v in block.items():
-            if k != "name":
-                out.setdefault(k, v)
-    return out
 
 
 def _first_list(meta: Mapping[str, Any], keys: tuple[str, ...]) -> list[float] | None:

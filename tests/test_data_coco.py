@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pretrain.core.coco import CocoDetection, LabelMap, collate_fn, load_label_map, save_label_map
+from pretrain.core.coco_clean import LoadReport, clean_annotations, ground_truth
 
 
 def _write(tmp_path: Path, images: list[dict], anns: list[dict], cats: list[dict] | None = None,
@@ -108,7 +109,8 @@ def test_label_map_shared_with_val_and_saved(tmp_path: Path) -> None:
     train_dir, val_dir = tmp_path / "train", tmp_path / "val"
     train_dir.mkdir()
     val_dir.mkdir()
-    train = CocoDetection(_write(train_dir, [_img(1)], [_ann(1, 1, 3, [1, 1, 5, 5]), _ann(2, 1, 7, [1, 1, 5, 5])]))
+    train = CocoDetection(_write(train_dir, [_img(1)],
+                                 [_ann(1, 1, 3, [1, 1, 5, 5]), _ann(2, 1, 7, [1, 1, 5, 5])]))
     # The val file only uses "dog" and names one more category; it must keep train's numbering.
     val_path = _write(val_dir, [_img(1)], [_ann(1, 1, 7, [1, 1, 5, 5]), _ann(2, 1, 9, [1, 1, 5, 5])],
                       cats=[{"id": 7, "name": "dog"}, {"id": 9, "name": "cow"}])
@@ -177,3 +179,26 @@ def test_synthetic_loads(synthetic_data: dict[str, Path]) -> None:
     assert len(ds) == 12 and ds.num_classes == 5 and ds.report.fixes() == {}
     boxes = np.concatenate([ds.annotations(i)["boxes"] for i in range(len(ds))])
     assert len(boxes) > 12 and (boxes[:, 2:] > boxes[:, :2]).all() and boxes.max() <= 96
+
+
+def test_clean_annotations_without_images() -> None:
+    """The cleaning step on its own: ids fixed for COCOeval, strings accepted, only the K classes scored."""
+    images = {1: _img(1), 2: _img(2)}
+    cats = {3: {"id": 3, "name": "cat"}, 7: {"id": 7, "name": "dog"}, 9: {"id": 9, "name": "cow"}}
+    lm = LabelMap({1: 7, 2: 3}, ["dog", "cat"])
+    anns = [
+        _ann(5, 1, 3, [1, 1, 4, 4]),
+        _ann(5, "2", "7", [2, 2, 6, 6]),  # duplicate id, ids as strings
+        {"image_id": 1, "category_id": 7, "bbox": [60, 40, 10, 10]},  # no id, reaches outside
+        _ann(6, 2, 9, [1, 1, 5, 5]),  # a category outside the label map
+    ]
+    report = LoadReport("mem")
+    targets, clean = clean_annotations(images, anns, cats, lm, report)
+    assert [a["id"] for a in clean] == [5, 7, 8]  # unique, after the file's largest id
+    assert targets[1]["labels"].tolist() == [2, 1] and targets[2]["labels"].tolist() == [1]
+    assert targets[1]["boxes"][1].tolist() == [60, 40, 64, 48]
+    assert targets[1]["area"][1] == pytest.approx(4 * 8)
+    assert (report.clipped, report.dropped_unmapped_category, report.boxes) == (1, 1, 3)
+    assert report.per_class == {"dog": 2, "cat": 1}
+    gt = ground_truth(images, clean, cats, lm)
+    assert sorted(gt.getCatIds()) == [3, 7] and len(gt.getAnnIds()) == 3  # no "cow"

@@ -137,11 +137,13 @@ def test_yolo_conventions(tmp_path: Path) -> None:
     (root / "lists").mkdir()
     (root / "lists/val.txt").write_text("./../images/val/c.jpg\n")
     yaml_path = tmp_path / "data.yaml"
-    yaml_path.write_text("path: ds\ntrain: images/train\nval: lists/val.txt\ntest:\nnames: {0: cat, 1: dog}\n")
+    yaml_path.write_text("path: ds\ntrain: images/train\nval: lists/val.txt\ntest:\n"
+                         "names: {0: cat, 1: dog}\n")
     cocos = yolo_to_coco(yaml_path, tmp_path / "out")
     assert sorted(cocos) == ["train", "val"]
     tr = cocos["train"]
-    assert [im["file_name"] for im in tr["images"]] == ["../ds/images/train/a.jpg", "../ds/images/train/b.png"]
+    assert [im["file_name"] for im in tr["images"]] == ["../ds/images/train/a.jpg",
+                                                        "../ds/images/train/b.png"]
     assert [a["bbox"] for a in tr["annotations"]] == [[40.0, 15.0, 20.0, 20.0], [10.0, 5.0, 20.0, 20.0]]
     assert [a["category_id"] for a in tr["annotations"]] == [2, 1]
     assert [Path(p).name for p in tr["info"]["orphan_label_files"]] == ["zz.txt"]
@@ -173,14 +175,16 @@ def test_voc_labelimg_layouts_are_found(tmp_path: Path, ann_dir: str) -> None:
     coco = voc_to_coco(tmp_path / "set", out)["all"]
     assert len(coco["images"]) == 3 and len(coco["annotations"]) == 3
     assert [c["name"] for c in coco["categories"]] == ["cat", "dog"]
-    assert {i["file_name"] for i in coco["images"]} == {f"../set/images/{s}.jpg" for s in ("cat1", "cat2", "dog")}
+    names = {f"../set/images/{s}.jpg" for s in ("cat1", "cat2", "dog")}
+    assert {i["file_name"] for i in coco["images"]} == names
 
 
 def test_voc_annotations_and_images_given_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # <filename> holds the labelling machine's path: its last part finds the image.
     _labelimg(tmp_path, "xml_here", "pics", filename_of=lambda stem: f"C:\\Users\\me\\pics\\{stem}.jpg")
     out = tmp_path / "out"
-    main(["voc", "--annotations", str(tmp_path / "xml_here"), "--images", str(tmp_path / "pics"), "--out", str(out)])
+    main(["voc", "--annotations", str(tmp_path / "xml_here"), "--images", str(tmp_path / "pics"),
+          "--out", str(out)])
     coco = json.loads((out / "all.json").read_text())
     assert len(coco["images"]) == 3 and len(coco["annotations"]) == 3
     assert "all 3 XML files go to all.json" in capsys.readouterr().out
@@ -202,3 +206,21 @@ def test_voc_xml_beside_images_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="missing from .*--images DIR"):
         voc_to_coco(None, tmp_path / "o", annotations=tmp_path / "two" / "a" / "annotations",
                     images=tmp_path / "empty")
+
+
+def test_out_defaults_to_coco_in_the_set_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --out the JSONs go to <set>/coco/, and their file_names still find the images."""
+    _labelimg(tmp_path / "set", "annots", "images")
+    main(["voc", str(tmp_path / "set")])
+    out = tmp_path / "set" / "coco"
+    assert f"relative to {out}" in capsys.readouterr().out
+    ds = CocoDetection(out / "all.json")
+    assert len(ds) == 3 and ds.num_classes == 2 and ds.image_path(0).is_file()
+    # The same with the two folders given by hand: the set is the folder holding the XML folder.
+    _labelimg(tmp_path / "hand", "xml_here", "pics")
+    hand = tmp_path / "hand"
+    main(["voc", "--annotations", str(hand / "xml_here"), "--images", str(hand / "pics")])
+    assert len(CocoDetection(hand / "coco" / "all.json")) == 3
+    _labelimg(tmp_path / "flat", "", "")  # XML beside the images: coco/ among them
+    main(["voc", str(tmp_path / "flat")])
+    assert len(CocoDetection(tmp_path / "flat" / "coco" / "all.json")) == 3

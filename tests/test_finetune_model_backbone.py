@@ -107,8 +107,9 @@ def test_lightning_checkpoint(tmp_path: Path) -> None:
     state |= {f"backbone_momentum.{k}": v for k, v in momentum.items()}
     state |= {"projection_head.layers.0.weight": torch.zeros(8, 512), "prototypes.weight": torch.zeros(30, 8)}
     state["epochs_done"] = torch.tensor(4)  # pretrain's own counter wins over Lightning's epoch
-    cfg = {"backbone": {"arch": "resnet18", "norm": "syncbn"}, "method": {"name": "swav", "num_prototypes": 30},
-           "trainer": {"max_epochs": 10}, "data": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}}
+    cfg = {"backbone": {"arch": "resnet18", "norm": "syncbn"},
+           "method": {"name": "swav", "num_prototypes": 30}, "trainer": {"max_epochs": 10},
+           "data": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}}
     torch.save({"state_dict": state, "hyper_parameters": {"config": cfg}, "epoch": 9}, tmp_path / "last.ckpt")
     model, report = load_backbone(tmp_path / "last.ckpt", "auto", "frozen_bn")
     assert report.format == "lightning_ckpt"
@@ -206,7 +207,8 @@ def test_file_written_by_pretrain_export(tmp_path: Path) -> None:
     config = {"backbone": {"arch": "resnet18", "norm": "bn"},
               "method": {"name": "swav", "num_prototypes": 30, "temperature": 0.1},
               "data": {"mean": [0.45, 0.45, 0.45], "std": [0.22, 0.22, 0.22]}}
-    path = write_backbone({f"backbone.{k}": v for k, v in sd.items()}, config, tmp_path, images_seen=64, epochs=2)
+    path = write_backbone({f"backbone.{k}": v for k, v in sd.items()}, config, tmp_path,
+                          images_seen=64, epochs=2)
     model, report = load_backbone(path, "auto", "frozen_bn")
     assert report.summary()["method"] == "swav" and report.summary()["epochs"] == 2
     assert report.summary()["num_prototypes"] == 30
@@ -222,7 +224,8 @@ def test_resnet_from_detector_weights(tmp_path: Path) -> None:
     sd = {k: v.clone() for k, v in resnet.state_dict().items()}
     detector = build_detector("fasterrcnn", resnet, "resnet18", 2, trainable_layers=5, min_size=64)
     torch.save(detector.state_dict(), tmp_path / "det.pth")
-    torch.save({"state_dict": {f"model.{k}": v for k, v in detector.state_dict().items()}}, tmp_path / "det.ckpt")
+    wrapped = {f"model.{k}": v for k, v in detector.state_dict().items()}
+    torch.save({"state_dict": wrapped}, tmp_path / "det.ckpt")
     for name in ("det.pth", "det.ckpt"):
         model, report = load_backbone(tmp_path / name, "auto", "bn")
         assert not report.missing and not report.unexpected, name

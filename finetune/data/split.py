@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data.convert import relative_file_name, write_coco
+from finetune.data.cocofile import relative_file_name, write_coco
 
 log = logging.getLogger(__name__)
 

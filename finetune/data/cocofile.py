@@ -1,0 +1,69 @@
+"""Writing converted labels as COCO JSON, shared by the VOC and YOLO converters and the splitter.
+
+Where the images are: the images are not copied. Each written JSON stores image ``file_name``s
+relative to the JSON's own folder (``os.path.relpath``), which is ``CocoDetection``'s default
+``image_root``; the JSONs keep working as long as neither the images nor the JSONs are moved
+(otherwise re-run the converter). ``info.image_root`` records the folder, and the command prints it.
+Boxes are written as found (after the coordinate conversion); ``CocoDetection`` drops or clips bad
+ones when loading and counts them. The converters count and print them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class ConversionError(Exception):
+    """The input labels cannot be converted; the message says what is wrong and where."""
+
+
+def relative_file_name(image: str | os.PathLike[str], json_dir: str | os.PathLike[str]) -> str:
+    """``image`` relative to ``json_dir`` (POSIX separators), absolute if no relative path exists."""
+    try:
+        rel = os.path.relpath(os.path.abspath(image), os.path.abspath(json_dir))
+    except ValueError:  # different drives on Windows
+        return Path(os.path.abspath(image)).as_posix()
+    return Path(rel).as_posix()
+
+
+def box_problems(anns: Iterable[dict], images: dict[int, dict]) -> Counter[str]:
+    """Count the boxes that ``CocoDetection`` will drop (empty) or clip (reaching outside the image)."""
+    c: Counter[str] = Counter()
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        im = images[a["image_id"]]
+        if w <= 0 or h <= 0:
+            c["empty boxes (dropped when loading)"] += 1
+        elif x < 0 or y < 0 or x + w > im["width"] + 1e-3 or y + h > im["height"] + 1e-3:
+            c["boxes reaching outside the image (clipped when loading)"] += 1
+    return c
+
+
+def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a COCO dict as JSON (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(coco) + "\n")
+    return path
+
+
+def write_splits(cocos: dict[str, dict[str, Any]], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``<out_dir>/<split>.json`` for each split and print what went where."""
+    written = {}
+    for split, coco in cocos.items():
+        path = write_coco(coco, Path(out_dir) / f"{split}.json")
+        imgs = {im["id"]: im for im in coco["images"]}
+        used = len({a["category_id"] for a in coco["annotations"]})
+        print(f"{path}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+              f"{len(coco['categories'])} categories ({used} with boxes)")
+        for k, v in box_problems(coco["annotations"], imgs).items():
+            print(f"  {k}: {v}")
+        written[split] = path
+    print(f"image file_names are relative to {os.path.abspath(out_dir)} (the JSONs' folder, CocoDetection's "
+          "default image_root); re-run the converter if the images or the JSONs move")
+    return written
