@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torchvision.io import ImageReadMode, decode_image
 
 from pretrain.augment import TensorMultiCrop, working_size
@@ -30,6 +30,11 @@ from pretrain.knn import BoxCrops
 
 log = logging.getLogger(__name__)
 AUGMENT_MODES = ("pil", "tensor")
+# Where data.augment=tensor makes the views: on the training device after the transfer (a GPU's
+# place), or per batch in the DataLoader workers, single-threaded, so that on a CPU the model's
+# threads are left alone (many small multi-threaded ops in the training process stall when the
+# cores are busy).
+VIEWS_ON = ("device", "loader")
 # Files torchvision.io decodes to the same pixels as load_rgb (checked in the tests); anything else
 # (alpha, palette, 16-bit, TIFF, ...) goes through PIL, which handles every mode once, in one place.
 _TV_DECODABLE = {("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"), ("PNG", "L"),
@@ -181,11 +186,31 @@ def augment_mode(data_cfg: Mapping[str, Any]) -> str:
     return mode
 
 
+def views_on(data_cfg: Mapping[str, Any]) -> str:
+    """``data.views_on`` checked: ``device`` (the default) or ``loader``."""
+    place = str(data_cfg.get("views_on") or "device")
+    if place not in VIEWS_ON:
+        raise ValueError(f"data.views_on={place!r}; choose one of {VIEWS_ON}")
+    return place
+
+
 def tensor_views(data_cfg: Mapping[str, Any], transform_cfg: Mapping[str, Any]) -> TensorMultiCrop | None:
-    """The batched view maker for ``data.augment=tensor`` (None for ``pil``), from ``method.transform``."""
-    if augment_mode(data_cfg) != "tensor":
+    """The view maker the model applies on its device: for ``data.augment=tensor`` with
+    ``data.views_on=device``, else None (the loader already yields views)."""
+    if augment_mode(data_cfg) != "tensor" or views_on(data_cfg) != "device":
         return None
     return TensorMultiCrop.from_transform_config(transform_cfg)
+
+
+class ViewsCollate:
+    """``collate_fn`` that stacks ``DecodedImages`` items and makes their views in the loader."""
+
+    def __init__(self, views: TensorMultiCrop) -> None:
+        self.views = views
+
+    def __call__(self, items: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        images, sizes = default_collate(items)
+        return self.views(images, sizes)
 
 
 def decoded_images(data_cfg: Mapping[str, Any], transform_cfg: Mapping[str, Any],
@@ -208,17 +233,21 @@ def train_loader(
 ) -> DataLoader:
     """Shuffled, ``drop_last`` loader of ``transform(image)`` (a list of views) per image.
 
-    With ``data.augment=tensor`` it yields ``(uint8 images, valid sizes)`` batches instead and
-    ``transform`` is unused: the model makes the views from ``transform_cfg`` (``method.transform``)
-    after the batch reaches its device. Under DDP Lightning swaps in a DistributedSampler itself.
+    With ``data.augment=tensor``, ``transform`` is unused and the views come from ``transform_cfg``
+    (``method.transform``), batched: with ``data.views_on=device`` the loader yields ``(uint8 images,
+    valid sizes)`` and the model makes the views on its device; with ``loader`` the collate_fn
+    makes them. Under DDP Lightning swaps in a DistributedSampler itself.
     """
     source = unlabeled_source(data_cfg)
     workers = int(data_cfg.get("num_workers", 0))
     dataset: UnlabeledImages
+    collate: Callable[[Any], Any] | None = None
     if augment_mode(data_cfg) == "tensor":
         if transform_cfg is None:
             raise ValueError("data.augment=tensor needs the method's transform config (method.transform)")
         dataset = decoded_images(data_cfg, transform_cfg, source)
+        if views_on(data_cfg) == "loader":
+            collate = ViewsCollate(TensorMultiCrop.from_transform_config(transform_cfg))
         if data_cfg.get("cache_decoded") and workers > 0:
             log.warning("data.cache_decoded with data.num_workers=%d keeps one cache per worker; "
                         "data.num_workers=0 keeps one", workers)
@@ -242,6 +271,7 @@ def train_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        collate_fn=collate,
     )
 
 

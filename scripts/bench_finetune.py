@@ -86,7 +86,8 @@ class StepTimer(Callback):
 
 def compose_cfg(args: argparse.Namespace, data_root: Path) -> Any:
     overrides = [
-        f"detector={args.detector}", f"backbone={args.arch}", f"data.root={data_root}", "data.synthetic=null",
+        f"detector={args.detector}", f"backbone.arch={args.arch}", f"data.root={data_root}",
+        "data.synthetic=null",
         f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
         f"detector.min_size={args.min_size}", f"detector.max_size={int(args.min_size * 1.333)}",
         "backbone.norm=frozen_bn", "optimizer.lr=0.005", f"trainer.precision={args.precision}",

@@ -96,7 +96,7 @@ class _Timer(pl.Callback):
 
 def swav_config(args: argparse.Namespace, sizes: list[int], counts: list[int], *extra: str) -> dict:
     overrides = [
-        "method=swav", f"backbone={args.arch}", f"data.batch_size={args.batch_size}",
+        "method=swav", f"backbone.arch={args.arch}", f"data.batch_size={args.batch_size}",
         f"method.num_prototypes={args.prototypes}", f"method.transform.crop_sizes={sizes}",
         f"method.transform.crop_counts={counts}", f"backbone.channels_last={args.channels_last}",
         "method.freeze_prototypes_iters=1", *extra,

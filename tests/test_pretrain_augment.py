@@ -79,7 +79,8 @@ def test_spec_reads_lightly_defaults_and_overrides():
     assert groups == [CropGroup(64, 2, (0.08, 1.0))]
     assert (spec.brightness, spec.contrast, spec.saturation, spec.hue) == pytest.approx((0.4, 0.4, 0.2, 0.1))
     assert spec.solarize_prob == 0.1 and spec.blur_prob == 0.5 and spec.mean == tuple(NORM["mean"])
-    groups, spec = spec_from_transform_config(method_cfg("experiment=demo", "method=swav")["method"]["transform"])
+    demo = method_cfg("experiment=demo", "method=swav")["method"]["transform"]
+    groups, spec = spec_from_transform_config(demo)
     assert groups == [CropGroup(96, 2, (0.5, 1.0))] and spec.gray_prob == 1.0 and spec.blur_prob == 0.0
     assert working_size(groups) == 112
 
@@ -109,7 +110,8 @@ def test_crop_boxes_follow_random_resized_crop(hw):
     slack = (bw + bh + 1) / (h * w)
     assert (frac >= scale[0] - slack).all() and (frac <= scale[1] + slack).all()
     aspect = bw / bh
-    assert (aspect >= ratio[0] * (1 - 1 / bh) - 1 / bh).all() and (aspect <= ratio[1] * (1 + 1 / bh) + 1 / bh).all()
+    # w and h are rounded separately: the ratio may leave its bounds by about a pixel's worth.
+    assert (aspect >= ratio[0] - 2 / bh).all() and (aspect <= ratio[1] + 2 / bh).all()
     # Same distribution as torchvision's own rule: compare the mean area, width and offset.
     ref = torch.tensor([v2.RandomResizedCrop.get_params(torch.empty(1, h, w), list(scale), list(ratio))
                         for _ in range(4000)], dtype=torch.float)  # (top, left, height, width)
@@ -149,7 +151,8 @@ def test_flip_flips_each_view():
     images = smooth_images(3, 48)
     group = [CropGroup(24, 2, (0.3, 1.0))]
     plain = TensorMultiCrop(group, PLAIN)(images, generator=torch.Generator().manual_seed(1))
-    flipped = TensorMultiCrop(group, replace(PLAIN, hf_prob=1.0))(images, generator=torch.Generator().manual_seed(1))
+    flip = TensorMultiCrop(group, replace(PLAIN, hf_prob=1.0))
+    flipped = flip(images, generator=torch.Generator().manual_seed(1))
     for a, b in zip(plain, flipped):
         assert torch.equal(b, a.flip(-1)) and not torch.equal(a, b)
 
@@ -172,7 +175,8 @@ def test_colour_ops_equal_torchvision_per_view(ours, theirs, lo, hi):
 def test_colour_jitter_with_only_brightness_applies_one_factor_per_view():
     x = random_views(6)
     spec = replace(PLAIN, cj_prob=1.0, brightness=0.5, contrast=0.0, saturation=0.0, hue=0.0)
-    out = TensorMultiCrop([CropGroup(24, 1, (1.0, 1.0))], spec).augment(x.clone(), torch.Generator().manual_seed(3))
+    module = TensorMultiCrop([CropGroup(24, 1, (1.0, 1.0))], spec)
+    out = module.augment(x.clone(), torch.Generator().manual_seed(3))
     factors = []
     for i in range(len(x)):
         unclipped = out[i] < 1
@@ -190,7 +194,8 @@ def test_grayscale_gives_equal_channels():
 
 def test_solarisation_inverts_the_bright_pixels():
     x = random_views(4)
-    out = TensorMultiCrop([CropGroup(24, 1, (1.0, 1.0))], replace(PLAIN, solarize_prob=1.0)).augment(x.clone())
+    module = TensorMultiCrop([CropGroup(24, 1, (1.0, 1.0))], replace(PLAIN, solarize_prob=1.0))
+    out = module.augment(x.clone())
     bright = x >= 128 / 255
     assert torch.allclose(out[bright], 1 - x[bright]) and torch.equal(out[~bright], x[~bright])
 
@@ -282,12 +287,18 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     (tmp_path / "1b_not_an_image.jpg").write_bytes(b"this is not a jpeg")
     data = (tmp_path / "0.png").read_bytes()
     (tmp_path / "2b_truncated.png").write_bytes(data[: len(data) // 2])
+    Image.fromarray(good[0].permute(1, 2, 0).numpy()).save(tmp_path / "jpeg.jpg", quality=90)
+    data = (tmp_path / "jpeg.jpg").read_bytes()
+    (tmp_path / "2c_truncated.jpg").write_bytes(data[: len(data) // 2])  # torchvision fails, PIL says why
+    (tmp_path / "jpeg.jpg").unlink()
     Image.new("RGB", (4, 4)).save(tmp_path / "3_tiny.png")
     ds = DecodedImages(tmp_path, size=32)
-    assert len(ds) == 6
+    assert len(ds) == 7
     items = [ds[i] for i in range(len(ds))]
     assert all(img.shape == (3, 32, 32) and img.dtype == torch.uint8 for img, _ in items)
-    assert set(map(lambda p: Path(p).name, ds.skipped)) == {"1b_not_an_image.jpg", "2b_truncated.png", "3_tiny.png"}
+    assert {Path(p).name for p in ds.skipped} == {"1b_not_an_image.jpg", "2b_truncated.png",
+                                                  "2c_truncated.jpg", "3_tiny.png"}
+    assert "truncated" in ds.skipped[str(tmp_path / "2c_truncated.jpg")]
     # A bad file's slot gives the next readable image instead.
     names = [p.name for p in ds.paths]
     assert torch.equal(items[names.index("1b_not_an_image.jpg")][0], items[names.index("2.png")][0])
@@ -308,18 +319,28 @@ def test_train_loader_yields_uint8_batches_and_the_model_makes_the_views(synthet
     images, sizes = next(iter(loader))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 80, 80) and sizes.tolist()[0] == [80, 80]
     model = SwAV(cfg)
-    assert model.tensor_views is not None and not any(k.startswith("tensor_views") for k in model.state_dict())
+    assert model.tensor_views is not None
+    assert not any(k.startswith("tensor_views") for k in model.state_dict())  # config, not weights
     with pytest.raises(ValueError, match="choose one of"):
         train_loader({**cfg["data"], "augment": "gpu"}, None, cfg["method"]["transform"])  # type: ignore[arg-type]
 
 
-def test_smoke_training_runs_on_the_tensor_path(tmp_path, monkeypatch):
+def test_views_on_loader_makes_the_views_in_the_collate_fn(synthetic_data):
+    cfg = method_cfg("method=swav", "data.augment=tensor", "data.views_on=loader",
+                     f"data.root={synthetic_data['unlabeled']}")
+    views = next(iter(train_loader(cfg["data"], None, cfg["method"]["transform"])))  # type: ignore[arg-type]
+    assert [tuple(v.shape) for v in views] == [(8, 3, 64, 64)] * 2 + [(8, 3, 32, 32)] * 2
+    assert SwAV(cfg).tensor_views is None  # nothing left for the device hook to do
+
+
+@pytest.mark.parametrize("views_on", ["device", "loader"])
+def test_smoke_training_runs_on_the_tensor_path(tmp_path, monkeypatch, views_on):
     from pretrain.train import train
 
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("pretrain", overrides=["experiment=smoke", "method=swav", "data.augment=tensor",
-                                             "data.cache_decoded=true"])
+                                             f"data.views_on={views_on}", "data.cache_decoded=true"])
     metrics = train(cfg)
     assert metrics["global_step"] == 4 and math.isfinite(metrics["final_loss"])
     assert metrics["knn_top1"] is not None  # validation batches pass the hook untouched

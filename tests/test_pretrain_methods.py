@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest.mock import PropertyMock, patch
 
 import hydra.utils
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from lightly.utils.lars import LARS
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,7 +36,8 @@ class NoiseImages(Dataset):
 
     def __init__(self, n: int, transform, size: int = 72) -> None:
         rng = np.random.default_rng(0)
-        self.images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+        pixels = (rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n))
+        self.images = [Image.fromarray(p) for p in pixels]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -226,3 +229,64 @@ def test_swav_queue_length_is_global_and_split_over_processes():
         model.size_queue(3)
     with pytest.raises(ValueError, match="fewer than one batch"):
         build(smoke_config("swav", "method.queue_length=16", "data.batch_size=8")).size_queue(4)
+
+
+def demo_config(method: str) -> dict:
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return plain_config(compose("pretrain", overrides=["experiment=demo", f"method={method}"]))
+
+
+@pytest.mark.parametrize("method,optimizer", [("swav", torch.optim.SGD), ("vicreg", LARS)])
+def test_demo_switches_only_swav_to_sgd(method, optimizer):
+    # The demo's SGD is part of SwAV's small-budget recipe (experiment_method/demo_swav.yaml); the
+    # other methods keep their paper's optimizer and LR under experiment=demo.
+    demo = demo_config(method)
+    paper = smoke_config(method)["optimizer"]
+    if method != "swav":
+        assert demo["optimizer"] == paper
+    # The demo's optimizer and schedule sections on a smoke-sized model: what configure_optimizers builds.
+    config = {**smoke_config(method, "data.batch_size=8"), "optimizer": demo["optimizer"],
+              "scheduler": demo["scheduler"]}
+    trainer = fit(build(config), loader(config), max_steps=1)
+    opt = trainer.optimizers[0]
+    assert type(opt) is optimizer
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(demo["optimizer"]["base_lr"] * 8 / 256)
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_schedule_reads_the_scheduler_section_with_warmup_in_epochs():
+    # 4 steps in the epoch: warmup_epochs=0.5 is 2 steps from 0, then cosine down towards min_factor.
+    config = smoke_config("simclr", "data.batch_size=8", "optimizer.base_lr=0.256",
+                          "scheduler.warmup_epochs=0.5", "scheduler.min_factor=0.5")
+    lrs = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(build(config), loader(config, n=32), [Record()])
+    assert lrs == pytest.approx([0.0, 0.004, 0.008, 0.006])  # lr = 0.256 x 8 / 256 = 0.008
+    constant = smoke_config("simclr", "data.batch_size=8", "optimizer.base_lr=0.256",
+                            "scheduler.name=constant")
+    lrs.clear()
+    fit(build(constant), loader(constant, n=32), [Record()])
+    assert lrs == pytest.approx([0.008] * 4)
+
+
+def test_swav_setup_sizes_the_queue_by_the_trainers_world_size():
+    # What Lightning calls on each of 4 DDP processes, before a checkpoint's queue is restored into it.
+    model = build(smoke_config("swav", "method.queue_length=3840", "data.batch_size=64"))
+    with patch.object(type(model), "world_size", new_callable=PropertyMock, return_value=4):
+        model.setup("fit")
+    assert model.queue.shape[1] == 960  # the paper's 3840 global = 4 x 960
+    with patch.object(type(model), "world_size", new_callable=PropertyMock, return_value=7), \
+            pytest.raises(ValueError, match="queue_length=3840 is not divisible by the 7 processes"):
+        model.setup("fit")
+
+
+def test_an_optimizer_in_the_old_factory_layout_is_refused_with_the_new_one_named():
+    config = smoke_config("simclr")
+    config["optimizer"] = {"base_lr": 0.3, "weight_decay": 1e-6,
+                           "factory": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}}
+    with pytest.raises(ValueError, match="_target_ .* conf/pretrain/optimizer"):
+        fit(build(config), loader(config), max_steps=1)

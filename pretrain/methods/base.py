@@ -43,7 +43,7 @@ class SSLMethod(pl.LightningModule):
 
     Args:
         config: the resolved run config with at least ``method``, ``backbone``, ``optimizer``,
-            ``data`` (``batch_size``) and ``knn`` sections (see conf/pretrain).
+            ``scheduler``, ``data`` (``batch_size``) and ``knn`` sections (see conf/pretrain).
 
     Subclasses set ``self.backbone``'s companions (heads, loss) and implement
     :meth:`compute_loss`. The online backbone must stay ``self.backbone`` (torchvision names
@@ -160,11 +160,18 @@ class SSLMethod(pl.LightningModule):
 
     # ---------------------------------------------------------------------- optimiser, schedule
     def configure_optimizers(self) -> Any:
-        ocfg = self.config["optimizer"]
-        lr = float(ocfg["base_lr"]) * self.global_batch_size() / 256
-        weight_decay = float(ocfg["weight_decay"])
+        # optimizer: a partial torch optimizer (_target_ + its arguments, as in fine-tuning) plus our
+        # base_lr (at a global batch of 256) and exclude_bias_and_norm; scheduler: lr_factor's arguments.
+        ocfg = dict(self.config["optimizer"])
+        if "_target_" not in ocfg:
+            raise ValueError("optimizer needs _target_ (e.g. torch.optim.SGD) and its arguments at its top "
+                             "level, as in conf/pretrain/optimizer/*.yaml (the former optimizer.factory block)")
+        base_lr = float(ocfg.pop("base_lr"))
+        exclude_bias_and_norm = bool(ocfg.pop("exclude_bias_and_norm", True))
+        weight_decay = float(ocfg.pop("weight_decay"))
+        lr = base_lr * self.global_batch_size() / 256
         trainable = [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
-        if ocfg.get("exclude_bias_and_norm", True):
+        if exclude_bias_and_norm:
             decay, no_decay = decay_split(trainable)
         else:
             decay, no_decay = [p for m in trainable for p in m.parameters()], []
@@ -173,20 +180,22 @@ class SSLMethod(pl.LightningModule):
             # LARS also skips its layer-wise scaling for weight_decay == 0 (as SimCLR/BYOL do).
             {"name": "no_decay", "params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
         ]
-        factory = hydra.utils.instantiate(ocfg["factory"])
+        # _convert_="all": plain lists (AdamW betas) in the optimizer state, so that checkpoints
+        # still load with weights_only=True.
+        factory = hydra.utils.instantiate(ocfg, _convert_="all")
         optimizer = factory([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         steps_per_epoch = max(
             math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches), 1
         ) if math.isfinite(self.trainer.num_training_batches) else total
-        warmup = min(round(float(ocfg.get("warmup_epochs", 0)) * steps_per_epoch), total)
-        # Linear warmup from 0, then cosine to end_lr_ratio x LR (the SSL papers' schedule).
-        factor = partial(lr_factor, total_steps=total, name="cosine", warmup_steps=warmup, warmup_factor=0.0,
-                         min_factor=float(ocfg.get("end_lr_ratio", 0.0)), max_warmup_fraction=1.0)
+        scfg = dict(self.config["scheduler"])
+        # The warmup is given in epochs (the papers' unit) and not capped at a tenth of the run.
+        warmup = min(round(float(scfg.pop("warmup_epochs", 0)) * steps_per_epoch), total)
+        factor = partial(lr_factor, total_steps=total, warmup_steps=warmup, max_warmup_fraction=1.0, **scfg)
         scheduler = ResumableLambdaLR(optimizer, factor)
-        log.info("lr %.4g (base %.4g x global batch %d / 256), %d warmup of %d steps",
-                 lr, ocfg["base_lr"], self.global_batch_size(), warmup, total)
+        log.info("lr %.4g (base %.4g x global batch %d / 256), %s schedule, %d warmup of %d steps",
+                 lr, base_lr, self.global_batch_size(), scfg.get("name", "step"), warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------- kNN probe (val)

@@ -32,7 +32,8 @@ class SwAV(SSLMethod):
     The high-resolution crops (the first ``crop_counts[0]`` views) get codes from Sinkhorn;
     every other view predicts them. Once ``queue_start_epoch`` is reached, their embeddings
     also enter a queue (``queue_length`` is global, split over the processes); when it is full,
-    its scores join the Sinkhorn step, which keeps the equipartition meaningful with small batches ([0], appendix A.1).
+    its scores join the Sinkhorn step, which keeps the equipartition meaningful with small
+    batches ([0], appendix A.1).
     """
 
     def __init__(self, config: Mapping[str, Any] | DictConfig) -> None:
@@ -83,8 +84,9 @@ class SwAV(SSLMethod):
         per = total // world_size
         batch = int(self.config["data"]["batch_size"])
         if 0 < per < batch:
-            raise ValueError(f"method.queue_length={total} over {world_size} processes holds {per} embeddings per "
-                             f"process, fewer than one batch ({batch}); use 0 (no queue) or >= {batch * world_size}")
+            raise ValueError(f"method.queue_length={total} over {world_size} processes holds {per} "
+                             f"embeddings per process, fewer than one batch ({batch}); use 0 (no queue) "
+                             f"or >= {batch * world_size}")
         if per != self.queue_length:
             self.queue = torch.zeros(self.num_high, per, self.queue.shape[2], device=self.queue.device)
             self.queue_count.zero_()
@@ -118,7 +120,8 @@ class SwAV(SSLMethod):
             if self.queue_active:
                 self._enqueue(z.split(sizes)[: self.num_high])
             loss = self.criterion(scores[: self.num_high], scores[self.num_high :], queue_scores)
-            stats = {"swav_queue_used": float(used), **self._collapse_stats(z[: sizes[0]].detach(), scores[0].detach())}
+            collapse = self._collapse_stats(z[: sizes[0]].detach(), scores[0].detach())
+            stats = {"swav_queue_used": float(used), **collapse}
         return loss.squeeze(), stats
 
     def _collapse_stats(self, z: Tensor, scores: Tensor) -> dict[str, Tensor | float]:
