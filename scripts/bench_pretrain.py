@@ -16,8 +16,9 @@ End to end (``--e2e``; files on disk -> decoded -> augmented -> optimiser step):
 
 - ``plain_e2e``: the plain loop fed by a PIL DataLoader with lightly's SwaVTransform
   (``--workers`` processes), as lightly's example does.
-- ``ours_e2e``: our data path (the same PIL workers today) and module under Lightning, as
-  ``python -m pretrain`` runs them.
+- ``ours_e2e``: our data path (``--augment pil``: lightly's transform in the workers, as the
+  plain loop; ``--augment tensor``: batched views, ``--views-on loader|device``) and module under
+  Lightning, as ``python -m pretrain`` runs them.
 
 Figures are medians over rounds; ``--json FILE`` writes them for scripts/bench_report.py.
 
@@ -224,7 +225,9 @@ def bench_ours_e2e(args: argparse.Namespace, folder: Path, sizes: list[int], cou
 
     from pretrain.data import train_loader
 
-    config = swav_config(args, sizes, counts, f"data.root={folder}", f"data.num_workers={args.workers}")
+    config = swav_config(args, sizes, counts, f"data.root={folder}", f"data.num_workers={args.workers}",
+                         f"data.augment={args.augment}", f"data.views_on={args.views_on}",
+                         f"data.cache_decoded={args.augment == 'tensor'}")
     model = SwAV(config)
     timer = _Timer(args.warmup)
     trainer = pl.Trainer(
@@ -232,7 +235,8 @@ def bench_ours_e2e(args: argparse.Namespace, folder: Path, sizes: list[int], cou
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer], num_sanity_val_steps=0,
     )
-    trainer.fit(model, train_loader(config["data"], hydra.utils.instantiate(config["method"]["transform"])))
+    transform = hydra.utils.instantiate(config["method"]["transform"])
+    trainer.fit(model, train_loader(config["data"], transform, config["method"]["transform"]))
     assert timer.start is not None
     return args.batch_size * timer.steps / (timer.end - timer.start)
 
@@ -256,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--images", default=None, help="end to end: a folder of images (default: synthetic set)")
     parser.add_argument("--synthetic-dir", default="data/synthetic", help="where the synthetic set is made")
     parser.add_argument("--workers", type=int, default=2, help="end to end: DataLoader workers (default 2)")
+    parser.add_argument("--augment", default="pil", choices=("pil", "tensor"),
+                        help="end to end: our data.augment (pil: lightly's transform in workers; tensor: batched)")
+    parser.add_argument("--views-on", default="loader", choices=("loader", "device"),
+                        help="end to end with --augment tensor: where the views are made (data.views_on)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved repetitions; each mode reports its median (default 3)")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
