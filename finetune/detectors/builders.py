@@ -30,6 +30,7 @@ from finetune.detectors.heads import (
     build_box_head,
     norm_factory,
 )
+from finetune.detectors.registry import registrar
 
 RETINANET_BOX_LOSSES = ("smooth_l1", "l1", "giou", "diou", "ciou")
 NUM_LEVELS = 5  # P2-P6 (Faster R-CNN) and P3-P7 (RetinaNet) alike
@@ -60,16 +61,8 @@ OPTIONS = {"head_norm": None, "fpn_norm": None, "aspect_ratios": (0.5, 1.0, 2.0)
            "retinanet_p6p7_from": "c5", "smooth_l1_beta": 0.1, "roi_sampling_ratio": 2}
 
 
-def register_detector(name: str) -> Callable[[Builder], Builder]:
-    """Register ``fn(spec) -> nn.Module`` as the builder of ``detector.name=<name>``."""
-
-    def add(fn: Builder) -> Builder:
-        if name in DETECTORS:
-            raise ValueError(f"detector {name!r} is registered twice")
-        DETECTORS[name] = fn
-        return fn
-
-    return add
+# ``@register_detector("name")`` adds ``fn(spec) -> nn.Module`` as the builder of ``detector.name=<name>``.
+register_detector = registrar(DETECTORS, "detector")
 
 
 def build_detector(

@@ -13,6 +13,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPH
 from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 from torchvision.models.resnet import Bottleneck
 
+from finetune.detectors.registry import registrar
 from pretrain.core.resnet import group_norm
 
 HEAD_NORMS = ("gn", "bn", "none")
@@ -25,16 +26,9 @@ BOX_HEADS: dict[str, BoxHeadBuilder] = {}
 IN_FEATURES = FPN_CHANNELS * ROI_SIZE * ROI_SIZE  # 256x7x7 pooled FPN features
 
 
-def register_box_head(name: str) -> Callable[[BoxHeadBuilder], BoxHeadBuilder]:
-    """Register ``fn(representation_size, head_norm) -> nn.Module`` as ``detector.box_head=<name>``."""
-
-    def add(fn: BoxHeadBuilder) -> BoxHeadBuilder:
-        if name in BOX_HEADS:
-            raise ValueError(f"box head {name!r} is registered twice")
-        BOX_HEADS[name] = fn
-        return fn
-
-    return add
+# ``@register_box_head("name")`` adds ``fn(representation_size, head_norm) -> nn.Module`` as
+# ``detector.box_head=<name>``.
+register_box_head = registrar(BOX_HEADS, "box head")
 
 
 def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | None = None) -> nn.Module:

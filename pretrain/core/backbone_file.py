@@ -14,14 +14,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.core.ssl_checkpoints import split_backbone, strip_wrappers
+from pretrain.core.ssl_checkpoints import RESNET_STAGES, split_backbone, strip_wrappers
 
 __all__ = ["extract_backbone", "meta_path", "read_backbone_file", "save_backbone_file", "strip_wrappers"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "backbone.safetensors"
 META_NAME = "backbone.json"
-_RESNET_STAGES = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})
 
 
 def extract_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -33,7 +32,7 @@ def extract_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     Momentum copies, heads, queues, counters and ``fc.*`` are left out.
     """
     weights, _ = split_backbone(state_dict)
-    return {k: v for k, v in weights.items() if k.split(".", 1)[0] in _RESNET_STAGES}
+    return {k: v for k, v in weights.items() if k.split(".", 1)[0] in RESNET_STAGES}
 
 
 def meta_path(weights: str | Path) -> Path:

@@ -83,8 +83,7 @@ def use_sync_batchnorm(trainer_cfg: Mapping[str, Any], norm: str, norms: tuple[s
     CPU DDP (gloo) keeps per-process BN.
     """
     ddp = str(trainer_cfg.get("strategy", "auto")).startswith("ddp")
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu = precision.training_device(trainer_cfg.get("accelerator", "auto")) == "cuda"
     explicit = trainer_cfg.get("sync_batchnorm")
     if explicit is not None:
         if explicit and not gpu:

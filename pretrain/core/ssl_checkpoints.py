@@ -58,7 +58,9 @@ KNOWN_PARTS = frozenset({
     "rpn", "roi_heads",  # a torchvision detector's heads, when one detector seeds the next
     "epochs_done", "images_seen", "queue_count",  # this project's pretraining counters
 })
-_RESNET_PARTS = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc", "body"})
+# The first key component of a torchvision ResNet's weights (``fc`` is its classifier).
+RESNET_STAGES = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})
+_RESNET_PARTS = RESNET_STAGES | {"fc", "body"}
 _RESNET_KEY = re.compile(r"(?:^|\.)((?:conv1|bn1|layer[1-4]|fc)\.)")
 # lightly's examples wrap the ResNet as nn.Sequential(*list(resnet.children())[:-1]).
 _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
