@@ -14,7 +14,7 @@ DIR ?= multirun
 # Torch threads: use every core unless told otherwise.
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: install demo test test-full pretrain finetune pipeline sweep report bench lint clean
+.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench lint clean
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ pretrain: install
 
 finetune: install
 	$(PY) -m finetune $(if $(BACKBONE),backbone.checkpoint=$(BACKBONE)) $(ARGS)
+
+# Teacher-student training: SEMI=unbiased_teacher|mean_teacher|consistency|self_training;
+# INIT=a fine-tuning checkpoint to start from (its burn-in done), or BACKBONE to start from a backbone.
+SEMI ?= unbiased_teacher
+INIT ?=
+semi: install
+	$(PY) -m finetune semi=$(SEMI) $(if $(BACKBONE),backbone.checkpoint=$(BACKBONE)) $(if $(INIT),init_from=$(INIT)) $(ARGS)
 
 pipeline: install
 	$(PY) scripts/pipeline.py $(ARGS)

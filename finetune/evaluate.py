@@ -127,12 +127,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
+                        help="teacher-student checkpoints: which detector (auto: the one the run deployed)")
     parser.add_argument("--missing", choices=("error", "skip"), default="error",
                         help="images whose files are missing: fail, or leave them out of the evaluation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    module = load_detection_checkpoint(args.ckpt)
+    module = load_detection_checkpoint(args.ckpt, weights=args.weights)
     dataset = CocoDetection(args.ann, args.images, transforms=build_transforms(train=False), train=False,
                             label_map=module.label_map, missing=args.missing)
     out = args.out or default_out_dir(args.ckpt, args.ann)
@@ -140,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         module, dataset, out, batch_size=args.batch_size, num_workers=args.workers,
         device=resolve_device(args.device), backend=args.backend,
         extra={"stage": "evaluate", "checkpoint": str(args.ckpt), "checkpoint_epoch": module.checkpoint_epoch,
+               "weights": module.deployed_weights,
                "backbone": module.hparams["backbone_info"].get("summary")},
     )
     print(f"{args.ann}: {result.num_images} images, {result.num_detections} detections")

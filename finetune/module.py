@@ -103,6 +103,7 @@ class DetectionModule(pl.LightningModule):
         # Set by load_detection_checkpoint: where the weights came from.
         self.checkpoint_epoch: int | None = None
         self.checkpoint_step: int | None = None
+        self.deployed_weights = "student"  # or "teacher": which detector of a semi checkpoint was loaded
 
     @property
     def class_names(self) -> list[str]:
@@ -177,10 +178,8 @@ class DetectionModule(pl.LightningModule):
             for image, out, t in zip(images, outputs, targets)
         }
 
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # a few batches are no measure of AP
-            return
-        by_image = self._val_predictions
+    def evaluate_predictions(self, by_image: dict[int, list[dict[str, Any]]]) -> tuple[Any, list[int], list[Any]]:
+        """COCO-evaluate val predictions per image id, gathered over DDP ranks: (result, ids, predictions)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, by_image)
@@ -195,22 +194,27 @@ class DetectionModule(pl.LightningModule):
         backend = (self.cfg.get("eval") or {}).get("backend", "pycocotools")
         result = evaluate_coco(coco, preds, image_ids=ids, backend=backend,
                                class_names=dict(zip(self.label_map.cat_ids, self.label_map.class_names)))
+        return result, ids, preds
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a few batches are no measure of AP
+            return
+        result, ids, preds = self.evaluate_predictions(self._val_predictions)
         # Every rank computed the same numbers from the gathered predictions, so the sync
         # (a mean of equal values) changes nothing; it only keeps Lightning's DDP check quiet.
         self.log_dict({f"val/{k}": v for k, v in result.stats.items()}, sync_dist=True)
-        epoch_loss = (self._loss_sum / self._loss_steps).item() if self._loss_steps else None
-        lrs = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
-        self.history.append({
-            "epoch": int(self.current_epoch),
-            "step": int(self.global_step),
-            "train_loss": epoch_loss,
-            "lr": max((g["lr"] for g in lrs), default=None),
-            **{f"val_{k}": v for k, v in result.stats.items()},
-            "val_detections": len(preds),
-        })
+        self.history.append({**self.epoch_record(), **{f"val_{k}": v for k, v in result.stats.items()},
+                             "val_detections": len(preds)})
         if self.trainer.is_global_zero:
             log.info("epoch %d: val AP %.4f AP50 %.4f (%d detections on %d images)", self.current_epoch,
                      result.stats["AP"], result.stats["AP50"], len(preds), len(ids))
+
+    def epoch_record(self) -> dict[str, Any]:
+        """Epoch, step, mean training loss and LR: the start of a history entry."""
+        epoch_loss = (self._loss_sum / self._loss_steps).item() if self._loss_steps else None
+        lrs = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
+        return {"epoch": int(self.current_epoch), "step": int(self.global_step), "train_loss": epoch_loss,
+                "lr": max((g["lr"] for g in lrs), default=None)}
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -234,12 +238,21 @@ def _ground_truth(loaders: Any) -> Any:
     return coco
 
 
-def load_detection_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> DetectionModule:
+def load_detection_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                              weights: str = "auto") -> DetectionModule:
     """Rebuild a trained detector from its Lightning checkpoint alone (``weights_only=True``).
+
+    Args:
+        path: a ``.ckpt`` written by ``python -m finetune`` (any ``semi`` mode).
+        map_location: where to load the tensors.
+        weights: for a teacher-student checkpoint, which of its two detectors: ``teacher``,
+            ``student``, or ``auto`` (the one the run deployed: the teacher once it exists, as
+            the EMA teacher is usually the better model). Plain fine-tuning checkpoints have
+            only the student.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a fine-tuning checkpoint of this package.
+        ValueError: not a fine-tuning checkpoint of this package, or no teacher in it.
     """
     p = Path(path)
     if not p.is_file():
@@ -251,10 +264,22 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
             f"{p} is not a fine-tuning checkpoint (needs hyper_parameters cfg/label_map/backbone_info "
             "and a state_dict); pass a .ckpt written by `python -m finetune`"
         )
+    if weights not in ("auto", "teacher", "student"):
+        raise ValueError(f"weights must be auto, teacher or student, got {weights!r}")
+    state = ckpt["state_dict"]
+    has_teacher = any(k.startswith("teacher.") for k in state)
+    deployed = (ckpt.get("semi") or {}).get("deploy", "student")
+    use = deployed if weights == "auto" else weights
+    if use == "teacher" and not has_teacher:
+        raise ValueError(f"{p} has no teacher (not a teacher-student run, or saved before burn-in ended); "
+                         "use weights=student")
+    prefix = "teacher." if use == "teacher" else "model."
+    model_state = {"model." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     module = DetectionModule(cfg=hp["cfg"], label_map=hp["label_map"], backbone_info=hp["backbone_info"],
                              num_classes=hp.get("num_classes"))
-    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.load_state_dict(model_state, strict=True)
     module.history = list(ckpt.get("history", []))
     module.checkpoint_epoch = ckpt.get("epoch")
     module.checkpoint_step = ckpt.get("global_step")
+    module.deployed_weights = use
     return module.eval()

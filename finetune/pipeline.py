@@ -1,4 +1,4 @@
-"""Chaining the stages: pretrain, then finetune, passing the exported backbone file explicitly.
+"""Chaining the stages: pretrain, finetune (passing the exported backbone file explicitly), semi.
 
 Each stage runs as its own process (``python -m pretrain`` / ``python -m finetune``) in
 its own run directory, exactly as a user would run it by hand: memory is returned
@@ -8,6 +8,7 @@ the chain resumes or skips what is already done.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -70,17 +71,36 @@ def backbone_of(pretrain_dir: str | Path) -> Path:
     return path
 
 
+def best_checkpoint_of(finetune_dir: str | Path) -> Path:
+    """The fine-tuning run's best checkpoint (what its metrics.json evaluated)."""
+    d = Path(finetune_dir)
+    metrics = d / "metrics.json"
+    if metrics.exists():
+        best = json.loads(metrics.read_text()).get("best_checkpoint")
+        if best and Path(best).is_file():
+            return Path(best)
+    for name in ("best.ckpt", "last.ckpt"):
+        if (d / "checkpoints" / name).is_file():
+            return d / "checkpoints" / name
+    raise StageFailed(f"fine-tuning in {d} left no checkpoint")
+
+
 def run_pipeline(
     out_dir: str | Path,
     pretrain: Sequence[str] = (),
     finetune: Sequence[str] = (),
     baseline: bool = False,
     skip_pretrain: bool = False,
+    semi: Sequence[str] | None = None,
+    semi_from: Sequence[str] = ("finetune",),
 ) -> dict[str, Path]:
-    """pretrain -> finetune from its backbone (-> the same finetune from random init).
+    """pretrain -> finetune from its backbone (-> the same finetune from random init) (-> semi).
 
-    Returns the run directory of each stage: ``pretrain``, ``finetune`` and, with
-    ``baseline``, ``baseline`` (identical fine-tuning overrides, no checkpoint).
+    Returns the run directory of each stage: ``pretrain``, ``finetune``; with ``baseline``,
+    ``baseline`` (identical fine-tuning overrides, no checkpoint); with ``semi`` (Hydra overrides
+    such as ``["semi=unbiased_teacher"]``), a teacher-student run that starts from each fine-tuned
+    detector named in ``semi_from`` (``init_from=<its best.ckpt>``, so its burn-in is that
+    fine-tuning): ``semi`` after ``finetune``, ``baseline_semi`` after ``baseline``.
     """
     out = Path(out_dir).resolve()
     dirs: dict[str, Path] = {}
@@ -90,6 +110,13 @@ def run_pipeline(
         dirs["finetune"] = run_stage("finetune", out / "finetune", [*finetune, *ckpt])
     if baseline or skip_pretrain:
         dirs["baseline"] = run_stage("finetune", out / "baseline", [*finetune, "backbone.checkpoint=null"])
+    if semi is not None:
+        for src in semi_from:
+            if src not in dirs:
+                continue
+            name = "semi" if src == "finetune" else f"{src}_semi"
+            init = f"init_from={quote(best_checkpoint_of(dirs[src]))}"
+            dirs[name] = run_stage("finetune", out / name, [*finetune, *semi, init])
     return dirs
 
 

@@ -155,6 +155,34 @@ def backbone_info_of(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     return resnet, info
 
 
+def semi_mode(cfg: DictConfig) -> str:
+    """``semi.mode`` (``none`` without a semi group, e.g. in configs written before it existed)."""
+    semi = cfg.get("semi")
+    return str(semi.get("mode", "none")) if semi is not None else "none"
+
+
+def boxes_per_image(ds: CocoDetection) -> float:
+    """Mean number of (non-crowd) boxes per image of a labeled set."""
+    return sum(len(ds.annotations(i)["labels"]) for i in range(len(ds))) / max(1, len(ds))
+
+
+def init_detector(module: DetectionModule, ckpt: str | Path, train_ds: CocoDetection) -> None:
+    """Start from the detector of a fine-tuning checkpoint (``init_from``; weights only, not its optimizer).
+
+    How the pipeline's semi stage starts from the fine-tuned detector: its burn-in is done already.
+    """
+    src = load_detection_checkpoint(ckpt)
+    if src.label_map.to_json() != train_ds.label_map.to_json():
+        raise ValueError(f"init_from={ckpt} was trained on other classes than {train_ds.ann_file}")
+    try:
+        module.model.load_state_dict(src.model.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"init_from={ckpt}: its detector does not fit this config's (detector, backbone.arch, "
+                         f"norm and head settings must match): {str(e).splitlines()[0]}") from e
+    print(f"detector initialised from {ckpt} ({src.deployed_weights} weights, epoch {src.checkpoint_epoch})",
+          flush=True)
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune, keep the best epoch by val AP, evaluate it and write the run's outputs.
 
@@ -168,6 +196,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """
     run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if semi_mode(cfg) == "self_training":
+        from finetune.semi.self_training import self_train
+
+        return self_train(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     save_config(cfg, run_dir)
 
@@ -183,23 +215,49 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         # The resumed run's own description: the backbone file is not needed (or re-read) again.
         state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
         hp = state["hyper_parameters"]
+        was = (hp["cfg"].get("semi") or {}).get("mode", "none")
+        if was != semi_mode(cfg):
+            raise ValueError(f"{resume} is from a semi.mode={was} run, this one is semi.mode={semi_mode(cfg)}; "
+                             "use another run dir (hydra.run.dir=...) or resume=false")
         if hp["label_map"] != train_ds.label_map.to_json():
             raise ValueError(f"{resume} was trained with other classes than {paths.train_json}; "
                              "use another run dir (hydra.run.dir=...) or resume=false")
         print(f"resuming from {resume}", flush=True)
         resnet, info = None, hp["backbone_info"]
+    elif cfg.get("init_from"):
+        # The whole detector comes from a fine-tuning run: so do its backbone's description and input
+        # normalisation (backbone.checkpoint is not read).
+        init_path = Path(str(cfg.init_from)).expanduser()
+        if not init_path.is_file():
+            raise FileNotFoundError(f"init_from={init_path} does not exist "
+                                    "(give a checkpoints/best.ckpt of a fine-tuning run)")
+        hp = torch.load(init_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        if "backbone_info" not in hp:
+            raise ValueError(f"init_from={init_path} is not a fine-tuning checkpoint of `python -m finetune`")
+        resnet, info = None, hp["backbone_info"]
     else:
         resnet, info = backbone_info_of(cfg)
-    module = DetectionModule(cfg=plain_cfg, label_map=train_ds.label_map.to_json(), backbone_info=info,
-                             num_classes=train_ds.num_classes, resnet=resnet)
-
+    mode = semi_mode(cfg)
     loader_kw: dict[str, Any] = {
         "num_workers": int(cfg.data.num_workers),
         "collate_fn": collate_fn,
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": int(cfg.data.num_workers) > 0,
     }
-    train_loader = DataLoader(train_ds, batch_size=int(cfg.data.batch_size), shuffle=True, **loader_kw)
+    train_loader: Any = DataLoader(train_ds, batch_size=int(cfg.data.batch_size), shuffle=True, **loader_kw)
+    if mode == "none":
+        module: DetectionModule = DetectionModule(cfg=plain_cfg, label_map=train_ds.label_map.to_json(),
+                                                  backbone_info=info, num_classes=train_ds.num_classes, resnet=resnet)
+    else:
+        from finetune.semi.module import SemiDetectionModule
+        from finetune.semi.train import semi_loader
+
+        module = SemiDetectionModule(cfg=plain_cfg, label_map=train_ds.label_map.to_json(), backbone_info=info,
+                                     num_classes=train_ds.num_classes, resnet=resnet,
+                                     labeled_boxes_per_image=boxes_per_image(train_ds))
+        train_loader = semi_loader(cfg, train_loader, train_ds, loader_kw)
+    if resume is None and cfg.get("init_from"):
+        init_detector(module, cfg.init_from, train_ds)
     val_loader = (DataLoader(val_ds, batch_size=int(cfg.eval.batch_size), shuffle=False, **loader_kw)
                   if val_ds is not None else None)
 
@@ -266,6 +324,10 @@ def finish(
         "hardware": hardware.as_dict() if hardware else None,
         "run_dir": str(run_dir),
     }
+    if semi_mode(cfg) != "none":
+        from finetune.semi.train import semi_metrics
+
+        base["semi"] = semi_metrics(cfg, history, best_module)
     if val_ds is None:
         metrics = {**base, "coco": None, "per_class_ap": None}
         write_json(run_dir / "metrics.json", metrics)

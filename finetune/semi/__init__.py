@@ -1,0 +1,1 @@
+"""Semi-supervised detection: teacher-student training on labeled + unlabeled images."""

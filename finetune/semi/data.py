@@ -1,0 +1,135 @@
+"""Unlabeled images for teacher-student training: a weak and a strong view of each, plus hidden ground truth.
+
+``semi.unlabeled`` is a folder of images, a COCO JSON whose annotations are never trained on, or the
+splitter's ``unlabeled.json``. When the JSON carries annotations (the splitter keeps them as
+hidden ground truth, flagged ``info.hidden_ground_truth``), they are returned beside the images
+for the pseudo-label health figures only (precision and recall of the pseudo-boxes).
+
+The weak view is the image, horizontally flipped with probability 1/2 (the detector's own
+transform does the resize); the strong view is the weak one under photometric and erasing
+augmentation only (:func:`finetune.semi.views.strong_augment`), so the teacher's boxes on the
+weak view are valid targets on the strong view without transforming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.semi.views import flip_boxes, strong_augment, weak_view
+from pretrain.core.images import DEFAULT_MAX_PIXELS
+from pretrain.core.unlabeled import UnlabeledImages
+
+log = logging.getLogger(__name__)
+
+
+class UnlabeledDetectionImages(torch.utils.data.Dataset):
+    """Yields ``{"weak", "strong", "flipped", "index", "ground_truth"}`` per unlabeled image.
+
+    Args:
+        source: folder (recursive), COCO JSON, or the splitter's unlabeled.json.
+        cat_id_to_label: the labeled set's category id -> label 1..K, to read hidden ground truth;
+            annotations of other categories are left out of the health figures (counted).
+        strong: build the strong view (False: ``strong`` is the weak view itself, for modes that
+            perturb on their own, e.g. consistency).
+        max_pixels: images with more pixels are skipped with a warning.
+        image_root: for a COCO JSON, the folder its file_names are relative to (default: its folder).
+
+    Unreadable images are skipped (logged, counted in ``.skipped``) and the next readable one is
+    returned in their place, so one bad file never stops a long run.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        cat_id_to_label: Mapping[int, int] | None = None,
+        strong: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        image_root: str | Path | None = None,
+    ) -> None:
+        self.images = UnlabeledImages(source, transform=None, max_pixels=max_pixels, image_root=image_root)
+        self.strong = strong
+        self.ground_truth: list[dict[str, np.ndarray]] | None = None
+        self.unknown_categories = 0
+        src = Path(source)
+        if src.is_file():
+            self.ground_truth = _hidden_ground_truth(src, dict(cat_id_to_label or {}), self)
+        self.hidden_ground_truth = self.ground_truth is not None
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.images.skipped
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.images)
+        for k in range(n):
+            i = (index + k) % n
+            img = self.images.load(i)
+            if img is not None:
+                return self._views(i, img)
+        raise RuntimeError(f"none of the {n} unlabeled images from {self.images.source} is readable")
+
+    def _views(self, index: int, img: Any) -> dict[str, Any]:
+        arr = np.asarray(img, dtype=np.uint8)
+        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        flipped = bool(torch.rand(()) < 0.5)
+        weak = weak_view(image, flipped)
+        strong = strong_augment(weak) if self.strong else weak
+        gt = None
+        if self.ground_truth is not None:
+            g = self.ground_truth[index]
+            boxes = torch.from_numpy(g["boxes"])
+            if flipped:
+                boxes = flip_boxes(boxes, image.shape[-1])
+            gt = {"boxes": boxes, "labels": torch.from_numpy(g["labels"])}
+        return {"weak": weak, "strong": strong, "flipped": flipped, "index": index, "ground_truth": gt}
+
+
+def collate_unlabeled(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Lists per key (images differ in size; torchvision detectors take lists)."""
+    return {k: [b[k] for b in batch] for k in batch[0]} if batch else {}
+
+
+def _hidden_ground_truth(ann_file: Path, cat_id_to_label: dict[int, int],
+                         owner: UnlabeledDetectionImages) -> list[dict[str, np.ndarray]] | None:
+    """Per image (in the JSON's image order, as UnlabeledImages lists them): xyxy boxes and labels."""
+    data = json.loads(ann_file.read_text())
+    anns = data.get("annotations")
+    if not anns:
+        return None
+    by_image: dict[Any, list[dict[str, Any]]] = {}
+    for a in anns:
+        by_image.setdefault(a.get("image_id"), []).append(a)
+    out = []
+    unknown = 0
+    for im in data["images"]:
+        boxes, labels = [], []
+        for a in by_image.get(im.get("id"), []):
+            if a.get("iscrowd", 0):
+                continue
+            label = cat_id_to_label.get(a.get("category_id"))  # type: ignore[arg-type]
+            bbox = a.get("bbox")
+            if label is None or not isinstance(bbox, list) or len(bbox) != 4:
+                unknown += 1
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(label)
+        out.append({"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "labels": np.asarray(labels, np.int64)})
+    owner.unknown_categories = unknown
+    flagged = bool((data.get("info") or {}).get("hidden_ground_truth"))
+    log.info("%s: annotations of %d images kept as hidden ground truth for the pseudo-label health figures%s%s",
+             ann_file, len(out), "" if flagged else " (never trained on)",
+             f"; {unknown} annotations of categories the labeled set lacks are left out" if unknown else "")
+    return out

@@ -1,0 +1,177 @@
+"""Semi-supervised runs end to end on the tiny synthetic set: every mode, health in metrics.json, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from finetune.module import load_detection_checkpoint
+from finetune.semi.data import UnlabeledDetectionImages
+from finetune.semi.train import RepeatingRandomSampler
+from finetune.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
+
+
+def smoke_cfg(data_root: Path, *overrides: str):
+    """The smoke config on the session's tiny synthetic set (no generation)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("finetune", overrides=["experiment=smoke", f"data.root={data_root}", "data.synthetic=null",
+                                              "eval.plot_images=2", *overrides])
+
+# A threshold of 0 keeps every teacher detection: a few-step teacher scores below 0.7, and the
+# health figures (precision/recall against the hidden ground truth) need pseudo-boxes to mean anything.
+FAST = ("semi.burn_in=1", "semi.ema_decay=0.5", "semi.threshold=0.0", "detector.detections_per_img=20",
+        "trainer.max_epochs=1")
+
+
+def _teacher(state: dict) -> dict:
+    return {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+
+
+def _student(state: dict) -> dict:
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+@pytest.fixture(scope="module")
+def unbiased_run(synthetic_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ut")
+    train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST), run_dir=run_dir)
+    return run_dir
+
+
+def test_unbiased_teacher_run_reports_pseudo_label_health(unbiased_run, synthetic_data):
+    m = json.loads((unbiased_run / "metrics.json").read_text())
+    semi = m["semi"]
+    assert semi["mode"] == "unbiased_teacher" and semi["deployed"] == "teacher"
+    health = semi["pseudo_labels"]
+    # The synthetic unlabeled.json carries hidden ground truth: precision/recall are real numbers.
+    assert health["pseudo_boxes_per_image"] > 0
+    assert 0.0 <= health["precision"] <= 1.0 and 0.0 <= health["recall"] <= 1.0
+    assert set(health["per_class"]) == set(m["classes"])
+    labeled = json.loads(Path(synthetic_data["train_json"]).read_text())
+    assert health["labeled_boxes_per_image"] == pytest.approx(len(labeled["annotations"]) / len(labeled["images"]))
+    entry = m["history"][-1]
+    assert entry["val_teacher_AP"] is not None and entry["val_student_AP"] is not None
+    assert entry["unsup_loss"] is not None and entry["unsup_loss"] > 0
+    # The RoI classifier trains with the focal loss (a FocalRoIHeads in the student).
+    from finetune.semi.focal import FocalRoIHeads
+    ckpt = torch.load(unbiased_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["semi"]["teacher_started"] and ckpt["semi"]["deploy"] == "teacher"
+    assert FocalRoIHeads.__name__  # imported: the class exists where the module uses it
+    # The teacher is an EMA of the student, so after EMA steps at decay 0.5 it differs from it.
+    t, s = _teacher(ckpt["state_dict"]), _student(ckpt["state_dict"])
+    assert t.keys() == s.keys()
+    assert any(not torch.equal(t[k], s[k]) for k in t if t[k].is_floating_point())
+
+
+def test_evaluate_and_predict_load_teacher_or_student(unbiased_run):
+    ckpt = unbiased_run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    teacher = load_detection_checkpoint(ckpt)  # auto: the deployed teacher
+    assert teacher.deployed_weights == "teacher"
+    for k, v in _teacher(state).items():
+        assert torch.equal(teacher.model.state_dict()[k], v), k
+    student = load_detection_checkpoint(ckpt, weights="student")
+    for k, v in _student(state).items():
+        assert torch.equal(student.model.state_dict()[k], v), k
+
+
+def test_resume_keeps_the_teacher(synthetic_data, tmp_path):
+    # ema_decay=1: the teacher never moves after burn-in, so after a resume it must still be the
+    # first run's teacher. Without restoring it, the resumed run would copy the student anew.
+    args = ("semi=unbiased_teacher", "semi.burn_in=1", "semi.ema_decay=1.0", "semi.threshold=gmm")
+    train(smoke_cfg(synthetic_data["root"], *args, "trainer.max_epochs=1"), run_dir=tmp_path)
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    train(smoke_cfg(synthetic_data["root"], *args, "trainer.max_epochs=2"), run_dir=tmp_path)
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] > first["global_step"]
+    t1, t2, s2 = _teacher(first["state_dict"]), _teacher(second["state_dict"]), _student(second["state_dict"])
+    assert all(torch.equal(t1[k], t2[k]) for k in t1 if t1[k].is_floating_point())
+    assert any(not torch.equal(t2[k], s2[k]) for k in t2 if t2[k].is_floating_point())
+    # The GMM thresholds' FIFOs came back too and kept filling.
+    q1 = first["semi"]["threshold"]
+    q2 = second["semi"]["threshold"]
+    assert json.dumps(q1, default=str) != json.dumps(q2, default=str)
+
+
+def test_mean_teacher_retinanet_gmm_run(synthetic_data, tmp_path):
+    m = train(smoke_cfg(synthetic_data["root"], "semi=mean_teacher", "detector=retinanet", "detector.box_loss=giou",
+                        "semi.threshold=gmm", *FAST[:2], "detector.detections_per_img=20", "trainer.max_epochs=1"),
+              run_dir=tmp_path)
+    semi = m["semi"]
+    assert semi["mode"] == "mean_teacher" and semi["settings"]["threshold"] == "gmm"
+    per_class = semi["pseudo_labels"]["per_class"]
+    assert all("threshold" in c for c in per_class.values())  # per-class GMM thresholds, not only a mean
+
+
+def test_consistency_retinanet_run(synthetic_data, tmp_path):
+    m = train(smoke_cfg(synthetic_data["root"], "semi=consistency", "detector=retinanet", "trainer.max_epochs=1"),
+              run_dir=tmp_path)
+    assert m["semi"]["mode"] == "consistency" and m["semi"]["deployed"] == "student"
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    cls = [float(r["train/consistency_cls"]) for r in rows if r.get("train/consistency_cls")]
+    assert cls and all(torch.isfinite(torch.tensor(cls)))
+
+
+def test_self_training_round_writes_pseudo_labels(synthetic_data, tmp_path):
+    m = train(smoke_cfg(synthetic_data["root"], "semi=self_training", "semi.threshold=0.0", "semi.tta_flip=true",
+                        "detector.detections_per_img=5", "trainer.max_epochs=1"), run_dir=tmp_path)
+    pseudo = json.loads((tmp_path / "round1" / "pseudo_labels.json").read_text())
+    n_unlabeled = len(json.loads((Path(synthetic_data["root"]) / "unlabeled.json").read_text())["images"])
+    assert len(pseudo["images"]) == n_unlabeled
+    assert pseudo["annotations"] and all(Path(im["file_name"]).is_absolute() for im in pseudo["images"])
+    merged = json.loads((tmp_path / "round1" / "train_plus_pseudo.json").read_text())
+    labeled = json.loads(Path(synthetic_data["train_json"]).read_text())
+    assert len(merged["images"]) == len(labeled["images"]) + n_unlabeled
+    assert len(merged["annotations"]) == len(labeled["annotations"]) + len(pseudo["annotations"])
+    rounds = m["semi"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["pseudo_labels"]["precision"] is not None  # hidden ground truth scored
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "round1" / "metrics.json").is_file()
+
+
+def test_unlabeled_views_keep_hidden_ground_truth_aligned(synthetic_data):
+    root = Path(synthetic_data["root"])
+    labeled = json.loads(Path(synthetic_data["train_json"]).read_text())
+    cat_to_label = {c["id"]: i + 1 for i, c in enumerate(sorted(labeled["categories"], key=lambda c: c["id"]))}
+    ds = UnlabeledDetectionImages(root / "unlabeled.json", cat_id_to_label=cat_to_label)
+    assert ds.hidden_ground_truth and len(ds) == 16
+    torch.manual_seed(0)
+    seen_flip = {False: 0, True: 0}
+    changed = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["weak"].shape == item["strong"].shape
+        gt = item["ground_truth"]
+        raw = ds.ground_truth[item["index"]]["boxes"]
+        w = item["weak"].shape[-1]
+        expect = torch.from_numpy(raw)
+        if item["flipped"]:
+            expect = torch.stack([w - expect[:, 2], expect[:, 1], w - expect[:, 0], expect[:, 3]], 1)
+        torch.testing.assert_close(gt["boxes"], expect)
+        seen_flip[item["flipped"]] += 1
+        changed += int(not torch.equal(item["weak"], item["strong"]))
+    assert seen_flip[True] and seen_flip[False]
+    assert changed >= len(ds) - 2  # the strong view is augmented (all its steps skipped: p ~ 0.3%)
+
+
+def test_repeating_sampler_covers_the_set_and_lasts_as_asked():
+    s = RepeatingRandomSampler(5, 12)
+    idx = list(s)
+    assert len(idx) == len(s) == 12
+    assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5))
+
+
+def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
+    with pytest.raises(ValueError, match="semi.unlabeled=PATH"):
+        train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.unlabeled=null"), run_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", f"semi.unlabeled={tmp_path}/nope"),
+              run_dir=tmp_path / "b")
