@@ -1,0 +1,245 @@
+"""The semi stage's parts on real tensors: thresholds (fixed, GMM), focal RoI loss, views, health, CSD."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.detectors import build_detector
+from finetune.semi.consistency import (
+    ConsistencyLoss,
+    consistency_terms,
+    js_divergence_bernoulli,
+    mirror_index,
+    rampup_weight,
+)
+from finetune.semi.focal import FocalRoIHeads, softmax_focal_loss, use_focal_roi_heads
+from finetune.semi.health import LossWatch, PseudoLabelHealth
+from finetune.semi.thresholds import FixedThreshold, GMMThreshold, build_threshold, fit_gmm_1d, gmm_threshold
+from finetune.semi.views import flip_boxes, strong_augment, weak_view
+from pretrain.core.resnet import build_resnet
+
+
+def det(scores, labels, boxes=None):
+    n = len(scores)
+    b = torch.tensor(boxes, dtype=torch.float32) if boxes is not None else torch.tensor([[0., 0, 10, 10]] * n)
+    return {"boxes": b.reshape(-1, 4), "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels, dtype=torch.int64)}
+
+
+def roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ------------------------------------------------------------------------------- thresholds
+def test_em_recovers_a_known_mixture():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([0.2 + 0.05 * torch.randn(700, generator=g), 0.8 + 0.05 * torch.randn(300, generator=g)])
+    w, mu, var = fit_gmm_1d(x)
+    order = mu.argsort()
+    torch.testing.assert_close(mu[order].float(), torch.tensor([0.2, 0.8]), atol=0.01, rtol=0)
+    torch.testing.assert_close(w[order].float(), torch.tensor([0.7, 0.3]), atol=0.03, rtol=0)
+    torch.testing.assert_close(var[order].sqrt().float(), torch.tensor([0.05, 0.05]), atol=0.01, rtol=0)
+
+
+def test_gmm_threshold_lies_between_the_modes_and_follows_them():
+    g = torch.Generator().manual_seed(1)
+    low, high = 0.15 + 0.05 * torch.randn(80, generator=g), 0.85 + 0.05 * torch.randn(20, generator=g)
+    t = gmm_threshold(torch.cat([low, high]))
+    assert 0.3 < t < 0.95 and t >= high.min() - 1e-6
+    moved = gmm_threshold(torch.cat([low, high - 0.3]))
+    assert moved < t - 0.2
+    assert gmm_threshold(torch.tensor([0.1, 0.9, 0.5])) == 0.0  # fewer than 4 scores: keep everything
+
+
+def test_gmm_fifo_topk_and_per_class_filter():
+    th = GMMThreshold(num_classes=2, queue_size=100)
+    th.update([det([0.9, 0.8, 0.1], [1, 1, 1])])  # k = int(1.8) + 1 = 2
+    assert th.queue_lengths() == [2, 0]
+    assert sorted(th.queues[0]) == pytest.approx([0.8, 0.9])
+    for _ in range(60):
+        th.update([det([0.9, 0.8, 0.1], [1, 1, 1])])
+    assert th.queue_lengths()[0] == 100  # FIFO keeps the last 100
+    th._thr = torch.tensor([0.5, 0.95])
+    out = th.filter([det([0.6, 0.4, 0.9], [1, 1, 2]), det([], [])])
+    assert out[0]["scores"].tolist() == pytest.approx([0.6]) and out[0]["labels"].tolist() == [1]
+    assert out[1]["boxes"].shape == (0, 4) and out[1]["labels"].dtype == torch.int64
+    state = roundtrip(th.state_dict())
+    again = GMMThreshold(2)
+    again.load_state_dict(state)
+    assert torch.equal(again.thresholds(), th.thresholds()) and again.queue_lengths() == th.queue_lengths()
+
+
+def test_fixed_threshold_and_builder():
+    th = build_threshold(0.7, 3)
+    assert isinstance(th, FixedThreshold) and th.thresholds().tolist() == pytest.approx([0.7] * 3)
+    assert isinstance(build_threshold("gmm", 3), GMMThreshold)
+    with pytest.raises(ValueError, match="gmm"):
+        build_threshold("median", 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_threshold(1.5, 3)
+
+
+# ------------------------------------------------------------------------------------ focal
+def test_softmax_focal_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-2.0, 3.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 3, 1])
+    p = logits.softmax(1)[torch.arange(3), labels]
+    expect = ((1 - p) ** 1.5 * -p.log()).mean()
+    torch.testing.assert_close(softmax_focal_loss(logits, labels, 1.5), expect)
+    torch.testing.assert_close(softmax_focal_loss(logits, labels, 0.0), F.cross_entropy(logits, labels))
+    assert softmax_focal_loss(logits, labels, 1.5) < F.cross_entropy(logits, labels)
+
+
+def tiny_frcnn(k=3):
+    torch.manual_seed(0)
+    return build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", k, min_size=64, max_size=64,
+                          trainable_layers=5, representation_size=64)
+
+
+def test_focal_roi_heads_replace_the_stock_loss(monkeypatch):
+    model = tiny_frcnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    use_focal_roi_heads(model, 1.5)
+    assert isinstance(model.roi_heads, FocalRoIHeads)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    captured = {}
+    sampler = model.roi_heads.select_training_samples
+
+    def grab_samples(*a, **kw):
+        out = sampler(*a, **kw)
+        captured["labels"] = torch.cat(out[2])
+        return out
+
+    monkeypatch.setattr(model.roi_heads, "select_training_samples", grab_samples)
+    model.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o[0]))
+    import torchvision.models.detection.roi_heads as rh
+
+    def stock(*a, **kw):
+        raise AssertionError("torchvision's fastrcnn_loss must not be called")
+
+    monkeypatch.setattr(rh, "fastrcnn_loss", stock)
+    model.train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # a negative image
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    focal = softmax_focal_loss(captured["logits"], captured["labels"], 1.5)
+    torch.testing.assert_close(losses["loss_classifier"], focal)
+    assert not torch.isclose(losses["loss_classifier"], F.cross_entropy(captured["logits"], captured["labels"]))
+    sum(losses.values()).backward()
+
+
+# ------------------------------------------------------------------------------------ views
+def test_views_keep_geometry_and_flip_boxes():
+    img = torch.zeros(3, 48, 64)
+    img[:, 10:20, 30:50] = 1.0
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = strong_augment(img, g.manual_seed(3)), strong_augment(img, torch.Generator().manual_seed(3))
+    assert torch.equal(s1, s2) and s1.shape == img.shape and 0 <= s1.min() and s1.max() <= 1
+    box = torch.tensor([[30.0, 10, 50, 20]])
+    flipped = weak_view(img, True)
+    ys, xs = torch.where(flipped[0] > 0.5)
+    tight = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    assert flip_boxes(box, 64).tolist() == [tight]
+    assert torch.equal(flip_boxes(flip_boxes(box, 64), 64), box)
+    # Photometric only: whatever it does, the strong view's square edges stay where they were in
+    # the rows nothing erased (the square's column profile keeps its jump at x=30 and x=50).
+    changed = 0
+    for seed in range(20):
+        s = strong_augment(img, torch.Generator().manual_seed(seed))
+        changed += int(not torch.equal(s, img))
+        row = s[:, 15].mean(0)
+        inside, outside = row[32:48], torch.cat([row[:28], row[52:]])
+        if (inside.std() < 1e-3) and (outside.std() < 1e-3):  # this row was not erased or blurred
+            assert abs(float(inside.mean() - outside.mean())) > 0.05
+    assert changed >= 18
+
+
+# ----------------------------------------------------------------------------------- health
+def test_health_precision_recall_by_hand():
+    h = PseudoLabelHealth(2, ["a", "b"])
+    pseudo = [det([0.9, 0.8, 0.7], [1, 1, 2], [[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]),
+              det([], [])]
+    gt = [{"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([1, 2])}, None]
+    h.update(pseudo, gt)
+    s = h.summary(torch.tensor([0.5, 0.6]), labeled_boxes_per_image=2.0)
+    a, b = s["per_class"]["a"], s["per_class"]["b"]
+    assert (a["tp"], a["fp"], a["fn"]) == (1, 1, 0)  # the duplicate of one box is a false positive
+    assert (b["tp"], b["fp"], b["fn"]) == (0, 1, 1)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 2)
+    assert s["pseudo_boxes_per_image"] == 1.5 and s["pseudo_to_labeled_ratio"] == 0.75
+    assert s["images_without_pseudo"] == 0.5 and b["threshold"] == pytest.approx(0.6)
+    none = PseudoLabelHealth(2, ["a", "b"])
+    none.update(pseudo)
+    assert none.summary()["precision"] is None
+    # Two halves merged equal the whole; the state survives a weights_only round trip.
+    h1, h2 = PseudoLabelHealth(2, ["a", "b"]), PseudoLabelHealth(2, ["a", "b"])
+    h1.update(pseudo[:1], gt[:1])
+    h2.update(pseudo[1:], gt[1:])
+    h1.merge(roundtrip(h2.state_dict()))
+    assert h1.summary() == h.summary()
+
+
+def test_loss_watch_fires_once_per_episode():
+    w = LossWatch(patience=3, ratio=100.0)
+    msgs = [w.update(i, 0, 1.0, 0.0) for i in range(6)]
+    assert [len(m) for m in msgs] == [0, 0, 1, 0, 0, 0] and "no pseudo-box" in msgs[2][0]
+    assert w.update(6, 5, 1.0, 0.5) == []  # healthy clears it
+    assert any("over 100x" in m for m in w.update(7, 5, 0.01, 5.0))
+    assert w.counts() == {"no_pseudo_boxes": 1, "unsup_loss_zero": 0, "unsup_loss_exploding": 1}
+
+
+# ------------------------------------------------------------------------------ consistency
+def test_mirror_index_by_hand():
+    m = mirror_index([(2, 3), (1, 2)], num_anchors=2)
+    # level 0: (y, x, a) -> (y, 2 - x, a); index = (y * 3 + x) * 2 + a
+    assert m[(0 * 3 + 0) * 2 + 1] == (0 * 3 + 2) * 2 + 1
+    assert m[(1 * 3 + 1) * 2 + 0] == (1 * 3 + 1) * 2 + 0  # the middle column maps to itself
+    assert m[12 + 0] == 12 + 2 and m[12 + 3] == 12 + 1  # level 1 offset 12: x 0 <-> 1
+    assert torch.equal(m[m], torch.arange(len(m)))  # an involution
+
+
+def test_consistency_terms_zero_for_matching_views_positive_otherwise():
+    grid, a = [(2, 4)], 3
+    m = mirror_index(grid, a)
+    g = torch.Generator().manual_seed(0)
+    cls_a = torch.randn(2, 24, 4, generator=g) + 2
+    box_a = torch.randn(2, 24, 4, generator=g)
+    box_b = box_a[:, m].clone()
+    box_b[..., 0] = -box_b[..., 0]  # a mirrored prediction negates dx
+    js, mse = consistency_terms(cls_a, cls_a[:, m], box_a, box_b, m, 0.5)
+    assert float(js) == pytest.approx(0.0, abs=1e-6) and float(mse) == pytest.approx(0.0, abs=1e-10)
+    js2, mse2 = consistency_terms(cls_a, cls_a, box_a, box_a, m, 0.5)  # not mirrored: disagree
+    assert js2 > 1e-3 and mse2 > 1e-3
+    assert float(js_divergence_bernoulli(torch.tensor(0.3), torch.tensor(0.3))) == pytest.approx(0, abs=1e-7)
+    z1, z2 = consistency_terms(cls_a - 20, cls_a, box_a, box_a, m, 0.5)  # all background: eliminated
+    assert float(z1) == 0.0 and float(z2) == 0.0 and z1.requires_grad is cls_a.requires_grad
+    assert rampup_weight(0, 100) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
+    assert rampup_weight(50, 100) == pytest.approx(torch.exp(torch.tensor(-1.25)).item())
+    assert rampup_weight(100, 100) == 1.0 and rampup_weight(3, 0) == 1.0
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fasterrcnn"])
+def test_consistency_on_real_detectors_has_gradients(name):
+    torch.manual_seed(0)
+    model = build_detector(name, build_resnet("resnet18", "bn"), "resnet18", 3, min_size=64, max_size=64,
+                           trainable_layers=5)
+    model.train()
+    loss = ConsistencyLoss(noise_std=0.1, background_threshold=0.0)
+    out = loss(model, [torch.rand(3, 64, 64), torch.rand(3, 64, 64)], step=10)
+    total = out["consistency_cls"] + out["consistency_box"]
+    assert torch.isfinite(total) and out["consistency_cls"] > 0 and out["consistency_box"] > 0
+    total.backward()
+    head = model.head if name == "retinanet" else model.rpn.head
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert model.backbone.body.layer1[0].conv1.weight.grad.abs().sum() > 0
