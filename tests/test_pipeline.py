@@ -38,10 +38,17 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
     assert ("helped" in summary) != ("did NOT help" in summary)
     assert (out / "predictions_vs_ground_truth.png").stat().st_size > 10_000
     assert "SwAV-pretrained" in result.stdout
+    # The semi arm started from the SSL fine-tune's best checkpoint and reports its pseudo-labels.
+    semi = json.loads((out / "semi" / "metrics.json").read_text())
+    assert semi["semi"]["mode"] == "unbiased_teacher" and semi["semi"]["deployed"] == "teacher"
+    cfg = (out / "semi" / "config.yaml").read_text()
+    assert f"init_from: {pre['best_checkpoint']}" in cfg
+    assert semi["semi"]["pseudo_labels"]["precision"] is not None
+    assert "SwAV + Unbiased Teacher" in summary and "hidden ground truth" in summary
 
     # Re-running skips the finished stages.
     again = _run([str(REPO / "scripts" / "demo.py"), "--smoke", "--out", str(out)], cwd=REPO)
-    assert again.stdout.count("already done") == 3
+    assert again.stdout.count("already done") == 4
     assert all(stage_done(s, out / d) for s, d in (("pretrain", "pretrain"), ("finetune", "finetune")))
 
 
