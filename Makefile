@@ -14,7 +14,7 @@ DIR ?= multirun
 # Torch threads: use every core unless told otherwise.
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench lint clean
+.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench bench-semi lint clean
 
 install: $(STAMP)
 
@@ -65,6 +65,11 @@ report: install
 # Speed against plain loops and the machine's ceiling; writes this machine's section of BENCHMARKS.md.
 bench: install
 	$(PY) scripts/bench_report.py $(ARGS)
+
+# Labeled-only vs semi at equal steps over splitter seeds (slow; resumable): DATASET=synthetic|chess.
+DATASET ?= synthetic
+bench-semi: install
+	$(PY) scripts/bench_semi.py --dataset $(DATASET) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pretrain finetune scripts tests
