@@ -165,6 +165,19 @@ def test_views_keep_geometry_and_flip_boxes():
     assert changed >= 18
 
 
+def test_strong_view_survives_grayscale_without_erasing():
+    # RandomGrayscale returns one channel expanded to three; with no erasing pass after it the
+    # view used to reach an in-place clamp and fail ("more than one element ... refers to a single
+    # memory location"), killing the demo's semi arm in a DataLoader worker.
+    img = torch.rand(3, 8, 8)
+    gray_untouched = 0
+    for seed in range(300):
+        s = strong_augment(img, torch.Generator().manual_seed(seed))
+        assert s.shape == img.shape and 0 <= float(s.min()) and float(s.max()) <= 1
+        gray_untouched += int(torch.equal(s[0], s[1]) and torch.equal(s[1], s[2]))
+    assert gray_untouched >= 1
+
+
 # ----------------------------------------------------------------------------------- health
 def test_health_precision_recall_by_hand():
     h = PseudoLabelHealth(2, ["a", "b"])

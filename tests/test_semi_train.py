@@ -175,3 +175,31 @@ def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", f"semi.unlabeled={tmp_path}/nope"),
               run_dir=tmp_path / "b")
+
+
+def test_init_from_starts_from_a_fine_tuned_detector(unbiased_run, synthetic_data, tmp_path):
+    from finetune.module import DetectionModule
+    from finetune.train import init_detector
+    from pretrain.core.coco import CocoDetection
+
+    best = unbiased_run / "checkpoints" / "last.ckpt"
+    hp = torch.load(best, weights_only=True)["hyper_parameters"]
+    fresh = DetectionModule(cfg=hp["cfg"], label_map=hp["label_map"], backbone_info=hp["backbone_info"])
+    ds = CocoDetection(synthetic_data["train_json"], train=True)
+    init_detector(fresh, best, ds)  # the deployed (teacher) weights
+    teacher = _teacher(torch.load(best, weights_only=True)["state_dict"])
+    assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in teacher.items())
+    with pytest.raises(ValueError, match="other classes"):
+        init_detector(fresh, best, CocoDetection(_two_class_json(synthetic_data, tmp_path), train=True))
+
+
+def _two_class_json(synthetic_data, tmp_path: Path) -> Path:
+    d = json.loads(Path(synthetic_data["train_json"]).read_text())
+    keep = {c["id"] for c in d["categories"][:2]}
+    d["categories"] = [c for c in d["categories"] if c["id"] in keep]
+    d["annotations"] = [a for a in d["annotations"] if a["category_id"] in keep]
+    root = Path(synthetic_data["train_json"]).parent
+    d["images"] = [{**im, "file_name": str(root / im["file_name"])} for im in d["images"]]
+    out = tmp_path / "two.json"
+    out.write_text(json.dumps(d))
+    return out

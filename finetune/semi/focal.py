@@ -1,11 +1,12 @@
 """Softmax focal loss on Faster R-CNN's RoI classifier, as Unbiased Teacher trains it.
 
-Unbiased Teacher (Liu et al., ICLR 2021) replaces the RoI head's cross-entropy with a softmax focal
-loss for supervised and pseudo-labeled images alike, against the foreground/background imbalance of
+Unbiased Teacher (Liu et al., ICLR 2021; facebookresearch/unbiased-teacher, ``ROI_HEADS.LOSS:
+FocalLoss``) replaces the RoI head's cross-entropy with a softmax focal loss (gamma 1.5) for
+supervised and pseudo-labeled images alike, against the foreground/background imbalance of
 pseudo-labels. torchvision's RoIHeads calls the module-level ``fastrcnn_loss``: assigning
 ``roi_heads.fastrcnn_loss`` does nothing, and patching the module global would change every model
 in the process. So :class:`FocalRoIHeads` overrides the training path of ``forward``, and
-:func:`use_focal_roi_heads` switches one model's head to it, keeping its submodules and weights.
+:func:`use_focal_roi_heads` gives one model such a head built from its own submodules.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 
 def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 1.5) -> torch.Tensor:
-    """Mean over RoIs of ``(1 - p_t)^gamma * CE`` (gamma 0 is torchvision's mean cross-entropy)."""
+    """Mean over RoIs of ``(1 - p_t)^gamma * CE``.
+
+    Args:
+        logits: (N, C) class logits, background at index 0.
+        labels: (N,) int64 targets in 0..C-1.
+        gamma: focusing exponent; 0 gives torchvision's mean cross-entropy exactly.
+
+    Returns:
+        A scalar; 0 (still attached to ``logits``) when N is 0.
+    """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     ce = F.cross_entropy(logits, labels, reduction="none")
@@ -26,37 +36,87 @@ def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float 
 
 
 class FocalRoIHeads(RoIHeads):
-    """RoIHeads whose training classification loss is :func:`softmax_focal_loss` (``focal_gamma``)."""
+    """torchvision's box-only RoIHeads whose training classification loss is :func:`softmax_focal_loss`.
+
+    Takes RoIHeads' constructor arguments; ``focal_gamma`` (default 1.5) is set afterwards, as
+    :func:`use_focal_roi_heads` does. Box regression stays torchvision's (smooth L1, beta 1/9,
+    summed over positives and divided by the number of sampled RoIs).
+    """
 
     focal_gamma: float = 1.5
 
-    def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[no-untyped-def, override]
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
-        if self.has_mask() or self.keypoint_roi_pool is not None:
-            raise NotImplementedError("FocalRoIHeads supports box-only Faster R-CNN (no mask or keypoint head)")
+        _check_box_only(self)
         if targets is None:
-            raise ValueError("training needs targets")
+            raise ValueError("FocalRoIHeads needs targets in training mode")
+        for t in targets:  # the checks RoIHeads.forward makes before sampling
+            if not t["boxes"].is_floating_point():
+                raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
         proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
-        x = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(x)
-        labels = torch.cat(labels, 0)
-        regression_targets = torch.cat(regression_targets, 0)
-        loss_cls = softmax_focal_loss(class_logits, labels, self.focal_gamma)
-        # Box regression exactly as torchvision's fastrcnn_loss: smooth L1 (beta 1/9) on the positives'
-        # own class, summed and divided by the number of sampled RoIs.
-        pos = torch.where(labels > 0)[0]
-        box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
-        loss_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9,
-                                    reduction="sum") / max(1, labels.numel())
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        labels_all = torch.cat(labels, 0)
+        regression_all = torch.cat(regression_targets, 0)
+        loss_cls = softmax_focal_loss(class_logits, labels_all, self.focal_gamma)
+        # Box regression as torchvision's fastrcnn_loss: smooth L1 on each positive's own class
+        # deltas, summed and divided by the number of sampled RoIs (max 1: no NaN on zero RoIs).
+        pos = torch.where(labels_all > 0)[0]
+        deltas = box_regression.reshape(class_logits.shape[0], -1, 4)[pos, labels_all[pos]]
+        loss_box = F.smooth_l1_loss(deltas, regression_all[pos], beta=1 / 9, reduction="sum")
+        loss_box = loss_box / max(1, labels_all.numel())
         return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
 
+def _check_box_only(heads: RoIHeads) -> None:
+    if heads.has_mask() or heads.has_keypoint():
+        raise NotImplementedError("the focal RoI head supports box-only Faster R-CNN; a Mask or Keypoint R-CNN "
+                                  "keeps torchvision's RoI loss (set semi.roi_focal_gamma=null)")
+
+
 def use_focal_roi_heads(model: FasterRCNN, gamma: float = 1.5) -> FasterRCNN:
-    """Switch ``model.roi_heads`` to :class:`FocalRoIHeads` in place (same submodules, same state dict)."""
+    """Replace ``model.roi_heads`` by a :class:`FocalRoIHeads` holding the same submodules and settings.
+
+    The box RoI pool, head and predictor are the same module objects, and the proposal matcher,
+    fg/bg sampler and box coder the same objects, so the state dict's keys and weights and the
+    test-time settings (score_thresh, nms_thresh, detections_per_img) are unchanged.
+
+    Args:
+        model: a torchvision Faster R-CNN (box-only).
+        gamma: the focal exponent (Unbiased Teacher: 1.5).
+
+    Returns:
+        ``model``, changed in place.
+    """
     heads = model.roi_heads
     if not isinstance(heads, RoIHeads):
-        raise TypeError(f"expected a torchvision RoIHeads, got {type(heads).__name__}")
-    heads.__class__ = FocalRoIHeads
+        raise TypeError(f"expected a torchvision RoIHeads in model.roi_heads, got {type(heads).__name__}")
+    if type(heads) not in (RoIHeads, FocalRoIHeads):
+        # Its own forward would be replaced by ours and silently lost.
+        raise TypeError(f"model.roi_heads is a {type(heads).__name__}, a RoIHeads subclass: only torchvision's "
+                        "RoIHeads can switch to the focal loss")
+    _check_box_only(heads)
+    if not isinstance(heads, FocalRoIHeads):
+        focal = FocalRoIHeads(
+            heads.box_roi_pool, heads.box_head, heads.box_predictor,
+            heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
+            heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img)
+        # The same helper objects, not rebuilt ones: any setting the constructor does not take
+        # (allow_low_quality_matches, bbox_xform_clip) carries over as well.
+        focal.proposal_matcher, focal.fg_bg_sampler, focal.box_coder = (
+            heads.proposal_matcher, heads.fg_bg_sampler, heads.box_coder)
+        focal.train(heads.training)
+        model.roi_heads = focal
+        heads = focal
     heads.focal_gamma = float(gamma)
     return model

@@ -27,12 +27,14 @@ def strong_augment(image: torch.Tensor, generator: torch.Generator | None = None
     torchvision's v2 transforms draw from the global torch RNG; with ``generator`` the global RNG
     is forked and seeded from it, so the result is reproducible and the caller's RNG untouched.
     """
+    # Out of place: RandomGrayscale returns one channel expanded to three (overlapping memory),
+    # which an in-place clamp refuses when no erasing pass copied it afterwards.
     if generator is None:
-        return _STRONG(image).clamp_(0.0, 1.0)
+        return _STRONG(image).clamp(0.0, 1.0)
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _STRONG(image).clamp_(0.0, 1.0)
+        return _STRONG(image).clamp(0.0, 1.0)
 
 
 def weak_view(image: torch.Tensor, flip: bool) -> torch.Tensor:
