@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.core.backbone_file import WEIGHTS_NAME, extract_backbone, meta_path, read_backbone_file
+from pretrain.core.safe_load import load_torch_file
 from pretrain.core.ssl_checkpoints import split_backbone, unwrap
 
 # Key of read_weights' metadata listing the head / queue / momentum-copy keys it left out.
@@ -81,13 +82,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"cannot read {path} with torch.load(weights_only=True): {e}. Checkpoints holding pickled "
-            "objects are not loaded; save a plain state dict (model.state_dict()) instead."
-        ) from e
+    return load_torch_file(path, "backbone checkpoint")
 
 
 def _method_meta(cfg: Any) -> dict[str, Any]:

@@ -152,4 +152,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from pretrain.core.safe_load import run_cli
+
+    run_cli(main)

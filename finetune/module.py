@@ -27,6 +27,7 @@ from finetune.detectors import build_detector
 from finetune.optim import freeze_parts, param_groups
 from pretrain.core.coco import LabelMap
 from pretrain.core.resnet import build_resnet
+from pretrain.core.safe_load import load_torch_file
 from pretrain.core.schedule import ResumableLambdaLR, lr_factor
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    ckpt = load_torch_file(p, "detector checkpoint", map_location=map_location)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
     if not hp or not {"cfg", "label_map", "backbone_info"} <= set(hp) or "state_dict" not in ckpt:
         raise ValueError(

@@ -153,4 +153,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    from pretrain.core.safe_load import run_cli
+
+    run_cli(main)

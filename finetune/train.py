@@ -33,6 +33,7 @@ from pretrain.core.coco import CocoDetection, collate_fn, save_label_map
 from pretrain.core.runtime import (
     CKPT_DIR,
     build_trainer,
+    fit,
     hydra_run_dir,
     last_checkpoint,
     last_checkpoint_callbacks,
@@ -40,6 +41,7 @@ from pretrain.core.runtime import (
     use_sync_batchnorm,
     write_json,
 )
+from pretrain.core.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 DEFAULT_ARCH = "resnet50"  # arch=auto without a checkpoint
@@ -213,7 +215,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     plain_cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     if resume is not None:
         # The resumed run's own description: the backbone file is not needed (or re-read) again.
-        state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch_file(resume, "resume checkpoint", mmap=True)
         hp = state["hyper_parameters"]
         was = (hp["cfg"].get("semi") or {}).get("mode", "none")
         if was != semi_mode(cfg):
@@ -231,7 +233,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if not init_path.is_file():
             raise FileNotFoundError(f"init_from={init_path} does not exist "
                                     "(give a checkpoints/best.ckpt of a fine-tuning run)")
-        hp = torch.load(init_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        hp = load_torch_file(init_path, "init_from checkpoint", mmap=True).get("hyper_parameters") or {}
         if "backbone_info" not in hp:
             raise ValueError(f"init_from={init_path} is not a fine-tuning checkpoint of `python -m finetune`")
         resnet, info = None, hp["backbone_info"]
@@ -265,7 +267,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # matters) come from two callbacks: Lightning 2.6 only refreshes a monitoring callback's
     # last.ckpt when its top-k improved, which would resume from a stale epoch. The best one
     # runs first so that last.ckpt carries its up-to-date state.
-    last_cb = last_checkpoint_callbacks(run_dir)[0]
+    last_cb, *step_cb = last_checkpoint_callbacks(run_dir, cfg.get("checkpoint_every_n_steps"))
     checkpoint = None
     if val_ds is not None:
         checkpoint = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="best", monitor="val/AP", mode="max",
@@ -273,11 +275,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     hardware = precision.apply(trainer_cfg)
     trainer_cfg["sync_batchnorm"] = use_sync_batchnorm(trainer_cfg, str(cfg.backbone.norm), norms=("syncbn",))
-    trainer = build_trainer(trainer_cfg, run_dir, callbacks=[last_cb] if checkpoint else [],
+    trainer = build_trainer(trainer_cfg, run_dir, callbacks=[last_cb, *step_cb] if checkpoint else step_cb,
                             checkpoint=checkpoint or last_cb)
 
     t0 = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
+    fit(trainer, module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
     train_s = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}

@@ -19,6 +19,7 @@ import torch
 from pretrain.core.backbone_file import extract_backbone, save_backbone_file
 from pretrain.core.resnet import FEATURE_DIMS, build_resnet
 from pretrain.core.runtime import run_dir_of
+from pretrain.core.safe_load import load_torch_file
 
 # Method config keys that describe code or augmentation plumbing rather than the method.
 _NOT_SETTINGS = ("name", "module", "transform")
@@ -102,7 +103,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(p, "pretraining checkpoint")
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(config, dict) or "backbone" not in config or "method" not in config:
         raise ValueError(
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # UnsafeCheckpointError and CorruptCheckpointError too
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(path)

@@ -19,6 +19,7 @@ from pretrain.core.curves import plot_pretrain_curves
 from pretrain.core.resnet import ARCHS
 from pretrain.core.runtime import (
     build_trainer,
+    fit,
     hydra_run_dir,
     last_checkpoint,
     last_checkpoint_callbacks,
@@ -90,7 +91,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     with warnings.catch_warnings():
         # Expected: the kNN probe (the validation loop) is optional.
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
-        trainer.fit(model, loader, val_loader, ckpt_path=resume, weights_only=True)
+        fit(trainer, model, loader, val_loader, ckpt_path=resume, weights_only=True)
     wall = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}

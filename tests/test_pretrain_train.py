@@ -113,7 +113,7 @@ def test_killed_run_resumes_from_its_last_finished_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(SwAV, "method_callbacks", method_callbacks)
     metrics = train(smoke_cfg("method=swav", "data.knn_val_json=null", "trainer.max_epochs=3"))
     assert metrics["global_step"] == 12 and metrics["epochs"] == 3 and metrics["images_seen"] == 96
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "last.prev.ckpt"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

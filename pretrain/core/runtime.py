@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pretrain.core import precision
+from pretrain.core.safe_load import CorruptCheckpointError, load_torch_file
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -39,10 +43,102 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return path.parent.parent if path.parent.name == CKPT_DIR else path.parent
 
 
+LAST = "last.ckpt"
+PREVIOUS = "last.prev.ckpt"
+
+
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """``last.ckpt`` of an earlier run in ``run_dir``, if any: re-running resumes from it."""
-    p = Path(run_dir) / CKPT_DIR / "last.ckpt"
-    return p if p.exists() else None
+    """The checkpoint a re-run in ``run_dir`` resumes from, or None for a fresh run.
+
+    ``last.ckpt``, or ``last.prev.ckpt`` (the one before it, kept by :class:`AtomicCheckpointIO`)
+    when ``last.ckpt`` is missing or unreadable. Writes are atomic, so a torn file should not
+    happen; one found anyway (a full disk, a copy cut short) is reported, renamed to
+    ``*.corrupt`` for inspection, and the previous checkpoint is used.
+
+    Raises:
+        UnsafeCheckpointError: a checkpoint here holds pickled code (never skipped silently).
+    """
+    folder = Path(run_dir) / CKPT_DIR
+    for name in (LAST, PREVIOUS):
+        p = folder / name
+        if not p.exists():
+            continue
+        try:
+            load_torch_file(p, "resume checkpoint", mmap=True)
+        except CorruptCheckpointError as e:
+            bad = p.with_name(p.name + ".corrupt")
+            os.replace(p, bad)
+            log.warning("%s; moved it to %s and looking for the checkpoint before it", e, bad)
+            continue
+        if name == PREVIOUS:
+            log.warning("resuming from the previous checkpoint %s: %s was missing or unreadable", p, LAST)
+        return p
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files that are never torn, read weights-only.
+
+    A save writes ``<name>.tmp`` beside the target, fsyncs it and renames it over the target, so
+    a kill at any moment leaves the old file or the new one, never half of one. (Lightning's own
+    save goes through an fsspec transaction whose temporary file lives in the system temp folder;
+    on another filesystem its final move is a copy, which a kill can cut.) Before ``last.ckpt`` is
+    replaced, the old one becomes ``last.prev.ckpt``: the fallback :func:`last_checkpoint` uses
+    when the newest file is unreadable anyway. Loads go through :func:`load_torch_file`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if target.name == LAST and target.exists():
+            os.replace(target, target.with_name(PREVIOUS))
+        os.replace(tmp, target)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        return load_torch_file(path, "checkpoint", map_location=map_location or "cpu")
+
+
+class SaveOnSigterm(Callback):
+    """SIGTERM (what SLURM, Kubernetes and ``timeout`` send) ends the run after the current step
+    with ``last.ckpt`` saved; :func:`fit` then exits with status 143 and a message, no traceback.
+
+    Lightning notices SIGTERM in its own handler but, in a single process, acts on it only at the
+    end of the epoch, and then without a checkpoint. Under DDP it stops every rank at the start
+    of the next step; either way the exception reaches :meth:`on_exception`, which saves.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / CKPT_DIR / LAST
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        if getattr(trainer, "received_sigterm", False) and trainer.world_size == 1:
+            raise SIGTERMException()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:  # type: ignore[override]
+        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                log.warning("SIGTERM at global step %d: saved %s", trainer.global_step, self.path)
+
+
+class Terminated(SystemExit):
+    """Raised by :func:`fit` after SIGTERM: exit status 143 (128 + SIGTERM), the checkpoint saved."""
+
+
+def fit(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit`` that turns a SIGTERM stop into a clean exit (status 143, no traceback)."""
+    try:
+        trainer.fit(*args, **kwargs)
+    except SIGTERMException:
+        folder = Path(trainer.default_root_dir) / CKPT_DIR
+        print(f"stopped by SIGTERM at global step {trainer.global_step}; the checkpoint is in {folder}. "
+              "Re-run the same command to resume.", flush=True)
+        raise Terminated(143) from None
 
 
 def last_checkpoint_callbacks(run_dir: str | Path, every_n_train_steps: int | None = None) -> list[ModelCheckpoint]:
@@ -191,10 +287,16 @@ def build_trainer(
     if str(kwargs.get("precision", "auto")) == "auto":
         precision.apply(kwargs)
     ckpt = checkpoint or last_checkpoint_callbacks(run_dir)[0]
-    cbs = [ckpt, StopOnNonFiniteLoss(), pl.callbacks.LearningRateMonitor("step"), *callbacks]
+    cbs = [ckpt, StopOnNonFiniteLoss(), SaveOnSigterm(run_dir), pl.callbacks.LearningRateMonitor("step"),
+           *callbacks]
+    plugins = kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     return pl.Trainer(
         default_root_dir=str(run_dir),
         logger=ResumingCSVLogger(str(run_dir), name="logs", version=""),
         callbacks=cbs,
+        plugins=plugins,
         **kwargs,
     )

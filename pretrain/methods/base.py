@@ -153,8 +153,10 @@ class SSLMethod(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        # Runs before ModelCheckpoint's epoch-end save, so last.ckpt counts this epoch.
-        self.epochs_done += 1
+        # Runs before ModelCheckpoint's epoch-end save, so last.ckpt counts this epoch. Set from the
+        # epoch index, not incremented: a run resumed from a step checkpoint taken at an epoch's last
+        # batch does not run that epoch's end again, and a count would lose it.
+        self.epochs_done.fill_(self.trainer.current_epoch + 1)
         if self._epoch_loss_n:
             self.last_epoch_loss = self._epoch_loss_sum / self._epoch_loss_n
 
