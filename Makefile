@@ -22,7 +22,7 @@ install: $(STAMP)
 # wheel whose ABI does not match torchvision's compiled ops. The registry's
 # torch 2.13.0 runs fine on a CPU.
 $(STAMP): setup.cfg
-	test -x $(PY) || python3 -m venv $(VENV)
+	bash scripts/ensure_venv.sh $(VENV)
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
 	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev,eval]'
 	$(PY) -c "import torch, torchvision; b = torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10]]); \

@@ -105,6 +105,9 @@ class DetectionModule(pl.LightningModule):
         self.checkpoint_epoch: int | None = None
         self.checkpoint_step: int | None = None
         self.deployed_weights = "student"  # or "teacher": which detector of a semi checkpoint was loaded
+        # Labeled images the dataset could not decode and replaced (CocoDetection bad_images="skip"):
+        # reason strings naming the files, counted here in the main process, kept across resumes.
+        self.skipped_images: dict[str, None] = {}
 
     @property
     def class_names(self) -> list[str]:
@@ -127,8 +130,17 @@ class DetectionModule(pl.LightningModule):
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_steps = 0
 
+    def count_skipped(self, targets: Sequence[Mapping[str, Any]]) -> None:
+        """Record the unreadable images the dataset replaced by the ones in this batch."""
+        for t in targets:
+            for reason in t.get("skipped", ()):
+                if reason not in self.skipped_images:
+                    self.skipped_images[reason] = None
+                    log.warning("unreadable labeled image skipped (%d so far): %s", len(self.skipped_images), reason)
+
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        self.count_skipped(targets)
         losses = self.model(list(images), self.model_targets(targets))
         loss = sum(losses.values())
         n = len(images)
@@ -215,14 +227,16 @@ class DetectionModule(pl.LightningModule):
         epoch_loss = (self._loss_sum / self._loss_steps).item() if self._loss_steps else None
         lrs = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
         return {"epoch": int(self.current_epoch), "step": int(self.global_step), "train_loss": epoch_loss,
-                "lr": max((g["lr"] for g in lrs), default=None)}
+                "lr": max((g["lr"] for g in lrs), default=None), "skipped_images": len(self.skipped_images)}
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["history"] = list(self.history)
+        checkpoint["skipped_images"] = list(self.skipped_images)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
+        self.skipped_images = dict.fromkeys(checkpoint.get("skipped_images", []))
 
 
 def original_scale(info: Mapping[str, Any], image: torch.Tensor) -> tuple[float, float]:
@@ -280,6 +294,7 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
                              num_classes=hp.get("num_classes"))
     module.load_state_dict(model_state, strict=True)
     module.history = list(ckpt.get("history", []))
+    module.skipped_images = dict.fromkeys(ckpt.get("skipped_images", []))
     module.checkpoint_epoch = ckpt.get("epoch")
     module.checkpoint_step = ckpt.get("global_step")
     module.deployed_weights = use

@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from finetune.backbone import load_backbone
+from finetune.ddp_report import DistributedReport
 from finetune.evaluate import evaluate_module
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
@@ -123,9 +124,11 @@ def build_datasets(cfg: DictConfig, paths: DataPaths) -> tuple[CocoDetection, Co
     aug = OmegaConf.to_container(cfg.augment, resolve=True)
     common = {"max_pixels": cfg.data.get("max_pixels"), "missing": cfg.data.get("missing", "error")}
     train_ds = CocoDetection(paths.train_json, paths.train_images, transforms=build_transforms(True, **aug),  # type: ignore[arg-type]
-                             train=True, **common)
+                             train=True, bad_images="skip", **common)
     if train_ds.num_classes == 0:
         raise ValueError(f"{paths.train_json} has no categories to train on")
+    if train_ds.report.boxes == 0:
+        raise ValueError(f"{paths.train_json} has no usable boxes to train on ({train_ds.report.summary()})")
     val_ds = None
     if paths.val_json is not None:
         val_ds = CocoDetection(paths.val_json, paths.val_images, transforms=build_transforms(False), train=False,
@@ -185,6 +188,20 @@ def init_detector(module: DetectionModule, ckpt: str | Path, train_ds: CocoDetec
           flush=True)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse settings that cannot train, before any data is read, naming the override to fix."""
+    lr = float(cfg.optimizer.lr)
+    if not lr > 0:
+        raise ValueError(f"optimizer.lr={lr} must be > 0")
+    if int(cfg.data.batch_size) < 1:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and int(epochs) < 1 and int(cfg.trainer.get("max_steps", -1) or -1) < 1:
+        raise ValueError(f"trainer.max_epochs={epochs} must be >= 1 (or set trainer.max_steps)")
+    if semi_mode(cfg) != "none" and float(cfg.semi.get("unsup_weight", 0.0)) < 0:
+        raise ValueError(f"semi.unsup_weight={cfg.semi.unsup_weight} must be >= 0")
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune, keep the best epoch by val AP, evaluate it and write the run's outputs.
 
@@ -205,8 +222,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True)
     save_config(cfg, run_dir)
 
+    check_config(cfg)
     paths = resolve_data_paths(cfg.data)
     train_ds, val_ds = build_datasets(cfg, paths)
+    if int(cfg.data.batch_size) > len(train_ds):
+        log.warning("data.batch_size=%d is larger than the %d training images: each epoch is one step of %d "
+                    "images", int(cfg.data.batch_size), len(train_ds), len(train_ds))
     if val_ds is None:
         log.warning("no validation set (data.val_json): no val AP, no best-epoch selection; the last epoch is kept")
     save_label_map(run_dir / "label_map.json", train_ds)
@@ -275,7 +296,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     hardware = precision.apply(trainer_cfg)
     trainer_cfg["sync_batchnorm"] = use_sync_batchnorm(trainer_cfg, str(cfg.backbone.norm), norms=("syncbn",))
-    trainer = build_trainer(trainer_cfg, run_dir, callbacks=[last_cb, *step_cb] if checkpoint else step_cb,
+    extra: list[pl.Callback] = [DistributedReport()] if int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or str(
+        trainer_cfg.get("strategy", "auto")).startswith("ddp") else []
+    trainer = build_trainer(trainer_cfg, run_dir,
+                            callbacks=[*([last_cb] if checkpoint else []), *step_cb, *extra],
                             checkpoint=checkpoint or last_cb)
 
     t0 = time.perf_counter()
@@ -326,6 +350,12 @@ def finish(
         "hardware": hardware.as_dict() if hardware else None,
         "run_dir": str(run_dir),
     }
+    skipped = list(module.skipped_images) or list(best_module.skipped_images)
+    if skipped:
+        base["skipped_images"] = skipped
+    report = next((c.report for c in trainer.callbacks if isinstance(c, DistributedReport)), None)  # type: ignore[attr-defined]
+    if report is not None:
+        base["distributed"] = report
     if semi_mode(cfg) != "none":
         from finetune.semi.train import semi_metrics
 

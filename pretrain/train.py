@@ -45,6 +45,10 @@ def check_config(config: dict[str, Any]) -> None:
             f"backbone.norm={b.get('norm')!r} cannot be pretrained (frozen BN has nothing to learn); "
             f"choose one of {PRETRAIN_NORMS}"
         )
+    opt = config.get("optimizer") or {}
+    lr = opt.get("base_lr", opt.get("lr"))
+    if lr is not None and not float(lr) > 0:
+        raise ValueError(f"optimizer.base_lr={lr} must be > 0")
     if int(config["data"]["batch_size"]) < 2:
         raise ValueError("data.batch_size must be >= 2 (batch statistics and negatives need a batch)")
     if "transform" not in config["method"] or "module" not in config["method"]:

@@ -52,8 +52,9 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
     assert all(stage_done(s, out / d) for s, d in (("pretrain", "pretrain"), ("finetune", "finetune")))
 
 
+@pytest.mark.slow
 def test_sweep_gives_a_row_per_job_and_plots(tmp_path):
-    # Two jobs (each a pretraining then its fine-tune) keep this under a minute on 2 cores.
+    # Two jobs (each a pretraining then its fine-tune): 40 s on 2 cores, four interpreters starting.
     sweep = tmp_path / "sweep"
     _run(["-m", "finetune.sweep", "-m", "experiment=smoke", "method=swav", "method.num_prototypes=8,16",
           "trainer.max_epochs=1", f"hydra.sweep.dir={quote(sweep)}"], cwd=REPO)

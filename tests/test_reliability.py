@@ -1,12 +1,14 @@
 """Faults and hostile files: a pickle that would run code, torn checkpoints, SIGKILL and SIGTERM
 mid-run, non-finite losses in fine-tuning and semi.
 
-The kill tests run the real commands as subprocesses on the session's tiny synthetic set.
+On the session's tiny synthetic set: SIGKILL hits a real `python -m pretrain` subprocess; SIGTERM
+is delivered for real to this process during a fine-tuning step (Lightning's handler is installed
+only while training runs).
 """
 
 from __future__ import annotations
 
-import json
+import csv
 import logging
 import os
 import signal
@@ -16,7 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from test_pretrain_train import smoke_cfg as pretrain_cfg
 from test_semi_train import smoke_cfg
 
 from finetune.backbone import load_backbone
@@ -25,6 +29,8 @@ from finetune.semi.module import SemiDetectionModule
 from finetune.train import train as finetune_train
 from pretrain.core.runtime import AtomicCheckpointIO, NonFiniteLossError, last_checkpoint
 from pretrain.core.safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_torch_file
+from pretrain.methods.swav import SwAV
+from pretrain.train import train as pretrain_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,12 +98,17 @@ def test_hostile_pickle_is_refused_by_every_loader(hostile, synthetic_data, tmp_
     assert marker.is_dir()
 
 
-def test_refusal_on_the_command_line_is_one_message(hostile):
+def test_refusal_on_the_command_line_is_one_message(hostile, capsys):
+    """`python -m finetune.evaluate hostile.ckpt` ends with one line on stderr and status 2."""
+    from finetune.evaluate import main as evaluate_main
+    from pretrain.core.safe_load import run_cli
+
     path, marker = hostile
-    r = subprocess.run([sys.executable, "-m", "finetune.evaluate", str(path), "--ann", "x.json"], check=False,
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    _assert_refusal(r.stderr, path)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: evaluate_main([str(path), "--ann", "x.json"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: refused to load") and err.count("\n") == 1, err
+    _assert_refusal(err, path)
     assert not marker.exists()
 
 
@@ -144,17 +155,6 @@ def test_atomic_saves_keep_the_previous_checkpoint_for_a_torn_one(tmp_path, capl
 
 
 # ------------------------------------------------------------------------------ kills, real runs
-def _pretrain_cmd(run: Path, data_root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pretrain", "method=swav", "experiment=smoke", f"data.root={data_root}",
-            "data.synthetic=null", "data.knn_val_json=null", "checkpoint_every_n_steps=1",
-            f"hydra.run.dir={run}", *extra]
-
-
-def _finetune_cmd(run: Path, data_root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "finetune", "experiment=smoke", f"data.root={data_root}", "data.synthetic=null",
-            "eval.plots=false", "checkpoint_every_n_steps=1", f"hydra.run.dir={run}", *extra]
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -186,64 +186,87 @@ def _signal_after_step(cmd: list[str], run: Path, sig: int, min_step: int, timeo
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def _rerun(cmd: list[str]) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return r
-
-
-def test_sigkilled_pretraining_resumes_at_its_saved_step(synthetic_data, tmp_path):
-    """SIGKILL between step checkpoints; the re-run starts at the saved step with the saved SwAV
-    queue and optimizer state and finishes the schedule (32 images, batch 8: 4 steps per epoch)."""
+def test_sigkilled_pretraining_resumes_at_its_saved_step(synthetic_data, tmp_path, monkeypatch, caplog):
+    """A real SIGKILL between step checkpoints; the re-run (the same config, in this process) starts
+    at the saved step with the saved SwAV queue and optimizer state and finishes the schedule
+    (32 images, batch 8: 4 steps per epoch)."""
     run = tmp_path / "pre"
-    cmd = _pretrain_cmd(run, synthetic_data["root"], "trainer.max_epochs=3", "method.queue_length=8",
-                        "method.queue_start_epoch=0")
+    overrides = ("method=swav", f"data.root={synthetic_data['root']}", "data.synthetic=null",
+                 "data.knn_val_json=null", "checkpoint_every_n_steps=1", "trainer.max_epochs=3",
+                 "method.queue_length=8", "method.queue_start_epoch=0")
+    cmd = [sys.executable, "-m", "pretrain", "experiment=smoke", *overrides, f"hydra.run.dir={run}"]
     killed = _signal_after_step(cmd, run, signal.SIGKILL, min_step=4)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
     saved = load_torch_file(last_checkpoint(run))
     step = int(saved["global_step"])
     assert 4 <= step < 12, step
-    queue = {k: v for k, v in saved["state_dict"].items() if "queue" in k}
-    assert queue and saved["optimizer_states"][0]["state"]
-    r = _rerun(cmd)
-    assert "resuming from" in r.stdout + r.stderr
-    metrics = json.loads((run / "metrics.json").read_text())
+    assert any("queue" in k for k in saved["state_dict"]) and saved["optimizer_states"][0]["state"]
+    resumed: dict[str, object] = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            resumed["step"] = trainer.global_step
+            resumed["queue"] = {k: v.clone() for k, v in pl_module.state_dict().items() if "queue" in k}
+            resumed["momentum"] = [s["momentum_buffer"].clone() for s in trainer.optimizers[0].state.values()
+                                   if "momentum_buffer" in s]
+
+    method_callbacks = SwAV.method_callbacks
+    monkeypatch.setattr(SwAV, "method_callbacks", lambda self: [*method_callbacks(self), Probe()])
+    monkeypatch.chdir(run)
+    with caplog.at_level(logging.INFO):
+        metrics = pretrain_train(pretrain_cfg(*overrides))
+    assert "resuming from" in caplog.text
+    assert resumed["step"] == step
+    for k, v in resumed["queue"].items():  # type: ignore[union-attr]
+        assert torch.equal(v, saved["state_dict"][k]), k
+    saved_momentum = [s["momentum_buffer"] for s in saved["optimizer_states"][0]["state"].values()
+                      if "momentum_buffer" in s]
+    assert resumed["momentum"] and all(torch.equal(a, b) for a, b in zip(resumed["momentum"], saved_momentum))
     assert metrics["global_step"] == 12 and metrics["epochs"] == 3
     # The loss log has every step once: the re-run continued at the saved step, not at 0.
-    import csv
-
     with open(run / "logs" / "metrics.csv") as f:
         steps = sorted(int(r["step"]) for r in csv.DictReader(f) if r.get("train_loss"))
     assert steps == list(range(12))
 
 
-def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(synthetic_data, tmp_path):
-    """What SLURM and Kubernetes send: the run stops after the step it is in, with last.ckpt at
-    that step, exit status 143 and no traceback; the same command then finishes the schedule."""
-    run = tmp_path / "ft"
-    cmd = _finetune_cmd(run, synthetic_data["root"], "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=8")
-    stopped = _signal_after_step(cmd, run, signal.SIGTERM, min_step=2)
-    assert stopped.returncode == 143, stopped.stdout[-3000:]
-    assert "Traceback" not in stopped.stdout and "stopped by SIGTERM at global step" in stopped.stdout
-    said = int(stopped.stdout.split("stopped by SIGTERM at global step ")[1].split(";")[0])
-    assert 2 <= said < 24 and _step_of(run / "checkpoints" / "last.ckpt") == said
-    assert not (run / "metrics.json").exists()
-    r = _rerun(cmd)
-    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
-    assert json.loads((run / "metrics.json").read_text())["global_step"] == 24  # 8 epochs of 3 steps
+def test_sigterm_saves_exits_cleanly_and_the_rerun_resumes(synthetic_data, tmp_path, monkeypatch, capsys):
+    """What SLURM and Kubernetes send, delivered for real to this process mid-step: the run stops
+    after that step with last.ckpt at it, exits with status 143 and a one-line message; the same
+    config then finishes the schedule."""
+    original = DetectionModule.training_step
+
+    def step_then_sigterm(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DetectionModule, "training_step", step_then_sigterm)
+    overrides = ("eval.plots=false", "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=5")
+    with pytest.raises(SystemExit) as stop:
+        finetune_train(smoke_cfg(synthetic_data["root"], *overrides), tmp_path)
+    out = capsys.readouterr().out
+    assert stop.value.code == 143
+    assert "stopped by SIGTERM at global step 5;" in out and "Re-run the same command" in out
+    assert _step_of(tmp_path / "checkpoints" / "last.ckpt") == 5  # mid-epoch: 3 steps per epoch
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(DetectionModule, "training_step", original)
+    metrics = finetune_train(smoke_cfg(synthetic_data["root"], *overrides), tmp_path)
+    assert f"resuming from {tmp_path / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    assert metrics["global_step"] == 15  # 5 epochs of 3 steps
 
 
-def test_rerun_after_a_torn_last_checkpoint_uses_the_previous_one(synthetic_data, tmp_path):
-    run = tmp_path / "ft"
-    cmd = _finetune_cmd(run, synthetic_data["root"], "trainer.max_epochs=1")
-    _rerun(cmd)
-    last = run / "checkpoints" / "last.ckpt"
-    prev_step = _step_of(run / "checkpoints" / "last.prev.ckpt")
-    last.write_bytes(last.read_bytes()[:1000])
-    r = _rerun(_finetune_cmd(run, synthetic_data["root"], "trainer.max_epochs=2"))
-    assert "truncated" in r.stdout + r.stderr and "last.prev.ckpt" in r.stdout
-    assert (run / "checkpoints" / "last.ckpt.corrupt").is_file()
-    assert prev_step == 3 and json.loads((run / "metrics.json").read_text())["global_step"] == 6
+def test_rerun_after_a_torn_last_checkpoint_uses_the_previous_one(synthetic_data, tmp_path, caplog):
+    cfg = smoke_cfg(synthetic_data["root"], "eval.plots=false", "checkpoint_every_n_steps=1", "trainer.max_epochs=1")
+    finetune_train(cfg, tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _step_of(tmp_path / "checkpoints" / "last.prev.ckpt") == 3  # the step save, then the epoch-end one
+    last.write_bytes(last.read_bytes()[:1000])  # a kill during a non-atomic copy
+    with caplog.at_level(logging.WARNING):
+        metrics = finetune_train(smoke_cfg(synthetic_data["root"], "eval.plots=false", "trainer.max_epochs=2"),
+                                 tmp_path)
+    assert "truncated" in caplog.text and "last.prev.ckpt" in caplog.text
+    assert (tmp_path / "checkpoints" / "last.ckpt.corrupt").is_file()
+    assert metrics["global_step"] == 6  # resumed at step 3, not from scratch
 
 
 # ------------------------------------------------------------------------------ non-finite losses

@@ -123,6 +123,7 @@ def _parse_voc_xml(path: Path) -> dict[str, Any]:
         difficult = _text(obj, "difficult", "0") or "0"
         objects.append({"name": name, "coords": coords, "difficult": difficult in ("1", "true", "True")})
     return {
+        "xml": str(path),
         "filename": _text(root, "filename"),
         "width": int(float(_text(size, "width", "0") or 0)),
         "height": int(float(_text(size, "height", "0") or 0)),
@@ -207,6 +208,7 @@ def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[
     image_id = {s: i + 1 for i, s in enumerate(stems)}
 
     out: dict[str, dict[str, Any]] = {}
+    dropped: list[str] = []
     for split, ids in splits.items():
         images: list[dict[str, Any]] = []
         anns: list[dict[str, Any]] = []
@@ -222,6 +224,9 @@ def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[
                 if o["difficult"] and difficult == "drop":
                     continue
                 xmin, ymin, xmax, ymax = o["coords"]
+                if not (xmax >= xmin and ymax >= ymin):  # also NaN from a missing coordinate
+                    dropped.append(f"{p['xml']}: {o['name']} ({xmin}, {ymin}, {xmax}, {ymax})")
+                    continue
                 bw, bh = xmax - xmin + 1, ymax - ymin + 1
                 ann = {"id": len(anns) + 1, "image_id": image_id[s], "category_id": cat_id[o["name"]],
                        "bbox": [xmin - 1, ymin - 1, bw, bh], "area": max(bw, 0) * max(bh, 0),
@@ -237,4 +242,6 @@ def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[
             "annotations": anns,
             "categories": [{"id": cat_id[n], "name": n, "supercategory": "none"} for n in classes],
         }
+    if dropped:
+        print(f"  {len(dropped)} boxes with max < min or a missing coordinate (dropped), e.g. {dropped[:3]}")
     return out

@@ -149,6 +149,8 @@ def yolo_to_coco(data_yaml: str | os.PathLike[str], out_dir: str | os.PathLike[s
                     stats["label lines with a wrong number of values (skipped)"] += 1
                     log.warning("%s:%d: expected 'class cx cy w h' or a polygon, got %r", label, n, line)
                     continue
+                if min(x0, y0) < 0 or max(x1, y1) > 1:
+                    stats["boxes reaching outside [0, 1] (kept; clipped to the image when loaded)"] += 1
                 box = [round(x0 * w, 3), round(y0 * h, 3), round((x1 - x0) * w, 3), round((y1 - y0) * h, 3)]
                 anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(cls) + 1, "bbox": box,
                              "area": round(max(box[2], 0) * max(box[3], 0), 3), "iscrowd": 0})

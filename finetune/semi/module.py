@@ -125,6 +125,7 @@ class SemiDetectionModule(DetectionModule):
     # -------------------------------------------------------------------------------- step
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:  # type: ignore[override]
         images, targets = batch["labeled"]
+        self.count_skipped(targets)
         unl = batch["unlabeled"]
         sup_losses = self.model(list(images), self.model_targets(targets))
         sup = sum(sup_losses.values())

@@ -60,6 +60,11 @@ class CocoDetection(torch.utils.data.Dataset):
         missing: ``"error"`` (default) raises when image files are missing; ``"skip"`` drops those
             images with a warning.
         check_files: check at init that every image file exists.
+        bad_images: ``"error"`` raises on an image that cannot be decoded when it is read (what
+            evaluation needs: a left-out image would change the metrics); ``"skip"`` (training)
+            returns the next readable image in its place, logs the bad file once and names it in
+            the substitute's target under ``"skipped"``, so that the training loop counts it in
+            the main process whatever the number of DataLoader workers.
     """
 
     def __init__(
@@ -72,9 +77,14 @@ class CocoDetection(torch.utils.data.Dataset):
         label_map: LabelMap | Mapping[int, int] | str | os.PathLike[str] | None = None,
         missing: str = "error",
         check_files: bool = True,
+        bad_images: str = "error",
     ) -> None:
         if missing not in ("error", "skip"):
             raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+        self.bad_images = bad_images
+        self.skipped: dict[str, str] = {}  # this process's skipped files -> reason
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root) if image_root is not None else self.ann_file.parent
         self.transforms = transforms
@@ -185,6 +195,26 @@ class CocoDetection(torch.utils.data.Dataset):
         return img, (img.width / W, img.height / H)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        if self.bad_images == "error":
+            return self._item(index, [])
+        n = len(self.ids)
+        passed: list[str] = []
+        # Walk forward to the next readable image: one bad file among thousands never ends a run.
+        for k in range(n):
+            i = (index + k) % n
+            try:
+                return self._item(i, passed)
+            except ImageError as e:
+                reason = str(e)
+                path = str(self.image_root / self._images[self.ids[i]]["file_name"])
+                if path not in self.skipped:
+                    self.skipped[path] = reason
+                    log.warning("skipping a labeled image (%d in this process so far): %s", len(self.skipped),
+                                reason)
+                passed.append(reason)
+        raise ImageError(f"none of the {n} images of {self.ann_file} is readable (e.g. {passed[0]})")
+
+    def _item(self, index: int, skipped: list[str]) -> tuple[tv_tensors.Image, Target]:
         try:
             img, (sx, sy) = self._load(index)
         except ImageError as e:
@@ -205,6 +235,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "area": torch.from_numpy(np.asarray(area, dtype=np.float32).copy()),
             "iscrowd": torch.from_numpy(t["iscrowd"].copy()),
         }
+        if skipped:
+            target["skipped"] = list(skipped)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

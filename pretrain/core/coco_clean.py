@@ -2,13 +2,15 @@
 
 What is fixed (each counted in a :class:`LoadReport`, never silently):
     * boxes with zero or negative width/height, or non-finite values: dropped;
+    * a ``bbox`` that is missing, not 4 numbers, or holds strings: dropped as malformed;
     * boxes reaching outside the image: clipped, dropped if nothing is left;
     * annotations naming an unknown image id or category id, or a category outside the label
       map: dropped;
     * duplicate or missing annotation ids: renumbered (COCOeval needs unique ids);
     * images without boxes stay as negatives.
 Images whose files are missing raise an error listing the first few, or are dropped with
-``missing="skip"``.
+``missing="skip"``. Errors, naming the file: not JSON, no ``images`` or ``categories`` list, an
+image without id or file_name, duplicate image or category ids, ids that are not integers.
 """
 
 from __future__ import annotations
@@ -48,18 +50,21 @@ class LoadReport:
     classes: int = 0
     dropped_empty: int = 0
     dropped_nonfinite: int = 0
+    dropped_malformed: int = 0
     dropped_outside: int = 0
     clipped: int = 0
     dropped_unknown_image: int = 0
     dropped_unknown_category: int = 0
     dropped_unmapped_category: int = 0
     skipped_missing_files: int = 0
+    renumbered_annotation_ids: int = 0
     ignored_categories: list[str] = field(default_factory=list)
     per_class: dict[str, int] = field(default_factory=dict)
 
     def fixes(self) -> dict[str, int]:
-        keys = ("dropped_empty", "dropped_nonfinite", "dropped_outside", "clipped", "dropped_unknown_image",
-                "dropped_unknown_category", "dropped_unmapped_category", "skipped_missing_files")
+        keys = ("dropped_empty", "dropped_nonfinite", "dropped_malformed", "dropped_outside", "clipped",
+                "dropped_unknown_image", "dropped_unknown_category", "dropped_unmapped_category",
+                "skipped_missing_files", "renumbered_annotation_ids")
         return {k: getattr(self, k) for k in keys if getattr(self, k)}
 
     def summary(self) -> str:
@@ -90,8 +95,12 @@ def read_coco_json(ann_file: Path) -> dict[str, Any]:
     has_images = isinstance(data, dict) and isinstance(data.get("images"), list)
     if not has_images:
         raise ValueError(f"{ann_file} is not a COCO detection file: no 'images' list")
+    if "categories" not in data:
+        raise ValueError(f"{ann_file} has no 'categories' list: a labeled COCO file names its classes "
+                         "(add e.g. \"categories\": [{\"id\": 1, \"name\": \"cat\"}])")
+    if "annotations" not in data:
+        log.warning("%s has no 'annotations' key: every image is read as having no objects", ann_file)
     data.setdefault("annotations", [])
-    data.setdefault("categories", [])
     bad = [key for key in ("annotations", "categories") if not isinstance(data[key], list)]
     if bad:
         raise ValueError(f"{ann_file}: {bad} must be lists")
@@ -104,7 +113,7 @@ def index_images(raw: list[dict], ann_file: Path, image_root: Path) -> dict[int,
     for im in raw:
         if "id" not in im or "file_name" not in im:
             raise ValueError(f"{ann_file}: image entry without id/file_name: {im}")
-        iid = int(im["id"])
+        iid = _strict_id(im["id"], "image", ann_file)
         if iid in images:
             raise ValueError(f"{ann_file}: duplicate image id {iid}")
         im = dict(im)
@@ -122,8 +131,20 @@ def index_categories(raw: list[dict], ann_file: Path) -> dict[int, dict]:
     for c in raw:
         if "id" not in c or "name" not in c:
             raise ValueError(f"{ann_file}: category without id/name: {c}")
-        cats[int(c["id"])] = c
+        cid = _strict_id(c["id"], "category", ann_file)
+        if cid in cats:
+            raise ValueError(f"{ann_file}: duplicate category id {cid}")
+        cats[cid] = c
     return cats
+
+
+def _strict_id(value: Any, what: str, ann_file: Path) -> int:
+    """An id that is an int (or an integral float, as some writers emit); anything else is an error:
+    int("3") or int(1.5) would silently match the wrong entries."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{ann_file}: {what} id {value!r} is not an integer; COCO ids are ints, fix the file")
+    return int(value)
 
 
 def drop_missing_files(images: dict[int, dict], image_root: Path, ann_file: Path, missing: str,
@@ -148,6 +169,12 @@ def drop_missing_files(images: dict[int, dict], image_root: Path, ann_file: Path
 
 
 def _as_int(value: Any) -> int | None:
+    """An annotation's image or category id: an int, an integral float or a string of digits ("7",
+    as some exporters write); None (dropped and counted) otherwise: 1.5 must not match image 1."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -188,11 +215,12 @@ def clean_annotations(images: dict[int, dict], anns: list[dict], cats: dict[int,
         if cid not in cat_to_label:
             report.dropped_unmapped_category += 1
             continue
-        try:
-            x, y, w, h = (float(v) for v in a.get("bbox"))  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            report.dropped_nonfinite += 1
+        bbox = a.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+            report.dropped_malformed += 1  # missing, wrong length, strings
             continue
+        x, y, w, h = (float(v) for v in bbox)
         if not all(math.isfinite(v) for v in (x, y, w, h)):
             report.dropped_nonfinite += 1
             continue
@@ -212,6 +240,8 @@ def clean_annotations(images: dict[int, dict], anns: list[dict], cats: dict[int,
         per_image[iid].append(([x1, y1, x2, y2], cat_to_label[cid], area, crowd))
         ann_id = int(a["id"]) if isinstance(a.get("id"), (int, float)) else -1
         if ann_id in used_ann_ids or ann_id < 0:
+            # pycocotools indexes annotations by id: a duplicate would replace a box in evaluation.
+            report.renumbered_annotation_ids += 1
             ann_id, next_id = next_id, next_id + 1
         used_ann_ids.add(ann_id)
         clean = {k: v for k, v in a.items() if k not in ("bbox", "area", "iscrowd", "id", "image_id")}

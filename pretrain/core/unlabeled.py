@@ -25,10 +25,29 @@ log = logging.getLogger(__name__)
 
 
 def list_images(folder: str | os.PathLike[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
-    """All image files under ``folder`` (recursive, symlinks followed, hidden entries skipped), sorted."""
+    """All image files under ``folder`` (recursive, symlinks followed, hidden entries skipped), sorted.
+
+    A folder reached a second time through a symlink (a loop such as ``a/b -> a``, or two links
+    to one folder) is listed once; each such link is logged, so a loop neither hangs the listing
+    nor repeats its images dozens of times. Unreadable folders are logged and left out.
+    """
     exts = {e.lower() for e in extensions}
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(err: OSError) -> None:
+        log.warning("cannot list %s (%s): its images are left out", err.filename, err.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        try:
+            st = os.stat(dirpath)
+        except OSError:  # removed while we walk
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s is a folder already listed (a symlink loop or a second link to it): skipped", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
