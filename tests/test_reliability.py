@@ -291,3 +291,49 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(module_cls, overrid
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     if module_cls is SemiDetectionModule:
         assert any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("semi=unbiased_teacher", "semi.burn_in=2", "semi.ema_decay=0.5", "semi.threshold=0.0",
+     "detector.detections_per_img=20", "trainer.gradient_clip_val=5.0"),  # every teacher box, x4: clip
+], ids=["finetune", "unbiased_teacher"])
+def test_sigkilled_detection_run_resumes_at_its_saved_step(overrides, synthetic_data, tmp_path, monkeypatch,
+                                                           capsys):
+    """Fine-tuning and semi as real ``python -m finetune`` subprocesses, SIGKILLed after a step
+    checkpoint; the re-run starts at the saved step with the saved optimizer state and, in semi,
+    the saved teacher (12 labeled images at batch 4: 3 steps per epoch, 4 epochs)."""
+    run = tmp_path / "run"
+    common = ("eval.plots=false", "checkpoint_every_n_steps=1", "trainer.max_epochs=4",
+              "trainer.check_val_every_n_epoch=4", *overrides)
+    cmd = [sys.executable, "-m", "finetune", "experiment=smoke", f"data.root={synthetic_data['root']}",
+           "data.synthetic=null", *common, f"hydra.run.dir={run}"]
+    killed = _signal_after_step(cmd, run, signal.SIGKILL, min_step=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    saved = load_torch_file(last_checkpoint(run))
+    step = int(saved["global_step"])
+    assert 4 <= step < 12, step
+    module_cls = SemiDetectionModule if overrides else DetectionModule
+    resumed: dict[str, object] = {}
+    original_start = module_cls.on_train_start
+
+    def probe(self):  # type: ignore[no-untyped-def]
+        resumed["step"] = self.trainer.global_step
+        resumed["state"] = {k: v.clone() for k, v in self.state_dict().items()}
+        resumed["momentum"] = [s["momentum_buffer"].clone() for s in self.trainer.optimizers[0].state.values()
+                               if "momentum_buffer" in s]
+        return original_start(self)
+
+    monkeypatch.setattr(module_cls, "on_train_start", probe)
+    metrics = finetune_train(smoke_cfg(synthetic_data["root"], *common), run)
+    assert "resuming from" in capsys.readouterr().out
+    assert resumed["step"] == step
+    state = resumed["state"]
+    assert all(torch.equal(state[k], v) for k, v in saved["state_dict"].items()), "weights differ from last.ckpt"
+    if overrides:
+        assert any(k.startswith("teacher.") for k in saved["state_dict"])  # and equal, by the line above
+    saved_momentum = [s["momentum_buffer"] for s in saved["optimizer_states"][0]["state"].values()
+                      if "momentum_buffer" in s]
+    assert resumed["momentum"] and all(torch.equal(a, b) for a, b in zip(resumed["momentum"], saved_momentum))
+    assert metrics["global_step"] == 12

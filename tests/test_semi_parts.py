@@ -139,6 +139,22 @@ def test_focal_roi_heads_replace_the_stock_loss(monkeypatch):
     sum(losses.values()).backward()
 
 
+
+def test_focal_roi_heads_with_no_proposal_and_no_target():
+    """A diverged RPN can leave no proposal at all, and an image without pseudo-boxes adds no
+    ground-truth proposal: zero RoIs give zero losses, still attached to the graph (found in a
+    SIGKILL/resume test whose smoke run diverged)."""
+    model = tiny_frcnn()
+    use_focal_roi_heads(model, 1.5)
+    model.train()
+    heads = model.roi_heads
+    features = {name: torch.rand(2, 256, 16 // 2**i, 16 // 2**i, requires_grad=True)
+                for i, name in enumerate(("0", "1", "2", "3"))}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    _, losses = heads(features, [torch.zeros(0, 4), torch.zeros(0, 4)], [(64, 64), (64, 64)], [empty, empty])
+    assert {k: float(v) for k, v in losses.items()} == {"loss_classifier": 0.0, "loss_box_reg": 0.0}
+    sum(losses.values()).backward()
+
 # ------------------------------------------------------------------------------------ views
 def test_views_keep_geometry_and_flip_boxes():
     img = torch.zeros(3, 48, 64)

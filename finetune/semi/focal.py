@@ -71,7 +71,7 @@ class FocalRoIHeads(RoIHeads):
         # Box regression as torchvision's fastrcnn_loss: smooth L1 on each positive's own class
         # deltas, summed and divided by the number of sampled RoIs (max 1: no NaN on zero RoIs).
         pos = torch.where(labels_all > 0)[0]
-        deltas = box_regression.reshape(class_logits.shape[0], -1, 4)[pos, labels_all[pos]]
+        deltas = box_regression.reshape(class_logits.shape[0], box_regression.shape[-1] // 4, 4)[pos, labels_all[pos]]
         loss_box = F.smooth_l1_loss(deltas, regression_all[pos], beta=1 / 9, reduction="sum")
         loss_box = loss_box / max(1, labels_all.numel())
         return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
