@@ -53,8 +53,8 @@ class DistributedReport(Callback):
             "unlabeled_images": self.unlabeled,
             "first_epoch_ids": self.first_epoch_ids,
             "student": weights_checksum(pl_module.model),  # type: ignore[arg-type]
-            "teacher": weights_checksum(pl_module.teacher) if getattr(pl_module, "teacher", None) is not None
-            else None,
+            "teacher": weights_checksum(teacher) if isinstance(teacher := getattr(pl_module, "teacher", None),
+                                                               torch.nn.Module) else None,
         }
         ranks: list[Any] = [mine]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

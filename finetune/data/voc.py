@@ -210,7 +210,7 @@ def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[
     out: dict[str, dict[str, Any]] = {}
     dropped: list[str] = []
     for split, ids in splits.items():
-        images: list[dict[str, Any]] = []
+        split_images: list[dict[str, Any]] = []
         anns: list[dict[str, Any]] = []
         for s in ids:
             p, path = parsed[s], image_paths[s]
@@ -218,7 +218,7 @@ def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[
             w, h = p["width"], p["height"]
             if w <= 0 or h <= 0:
                 w, h = image_size(path)
-            images.append({"id": image_id[s], "file_name": relative_file_name(path, out_dir), "width": w,
+            split_images.append({"id": image_id[s], "file_name": relative_file_name(path, out_dir), "width": w,
                            "height": h})
             for o in p["objects"]:
                 if o["difficult"] and difficult == "drop":
@@ -238,7 +238,7 @@ def voc_to_coco(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[
             "info": {"description": f"converted from Pascal VOC {voc}", "source_format": "voc",
                      "source": str(voc), "split": split, "image_root": os.path.abspath(out_dir),
                      "difficult": difficult},
-            "images": images,
+            "images": split_images,
             "annotations": anns,
             "categories": [{"id": cat_id[n], "name": n, "supercategory": "none"} for n in classes],
         }

@@ -116,10 +116,10 @@ def _anchor_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     grid = [tuple(f.shape[-2:]) for f in features]
     if hasattr(model, "head") and hasattr(model, "anchor_generator"):  # RetinaNet
         out = model.head(features)  # type: ignore[operator]
-        a = model.anchor_generator.num_anchors_per_location()[0]  # type: ignore[operator]
+        a = model.anchor_generator.num_anchors_per_location()[0]  # type: ignore[operator, union-attr]
         return out["cls_logits"], out["bbox_regression"], grid, a  # type: ignore[return-value]
     if hasattr(model, "rpn"):  # Faster R-CNN: the RPN's objectness and deltas
-        objectness, deltas = model.rpn.head(features)  # type: ignore[operator]
+        objectness, deltas = model.rpn.head(features)  # type: ignore[operator, union-attr]
         n = x.shape[0]
         a = objectness[0].shape[1]
         cls = torch.cat([o.permute(0, 2, 3, 1).reshape(n, -1, 1) for o in objectness], 1)

@@ -109,7 +109,7 @@ def _hidden_ground_truth(ann_file: Path, cat_id_to_label: dict[int, int],
     by_image: dict[Any, list[dict[str, Any]]] = {}
     for a in anns:
         by_image.setdefault(a.get("image_id"), []).append(a)
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     unknown = 0
     for im in data["images"]:
         boxes, labels = [], []

@@ -47,8 +47,9 @@ def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     source = unlabeled_source(cfg)
     paths = resolve_data_paths(cfg.data)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["semi"]["mode"] = "none"  # type: ignore[index]
+    plain["semi"]["mode"] = "none"  # type: ignore[index, call-overload]
     round_cfg = OmegaConf.create(plain)
+    assert isinstance(round_cfg, DictConfig)
 
     history: list[dict[str, Any]] = []
     metrics = _run_round(train, round_cfg, run_dir / "round0")
@@ -144,7 +145,8 @@ def pseudo_label(module: DetectionModule, source: Path, cfg: DictConfig, image_r
         kept += [(i, ds.images.paths[i], tuple(im.shape[-2:]), d) for (i, im), d in zip(batch, dets)]
     # Thresholds are applied after the whole pass, so a GMM sees every image's scores.
     health = PseudoLabelHealth(k, module.label_map.class_names)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     filtered = threshold.filter([d for *_, d in kept])
     for (i, path, (h, w), _), d in zip(kept, filtered):
         image_id = len(images) + 1
@@ -155,7 +157,7 @@ def pseudo_label(module: DetectionModule, source: Path, cfg: DictConfig, image_r
                                 "category_id": module.label_map.label_to_cat_id[int(label)],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                                 "iscrowd": 0, "score": float(score)})
-        gt = None
+        gt: list[dict[str, torch.Tensor] | None] | None = None
         if ds.ground_truth is not None:
             g = ds.ground_truth[i]
             gt = [{"boxes": torch.from_numpy(g["boxes"]), "labels": torch.from_numpy(g["labels"])}]

@@ -78,7 +78,9 @@ def no_weight_decay(module: nn.Module, param: nn.Parameter) -> bool:
 
 def decay_split(modules: Iterable[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The trainable parameters of ``modules`` as (decayed, not decayed), each once."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for root in modules:
         for module in root.modules():
             for param in module.parameters(recurse=False):

@@ -292,7 +292,7 @@ def _write_split(root: Path, split: str, n: int, params: dict[str, int]) -> dict
     anns: list[dict[str, Any]] = []
     for i in range(n):
         rng = np.random.default_rng([params["seed"], SPLIT_CODES[split], i])
-        pixels, objects = render_scene(rng, params["image_size"], tuple(params.get("scales", SCALES)))
+        pixels, objects = render_scene(rng, params["image_size"], tuple(params.get("scales", SCALES)))  # type: ignore[arg-type]
         name = f"{split}/{i:06d}.png"
         Image.fromarray(pixels).save(root / name, compress_level=6)
         images.append({"id": i + 1, "file_name": name, "width": params["image_size"],
