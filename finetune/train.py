@@ -39,6 +39,7 @@ from pretrain.core.runtime import (
     last_checkpoint,
     last_checkpoint_callbacks,
     save_config,
+    skipped_nonfinite_steps,
     use_sync_batchnorm,
     write_json,
 )
@@ -300,7 +301,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         trainer_cfg.get("strategy", "auto")).startswith("ddp") else []
     trainer = build_trainer(trainer_cfg, run_dir,
                             callbacks=[*([last_cb] if checkpoint else []), *step_cb, *extra],
-                            checkpoint=checkpoint or last_cb)
+                            checkpoint=checkpoint or last_cb,
+                            nonfinite_loss=str(cfg.get("nonfinite_loss", "stop")))
 
     t0 = time.perf_counter()
     fit(trainer, module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -353,6 +355,8 @@ def finish(
     skipped = list(module.skipped_images) or list(best_module.skipped_images)
     if skipped:
         base["skipped_images"] = skipped
+    if skipped_steps := skipped_nonfinite_steps(trainer):
+        base["skipped_nonfinite_steps"] = skipped_steps
     report = next((c.report for c in trainer.callbacks if isinstance(c, DistributedReport)), None)  # type: ignore[attr-defined]
     if report is not None:
         base["distributed"] = report

@@ -24,6 +24,7 @@ from pretrain.core.runtime import (
     last_checkpoint,
     last_checkpoint_callbacks,
     save_config,
+    skipped_nonfinite_steps,
     use_sync_batchnorm,
     write_json,
 )
@@ -87,7 +88,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
     checkpoint, *step_checkpoint = last_checkpoint_callbacks(run_dir, config.get("checkpoint_every_n_steps"))
     trainer = build_trainer(_trainer_kwargs(config), run_dir, [*step_checkpoint, *model.method_callbacks()],
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, nonfinite_loss=str(config.get("nonfinite_loss", "stop")))
     resume = last_checkpoint(run_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -122,6 +123,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         or previous.get("diagnostics", {}),
         "images_seen": int(model.images_seen),
         "global_step": int(trainer.global_step),
+        "skipped_nonfinite_steps": skipped_nonfinite_steps(trainer),
         "global_batch_size": model.global_batch_size(),
         "precision": hardware.precision,
         "hardware": hardware.as_dict(),

@@ -284,13 +284,57 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(module_cls, overrid
 
     monkeypatch.setattr(module_cls, "training_step", poisoned)
     cfg = smoke_cfg(synthetic_data["root"], *overrides, "checkpoint_every_n_steps=1", "trainer.max_epochs=3")
-    with pytest.raises(NonFiniteLossError, match="global step 5"):
+    with pytest.raises(NonFiniteLossError, match="global step 4.*nonfinite_loss=skip"):
         finetune_train(cfg, tmp_path)
     ckpt = load_torch_file(last_checkpoint(tmp_path))
     assert ckpt["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     if module_cls is SemiDetectionModule:
         assert any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("module_cls, overrides", [
+    (DetectionModule, ()),
+    (SemiDetectionModule, ("semi=unbiased_teacher", "semi.burn_in=1", "semi.threshold=0.0")),
+], ids=["finetune", "semi"])
+def test_non_finite_loss_skip_drops_that_update_and_goes_on(module_cls, overrides, synthetic_data, tmp_path,
+                                                           monkeypatch, caplog):
+    original = module_cls.training_step
+    before: dict[int, list[torch.Tensor]] = {}
+
+    def poisoned(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if self.global_step in (4, 5):  # the weights just before and just after the poisoned step
+            before[self.global_step] = [p.detach().clone() for p in self.model.parameters()]
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step == 4 else loss
+
+    monkeypatch.setattr(module_cls, "training_step", poisoned)
+    cfg = smoke_cfg(synthetic_data["root"], *overrides, "nonfinite_loss=skip", "trainer.max_epochs=3",
+                    "eval.plots=false")
+    with caplog.at_level(logging.WARNING):
+        metrics = finetune_train(cfg, tmp_path)
+    assert metrics["global_step"] == 9 and metrics["skipped_nonfinite_steps"] == [4]
+    assert "global step 4: step skipped" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(before[4], before[5], strict=True))  # no NaN, no update
+    ckpt = load_torch_file(last_checkpoint(tmp_path))
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert [v["skipped_steps"] for k, v in ckpt["callbacks"].items() if "NonFinite" in k] == [[4]]  # for resumes
+
+
+def test_non_finite_loss_skip_stops_a_diverged_run(synthetic_data, tmp_path, monkeypatch):
+    original = DetectionModule.training_step
+
+    def diverged(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 2 else loss
+
+    monkeypatch.setattr(DetectionModule, "training_step", diverged)
+    cfg = smoke_cfg(synthetic_data["root"], "nonfinite_loss=skip", "checkpoint_every_n_steps=1",
+                    "trainer.max_epochs=5", "eval.plots=false")
+    with pytest.raises(NonFiniteLossError, match="global step 12 after 10 skipped steps in a row"):
+        finetune_train(cfg, tmp_path)
+    ckpt = load_torch_file(last_checkpoint(tmp_path))
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
 @pytest.mark.slow

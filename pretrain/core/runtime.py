@@ -214,21 +214,73 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopOnNonFiniteLoss(Callback):
-    """Stop with a clear message on a NaN/inf training loss.
+    """Stop with a clear message on a NaN/inf training loss, or skip that step (``mode="skip"``).
 
-    The checkpoint callback only ever writes after finite steps, so ``last.ckpt``
-    stays the last good state; resume from it after fixing the cause (lower LR,
+    stop (the default): the checkpoint callbacks run after this one (Lightning orders them last),
+    so ``last.ckpt`` stays the last good state; resume from it after fixing the cause (lower LR,
     precision=32, ...).
+
+    skip: the step's gradients are dropped before the optimizer sees them (no weight, momentum or
+    Adam moment changes; the LR schedule still advances), a warning names the step, and the count
+    is kept in ``skipped_steps`` (saved in checkpoints, reported in metrics.json). More than
+    ``max_consecutive`` skips in a row is a diverged run, not a bad batch: it stops as above.
     """
+
+    def __init__(self, mode: str = "stop", max_consecutive: int = 10) -> None:
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss={mode!r}: use stop or skip")
+        self.mode = mode
+        self.max_consecutive = int(max_consecutive)
+        self.skipped_steps: list[int] = []
+        self._consecutive = 0
+        self._bad = False
+        self._step = 0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:  # type: ignore[override]
+        self._bad = not bool(torch.isfinite(loss.detach()).all())
+        self._step = trainer.global_step  # optimizer steps done before this batch's (0-based index)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[override]
+        if self._bad and self.mode == "skip" and self._consecutive < self.max_consecutive:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # torch optimizers leave parameters without a gradient untouched
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at global step {trainer.global_step}; "
-                f"the last good checkpoint is kept in {Path(trainer.default_root_dir) / CKPT_DIR}. "
-                "Lower the learning rate, use trainer.precision=32, or check the data."
-            )
+        if loss is None or torch.isfinite(loss.detach()).all():
+            self._consecutive = 0
+            return
+        step = self._step if self._bad else trainer.global_step
+        if self.mode == "skip" and self._consecutive < self.max_consecutive:
+            self._consecutive += 1
+            self.skipped_steps.append(step)
+            log.warning("non-finite training loss (%s) at global step %d: step skipped, weights unchanged "
+                        "(%d skipped so far, %d in a row; nonfinite_loss=skip)", loss.item(), step,
+                        len(self.skipped_steps), self._consecutive)
+            return
+        why = (f" after {self._consecutive} skipped steps in a row (nonfinite_loss=skip allows "
+               f"{self.max_consecutive})" if self.mode == "skip" else "")
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()}) at global step {step}{why}; "
+            f"the last good checkpoint is kept in {Path(trainer.default_root_dir) / CKPT_DIR}. "
+            "Lower the learning rate, use trainer.precision=32, or check the data"
+            + (" (or skip such steps: nonfinite_loss=skip)." if self.mode == "stop" else ".")
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": list(self.skipped_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = [int(s) for s in state_dict.get("skipped_steps", [])]
+
+
+def skipped_nonfinite_steps(trainer: pl.Trainer) -> list[int]:
+    """The global steps whose update ``nonfinite_loss=skip`` dropped (over resumes too)."""
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, StopOnNonFiniteLoss):
+            return list(cb.skipped_steps)
+    return []
 
 
 class _ResumingWriter(ExperimentWriter):
@@ -272,11 +324,13 @@ def build_trainer(
     run_dir: str | Path,
     callbacks: Iterable[Callback] = (),
     checkpoint: ModelCheckpoint | None = None,
+    nonfinite_loss: str = "stop",
 ) -> pl.Trainer:
     """A Lightning Trainer writing checkpoints, CSV logs and progress into ``run_dir``.
 
     ``trainer_cfg`` is passed through to ``pl.Trainer`` (any Trainer argument is a
     Hydra override: ``trainer.max_epochs=100 trainer.precision=bf16-mixed``).
+    ``nonfinite_loss``: stop (default) or skip, see :class:`StopOnNonFiniteLoss`.
     """
     run_dir = Path(run_dir)
     kwargs: dict[str, Any] = (
@@ -287,7 +341,7 @@ def build_trainer(
     if str(kwargs.get("precision", "auto")) == "auto":
         precision.apply(kwargs)
     ckpt = checkpoint or last_checkpoint_callbacks(run_dir)[0]
-    cbs = [ckpt, StopOnNonFiniteLoss(), SaveOnSigterm(run_dir), pl.callbacks.LearningRateMonitor("step"),
+    cbs = [ckpt, StopOnNonFiniteLoss(nonfinite_loss), SaveOnSigterm(run_dir), pl.callbacks.LearningRateMonitor("step"),
            *callbacks]
     plugins = kwargs.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
