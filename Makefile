@@ -67,9 +67,10 @@ bench: install
 	$(PY) scripts/bench_report.py $(ARGS)
 
 # Labeled-only vs semi at equal steps over splitter seeds (slow; resumable): DATASET=synthetic|chess.
+# Writes the dataset's table into BENCHMARKS.md's semi section.
 DATASET ?= synthetic
 bench-semi: install
-	$(PY) scripts/bench_semi.py --dataset $(DATASET) $(ARGS)
+	$(PY) scripts/bench_semi.py --dataset $(DATASET) --benchmarks BENCHMARKS.md $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pretrain finetune scripts tests

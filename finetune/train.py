@@ -31,6 +31,7 @@ from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_d
 from finetune.transforms import build_transforms
 from pretrain.core import precision
 from pretrain.core.coco import CocoDetection, collate_fn, save_label_map
+from pretrain.core.resume import DeterministicResume, seeded_loader_parts
 from pretrain.core.runtime import (
     CKPT_DIR,
     build_trainer,
@@ -38,6 +39,7 @@ from pretrain.core.runtime import (
     hydra_run_dir,
     last_checkpoint,
     last_checkpoint_callbacks,
+    log_images,
     save_config,
     skipped_nonfinite_steps,
     use_sync_batchnorm,
@@ -268,7 +270,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": int(cfg.data.num_workers) > 0,
     }
-    train_loader: Any = DataLoader(train_ds, batch_size=int(cfg.data.batch_size), shuffle=True, **loader_kw)
+    samples, sampler = seeded_loader_parts(train_ds, int(cfg.seed))
+    train_loader: Any = DataLoader(samples, batch_size=int(cfg.data.batch_size), sampler=sampler, **loader_kw)
+    samplers = {"labeled": (sampler, int(cfg.data.batch_size))}
     if mode == "none":
         module: DetectionModule = DetectionModule(cfg=plain_cfg, label_map=train_ds.label_map.to_json(),
                                                   backbone_info=info, num_classes=train_ds.num_classes, resnet=resnet)
@@ -279,7 +283,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         module = SemiDetectionModule(cfg=plain_cfg, label_map=train_ds.label_map.to_json(), backbone_info=info,
                                      num_classes=train_ds.num_classes, resnet=resnet,
                                      labeled_boxes_per_image=boxes_per_image(train_ds))
-        train_loader = semi_loader(cfg, train_loader, train_ds, loader_kw)
+        train_loader, samplers["unlabeled"] = semi_loader(cfg, train_loader, train_ds, loader_kw)
     if resume is None and cfg.get("init_from"):
         init_detector(module, cfg.init_from, train_ds)
     val_loader = (DataLoader(val_ds, batch_size=int(cfg.eval.batch_size), shuffle=False, **loader_kw)
@@ -297,12 +301,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     hardware = precision.apply(trainer_cfg)
     trainer_cfg["sync_batchnorm"] = use_sync_batchnorm(trainer_cfg, str(cfg.backbone.norm), norms=("syncbn",))
-    extra: list[pl.Callback] = [DistributedReport()] if int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or str(
+    extra: list[pl.Callback] = [DeterministicResume(int(cfg.seed), samplers)]
+    extra += [DistributedReport()] if int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or str(
         trainer_cfg.get("strategy", "auto")).startswith("ddp") else []
     trainer = build_trainer(trainer_cfg, run_dir,
                             callbacks=[*([last_cb] if checkpoint else []), *step_cb, *extra],
                             checkpoint=checkpoint or last_cb,
-                            nonfinite_loss=str(cfg.get("nonfinite_loss", "stop")))
+                            nonfinite_loss=str(cfg.get("nonfinite_loss", "stop")),
+                            loggers=(cfg.get("logger") or {}).get("extra") or ())
 
     t0 = time.perf_counter()
     fit(trainer, module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -387,6 +393,7 @@ def finish(
             plot_predictions(val_ds.ann_file, {run_dir.name: preds}, run_dir / "plots" / "predictions.png",
                              image_root=val_ds.image_root, num_images=int(cfg.eval.plot_images),
                              score=float(cfg.eval.plot_score))
+            log_images(trainer, sorted((run_dir / "plots").glob("*.png")))
         except Exception as e:  # noqa: BLE001
             log.warning("plots failed: %s", e)
     print(f"run dir: {run_dir} (metrics.json, predictions.json, label_map.json, checkpoints/, plots/)")

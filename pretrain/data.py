@@ -24,6 +24,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pretrain.augment import TensorMultiCrop, working_size
 from pretrain.core.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from pretrain.core.resume import seeded_loader_parts
 from pretrain.core.synthetic import ensure_synthetic
 from pretrain.core.unlabeled import UnlabeledImages
 from pretrain.knn import BoxCrops
@@ -230,13 +231,16 @@ def train_loader(
     data_cfg: Mapping[str, Any],
     transform: Callable[[Any], Any],
     transform_cfg: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> DataLoader:
     """Shuffled, ``drop_last`` loader of ``transform(image)`` (a list of views) per image.
 
     With ``data.augment=tensor``, ``transform`` is unused and the views come from ``transform_cfg``
     (``method.transform``), batched: with ``data.views_on=device`` the loader yields ``(uint8 images,
     valid sizes)`` and the model makes the views on its device; with ``loader`` the collate_fn
-    makes them. Under DDP Lightning swaps in a DistributedSampler itself.
+    makes them. The order and each image's augmentation are functions of ``(seed, epoch,
+    position)`` (:mod:`pretrain.core.resume`), so that a resumed run continues the same sequence;
+    under DDP Lightning wraps the sampler in a distributed one.
     """
     source = unlabeled_source(data_cfg)
     workers = int(data_cfg.get("num_workers", 0))
@@ -263,10 +267,11 @@ def train_loader(
         )
     log.info("pretraining on %d images from %s (data.augment=%s)", len(dataset), source,
              augment_mode(data_cfg))
+    samples, sampler = seeded_loader_parts(dataset, seed)
     return DataLoader(
-        dataset,
+        samples,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=sampler,
         drop_last=True,  # BN, Sinkhorn and in-batch negatives want full batches
         num_workers=workers,
         persistent_workers=workers > 0,

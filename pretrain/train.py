@@ -17,12 +17,14 @@ from omegaconf import DictConfig
 from pretrain.core import precision
 from pretrain.core.curves import plot_pretrain_curves
 from pretrain.core.resnet import ARCHS
+from pretrain.core.resume import DeterministicResume
 from pretrain.core.runtime import (
     build_trainer,
     fit,
     hydra_run_dir,
     last_checkpoint,
     last_checkpoint_callbacks,
+    log_images,
     save_config,
     skipped_nonfinite_steps,
     use_sync_batchnorm,
@@ -83,12 +85,16 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"method.module={config['method']['module']} is not an SSLMethod")
     model = method_cls(config)
     transform = hydra.utils.instantiate(config["method"]["transform"])
-    loader = train_loader(config["data"], transform, config["method"]["transform"])
+    seed = int(config.get("seed", 0))
+    loader = train_loader(config["data"], transform, config["method"]["transform"], seed=seed)
     val_loader = knn_loader(config)
 
     checkpoint, *step_checkpoint = last_checkpoint_callbacks(run_dir, config.get("checkpoint_every_n_steps"))
-    trainer = build_trainer(_trainer_kwargs(config), run_dir, [*step_checkpoint, *model.method_callbacks()],
-                            checkpoint=checkpoint, nonfinite_loss=str(config.get("nonfinite_loss", "stop")))
+    resumable = DeterministicResume(seed, {"train": (loader.sampler, int(loader.batch_size or 1))})  # type: ignore[dict-item]
+    trainer = build_trainer(_trainer_kwargs(config), run_dir,
+                            [*step_checkpoint, resumable, *model.method_callbacks()],
+                            checkpoint=checkpoint, nonfinite_loss=str(config.get("nonfinite_loss", "stop")),
+                            loggers=(config.get("logger") or {}).get("extra") or ())
     resume = last_checkpoint(run_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -137,6 +143,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     log.info("backbone written to %s", weights)
     try:  # plots are a convenience: a plotting failure must not lose the exported backbone
         plot_pretrain_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots")
+        log_images(trainer, sorted((run_dir / "plots").glob("*.png")))
     except Exception as e:  # noqa: BLE001
         log.warning("plots failed: %s", e)
     return metrics

@@ -17,11 +17,16 @@ AP and AP50 as mean +- std over the seeds, with the pseudo-label precision/recal
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shlex
 import statistics
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from bench_common import describe, machine_info
 
 from finetune.data.split import split_coco
 from finetune.pipeline import quote, run_stage
@@ -63,6 +68,8 @@ def main() -> None:
     p.add_argument("--semi", default="semi=unbiased_teacher semi.burn_in_epochs=2",
                    help="Hydra overrides of the semi arm only")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--benchmarks", type=Path, default=None,
+                   help="write the table into this markdown file's semi section (BENCHMARKS.md)")
     a = p.parse_args()
     out = (a.out or REPO / "outputs" / f"bench_semi_{a.dataset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -83,19 +90,58 @@ def main() -> None:
         "runs": rows,
     }
     (out / "bench_semi.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| arm | AP | AP50 | steps |", "|---|---|---|---|"]
-    for arm, i in (("labeled only", 0), ("semi", 1)):
-        key = "labeled_only" if i == 0 else "semi"
-        lines.append(f"| {arm} | {mean_std([r[key]['AP'] for r in rows])} | {mean_std([r[key]['AP50'] for r in rows])} "
-                     f"| {rows[0]['steps'][i]} |")
+    text = report(summary, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *sys.argv[1:]]))
+    print("\n" + text)
+    if a.benchmarks is not None:
+        update_benchmarks(a.benchmarks, text, a.dataset)
+        print(f"updated {a.benchmarks}")
+    print(f"wrote {out / 'bench_semi.json'}")
+
+
+def report(summary: Mapping[str, Any], command: str) -> str:
+    """The markdown section of one dataset: machine, date, command, AP/AP50 mean +- std, pseudo-label health."""
+    rows = summary["runs"]
+    info = machine_info()
+    labels = "" if summary["dataset"] == "synthetic" else f", {100 * summary['fraction']:g}% labels"
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    lines = [f"### {summary['dataset']}{labels}",
+             "",
+             f"{len(rows)} seeds ({seeds}), {dt.date.today().isoformat()}, {describe(info)}.",
+             "",
+             f"    {command}",
+             "",
+             "| arm | AP | AP50 | steps |", "|---|---|---|---|"]
+    for arm, key, i in (("labeled only", "labeled_only", 0), ("semi", "semi", 1)):
+        lines.append(f"| {arm} | {mean_std([r[key]['AP'] for r in rows])} | "
+                     f"{mean_std([r[key]['AP50'] for r in rows])} | {rows[0]['steps'][i]} |")
     prec = [r["pseudo_precision"] for r in rows if r["pseudo_precision"] is not None]
     rec = [r["pseudo_recall"] for r in rows if r["pseudo_recall"] is not None]
-    print(f"\n{a.dataset}, {len(rows)} seeds ({a.args}; semi: {a.semi})\n")
-    print("\n".join(lines))
     if prec:
-        print(f"\npseudo-label precision {mean_std(prec)}%, recall {mean_std(rec)}% (IoU 0.5, hidden ground truth)")
-    print(f"\nwrote {out / 'bench_semi.json'}")
+        lines += ["", (f"Semi arm's pseudo-labels at its last validation: precision {mean_std(prec)}%, recall "
+                       f"{mean_std(rec)}% at IoU 0.5 against the unlabeled images' hidden ground truth.")]
+    return "\n".join(lines) + "\n"
 
+
+SEMI_HEAD = ("## Semi-supervised: labeled only against semi\n\nWritten by `scripts/bench_semi.py --benchmarks "
+             "BENCHMARKS.md`: the same labeled images, overrides and optimizer steps in both arms; AP and AP50 "
+             "(COCO, %) as mean +- std over the seeds.\n")
+
+
+def update_benchmarks(md: Path, text: str, dataset: str) -> None:
+    """Replace this dataset's section of ``md`` (or add it, and the heading, at the end); other sections stay."""
+    begin, end = f"<!-- semi: {dataset} -->", f"<!-- /semi: {dataset} -->"
+    block = f"{begin}\n{text}{end}"
+    old = md.read_text() if md.exists() else "# Benchmarks\n"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    elif "## Semi-supervised" in old:
+        i = old.index("## Semi-supervised")
+        nxt = old.find("\n## ", i + 1)
+        nxt = len(old) if nxt < 0 else nxt
+        new = old[:nxt].rstrip() + "\n\n" + block + "\n" + old[nxt:]
+    else:
+        new = old.rstrip() + "\n\n" + SEMI_HEAD + "\n" + block + "\n"
+    md.write_text(new if new.endswith("\n") else new + "\n")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_dir
 
 from finetune.module import load_detection_checkpoint
 from finetune.semi.data import UnlabeledDetectionImages
-from finetune.semi.train import RepeatingRandomSampler
 from finetune.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
@@ -162,13 +161,6 @@ def test_unlabeled_views_keep_hidden_ground_truth_aligned(synthetic_data):
     assert changed >= len(ds) - 2  # the strong view is augmented (all its steps skipped: p ~ 0.3%)
 
 
-def test_repeating_sampler_covers_the_set_and_lasts_as_asked():
-    s = RepeatingRandomSampler(5, 12)
-    idx = list(s)
-    assert len(idx) == len(s) == 12
-    assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5))
-
-
 def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
     with pytest.raises(ValueError, match="semi.unlabeled=PATH"):
         train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.unlabeled=null"), run_dir=tmp_path)
@@ -203,3 +195,27 @@ def _two_class_json(synthetic_data, tmp_path: Path) -> Path:
     out = tmp_path / "two.json"
     out.write_text(json.dumps(d))
     return out
+
+
+def test_teacher_updates_every_n_steps_with_the_compounded_decay(synthetic_data, tmp_path, monkeypatch):
+    import finetune.semi.module as semi_module
+
+    calls: list[tuple[int, float]] = []
+    original = semi_module.ema_update
+
+    def recording(teacher, student, decay):  # type: ignore[no-untyped-def]
+        calls.append((int(student_step[0]), decay))
+        return original(teacher, student, decay)
+
+    student_step = [0]
+    monkeypatch.setattr(semi_module, "ema_update", recording)
+    real_step = semi_module.SemiDetectionModule.optimizer_step
+
+    def step(self, *a, **k):  # type: ignore[no-untyped-def]
+        student_step[0] += 1
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(semi_module.SemiDetectionModule, "optimizer_step", step)
+    train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST, "semi.burn_in=0",
+                    "semi.teacher_update_every=2", "semi.ema_decay=0.9", "eval.plots=false"), run_dir=tmp_path)
+    assert [c[0] for c in calls] == [2] and calls[0][1] == pytest.approx(0.81)  # 3 steps: after the 2nd only

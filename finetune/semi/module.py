@@ -116,9 +116,17 @@ class SemiDetectionModule(DetectionModule):
         self.teacher_started = True
         log.info("step %d: burn-in over, the teacher is now a copy of the student", self.global_step)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The student's step, then the teacher's EMA update.
+
+        Here rather than in ``on_train_batch_end``: Lightning runs the callbacks' hook (the step
+        checkpoint) before the module's, so a checkpoint would hold a teacher one update behind
+        its student, and a resumed run would lose that update.
+        """
+        steps = self.trainer.global_step + 1  # student steps once this one is taken
+        super().optimizer_step(*args, **kwargs)
         every = max(1, int(self.semi.get("teacher_update_every", 1)))
-        if self.teacher is not None and self.teacher_started and self.global_step % every == 0:
+        if self.teacher is not None and self.teacher_started and steps % every == 0:
             # ema_decay is the keep rate per student step: with an update every n steps, decay^n.
             ema_update(self.teacher, self.model, float(self.semi["ema_decay"]) ** every)
 

@@ -7,45 +7,20 @@ teacher-student and consistency modes (self-training is :mod:`finetune.semi.self
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled
 from finetune.semi.module import TEACHER_MODES
 from pretrain.core.coco import CocoDetection
+from pretrain.core.resume import EpochSampler, seeded_loader_parts
 
 log = logging.getLogger(__name__)
-
-
-class RepeatingRandomSampler(Sampler[int]):
-    """``num_samples`` indices from back-to-back random permutations of ``range(n)``.
-
-    The unlabeled stream must last as many batches as the labeled loader has, whether the
-    unlabeled set is larger or smaller. (Not a RandomSampler, so that Lightning wraps it in a
-    DistributedSamplerWrapper under DDP, which keeps ``num_samples``, instead of replacing it.)
-    """
-
-    def __init__(self, n: int, num_samples: int) -> None:
-        if n < 1:
-            raise ValueError("the unlabeled set is empty")
-        self.n = n
-        self.num_samples = int(num_samples)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        left = self.num_samples
-        while left > 0:
-            perm = torch.randperm(self.n)[:left].tolist()
-            left -= len(perm)
-            yield from perm
 
 
 def unlabeled_source(cfg: DictConfig) -> Path:
@@ -62,8 +37,10 @@ def unlabeled_source(cfg: DictConfig) -> Path:
     return path
 
 
-def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, loader_kw: Mapping[str, Any]) -> Any:
-    """Labeled and unlabeled batches together: ``{"labeled": (images, targets), "unlabeled": {...}}``.
+def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, loader_kw: Mapping[str, Any]
+                ) -> tuple[CombinedLoader, tuple[EpochSampler, int]]:
+    """Labeled and unlabeled batches together: ``{"labeled": (images, targets), "unlabeled": {...}}``,
+    and the unlabeled loader's ``(sampler, batch size)`` for :class:`~pretrain.core.resume.DeterministicResume`.
 
     The labeled loader sets the epoch; the unlabeled one gives ``round(batch_size *
     semi.unlabeled_ratio)`` images per step for as many steps (under DDP, per process: each rank
@@ -77,13 +54,15 @@ def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, l
     if ratio <= 0:
         raise ValueError(f"semi.unlabeled_ratio must be > 0 (unlabeled images per labeled image), got {ratio}")
     batch = max(1, round(int(cfg.data.batch_size) * ratio))
-    sampler = RepeatingRandomSampler(len(ds), len(labeled) * batch)
+    # As many batches as the labeled loader has, whether the unlabeled set is larger or smaller:
+    # back-to-back permutations, seeded apart from the labeled order.
+    samples, sampler = seeded_loader_parts(ds, int(cfg.seed) + 1, num_samples=len(labeled) * batch)
     kw = {**loader_kw, "collate_fn": collate_unlabeled}
-    unlabeled = DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=False, **kw)
+    unlabeled = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=False, **kw)
     log.info("semi %s: %d labeled images (batch %d) + %d unlabeled from %s (batch %d)%s", s.mode, len(train_ds),
              labeled.batch_size, len(ds), ds.images.source, batch,
              "; its annotations serve as hidden ground truth for the health figures" if ds.hidden_ground_truth else "")
-    return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="min_size")
+    return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="min_size"), (sampler, batch)
 
 
 def semi_metrics(cfg: DictConfig, history: Sequence[Mapping[str, Any]], best: Any) -> dict[str, Any]:

@@ -6,15 +6,17 @@ import csv
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -133,7 +135,10 @@ class Terminated(SystemExit):
 def fit(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit`` that turns a SIGTERM stop into a clean exit (status 143, no traceback)."""
     try:
-        trainer.fit(*args, **kwargs)
+        with warnings.catch_warnings():
+            # pretrain.core.resume.DeterministicResume resumes the samplers mid-epoch itself.
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+            trainer.fit(*args, **kwargs)
     except SIGTERMException:
         folder = Path(trainer.default_root_dir) / CKPT_DIR
         print(f"stopped by SIGTERM at global step {trainer.global_step}; the checkpoint is in {folder}. "
@@ -325,12 +330,14 @@ def build_trainer(
     callbacks: Iterable[Callback] = (),
     checkpoint: ModelCheckpoint | None = None,
     nonfinite_loss: str = "stop",
+    loggers: Iterable[Mapping[str, Any]] = (),
 ) -> pl.Trainer:
     """A Lightning Trainer writing checkpoints, CSV logs and progress into ``run_dir``.
 
     ``trainer_cfg`` is passed through to ``pl.Trainer`` (any Trainer argument is a
     Hydra override: ``trainer.max_epochs=100 trainer.precision=bf16-mixed``).
     ``nonfinite_loss``: stop (default) or skip, see :class:`StopOnNonFiniteLoss`.
+    ``loggers``: the ``logger.extra`` config, Lightning loggers beside the CSV one (see :func:`extra_loggers`).
     """
     run_dir = Path(run_dir)
     kwargs: dict[str, Any] = (
@@ -349,8 +356,63 @@ def build_trainer(
         plugins.append(AtomicCheckpointIO())
     return pl.Trainer(
         default_root_dir=str(run_dir),
-        logger=ResumingCSVLogger(str(run_dir), name="logs", version=""),
+        logger=[ResumingCSVLogger(str(run_dir), name="logs", version=""), *extra_loggers(loggers, run_dir)],
         callbacks=cbs,
         plugins=plugins,
         **kwargs,
     )
+
+
+def extra_loggers(specs: Iterable[Mapping[str, Any]], run_dir: str | Path) -> list[Logger]:
+    """Instantiate ``logger.extra``: each a ``_target_`` (a Lightning logger class) with its arguments;
+    ``save_dir`` defaults to the run directory where the class takes one."""
+    import inspect
+
+    import hydra
+
+    out: list[Logger] = []
+    for spec in specs:
+        spec = dict(OmegaConf.to_container(spec, resolve=True)  # type: ignore[arg-type]
+                    if isinstance(spec, DictConfig) else spec)
+        target = spec.get("_target_")
+        if not target:
+            raise ValueError(f"logger.extra entry {spec} has no _target_ "
+                             "(e.g. pytorch_lightning.loggers.TensorBoardLogger)")
+        try:
+            cls = hydra.utils.get_class(str(target))
+            if "save_dir" not in spec and "save_dir" in inspect.signature(cls).parameters:
+                spec["save_dir"] = str(run_dir)
+            logger = hydra.utils.instantiate(spec)
+        except Exception as e:  # a missing package names itself in the cause
+            raise RuntimeError(f"logger.extra: could not create {target}: {e.__cause__ or e}") from e
+        if not isinstance(logger, Logger):
+            raise TypeError(f"logger.extra: {target} is not a Lightning logger")
+        out.append(logger)
+    return out
+
+
+def log_images(trainer: pl.Trainer, paths: Iterable[Path], step: int | None = None) -> int:
+    """Send image files (a run's plots) to every logger that takes images: TensorBoard's
+    ``add_image``, or a ``log_image(key, images)`` method (Weights & Biases and loggers like it).
+    Returns how many (logger, image) pairs were sent. Rank zero only; the CSV logger has no images."""
+    if not trainer.is_global_zero:
+        return 0
+    from PIL import Image
+
+    step = trainer.global_step if step is None else step
+    sent = 0
+    for path in paths:
+        path = Path(path)
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        for logger in trainer.loggers:
+            tag = f"plots/{path.stem}"
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image(tag, rgb, global_step=step, dataformats="HWC")  # type: ignore[union-attr]
+                experiment.flush()  # type: ignore[union-attr]
+                sent += 1
+            elif callable(getattr(logger, "log_image", None)):
+                logger.log_image(key=tag, images=[rgb], step=step)  # type: ignore[attr-defined]
+                sent += 1
+    return sent

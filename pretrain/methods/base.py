@@ -244,8 +244,13 @@ class SSLMethod(pl.LightningModule):
         }
         if banks:
             checkpoint["memory_banks"] = banks
+        # The running epoch's loss average, so a mid-epoch resume reports the whole epoch's.
+        checkpoint["epoch_loss"] = {"sum": self._epoch_loss_sum, "n": self._epoch_loss_n}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        running = checkpoint.get("epoch_loss") or {}
+        # (An epoch-end checkpoint: on_train_epoch_start resets them for the next epoch.)
+        self._epoch_loss_sum, self._epoch_loss_n = float(running.get("sum", 0.0)), int(running.get("n", 0))
         saved = checkpoint.get("memory_banks", {})
         for name, m in self.named_modules():
             if isinstance(m, MemoryBankModule) and name in saved:

@@ -1,0 +1,78 @@
+"""The logger config group: TensorBoard (or any Lightning logger by ``_target_``) beside the CSV log,
+with the same scalars in every stage and the run's plots as images."""
+
+from __future__ import annotations
+
+import csv
+import struct
+from pathlib import Path
+
+import pytest
+from test_pretrain_train import smoke_cfg as pretrain_cfg
+from test_semi_train import FAST, smoke_cfg
+
+from finetune.train import train as finetune_train
+from pretrain.train import train as pretrain_train
+
+
+def read_events(folder: Path) -> tuple[dict[str, list[float]], set[str]]:
+    """``({scalar tag: values}, {image tags})`` from the TFRecord event files under ``folder``."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[float]] = {}
+    images: set[str] = set()
+    files = sorted(folder.rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {folder}"
+    for path in files:
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])  # length, its crc, the record, its crc
+            i += 12 + n + 4
+            for v in event.summary.value:
+                kind = v.WhichOneof("value")
+                if kind == "image":
+                    assert v.image.height > 50 and v.image.encoded_image_string[:4] == b"\x89PNG", v.tag
+                    images.add(v.tag)
+                elif kind == "simple_value":
+                    scalars.setdefault(v.tag, []).append(v.simple_value)
+    return scalars, images
+
+
+def _csv_columns(path: Path) -> set[str]:
+    with open(path) as f:
+        return {k for row in csv.DictReader(f) for k, v in row.items() if v}
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    ((), {"train/loss_step", "val/AP", "val/AP50", "lr-SGD/head"}),
+    pytest.param(("semi=unbiased_teacher", *FAST), {"train/sup_loss", "train/unsup_loss",
+                                                    "semi/pseudo_boxes_per_image", "val/AP", "lr-SGD/head"},
+                 marks=pytest.mark.slow),
+], ids=["finetune", "semi"])
+def test_tensorboard_gets_the_csv_scalars_and_the_plots(overrides, expect, synthetic_data, tmp_path):
+    finetune_train(smoke_cfg(synthetic_data["root"], *overrides, "logger=tensorboard"), tmp_path)
+    scalars, images = read_events(tmp_path / "tensorboard")
+    assert expect <= scalars.keys(), sorted(scalars)
+    # The same scalars as the CSV log (Lightning's bookkeeping columns aside).
+    assert _csv_columns(tmp_path / "logs" / "metrics.csv") - {"step", "epoch"} <= scalars.keys() | {"epoch"}
+    assert "plots/predictions" in images and len(images) >= 2, images  # the predictions grid and curves
+
+
+def test_pretraining_logs_to_tensorboard_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pretrain_train(pretrain_cfg("method=swav", "logger=tensorboard"))
+    scalars, images = read_events(tmp_path / "tensorboard")
+    assert {"train_loss", "knn_top1"} <= scalars.keys() and len(scalars["train_loss"]) >= 1, sorted(scalars)
+    assert images, "the pretraining curves were not logged as images"
+
+
+def test_any_lightning_logger_by_target_and_a_clear_error_otherwise(synthetic_data, tmp_path):
+    extra = "logger.extra=[{_target_: pytorch_lightning.loggers.CSVLogger, name: second, version: ''}]"
+    finetune_train(smoke_cfg(synthetic_data["root"], extra, "eval.plots=false"), tmp_path)
+    assert "val/AP" in _csv_columns(tmp_path / "second" / "metrics.csv")  # save_dir: the run directory
+    with pytest.raises(ValueError, match="no _target_"):
+        finetune_train(smoke_cfg(synthetic_data["root"], "logger.extra=[{name: x}]"), tmp_path / "b")
+    with pytest.raises(RuntimeError, match="could not create nope.Logger"):
+        finetune_train(smoke_cfg(synthetic_data["root"], "logger.extra=[{_target_: nope.Logger}]"), tmp_path / "c")
