@@ -17,9 +17,11 @@ from typing import Any
 
 from finetune.coco_eval import format_table
 
-COLUMNS = ("backbone", "method", "epochs", "prototypes", "detector", "AP", "AP50", "APs", "APm", "APl")
+SETTING = ("backbone", "method", "epochs", "prototypes", "detector", "semi", "threshold", "unsup_weight", "labeled")
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
-SETTING = ("backbone", "method", "epochs", "prototypes", "detector")
+PSEUDO = ("pseudo_P", "pseudo_R")  # semi runs: pseudo-label precision / recall against hidden ground truth
+COLUMNS = (*SETTING, *METRICS, *PSEUDO)
+PERCENT = (*METRICS, *PSEUDO, "labeled")
 
 
 def load_rows(root: str | Path) -> list[dict[str, Any]]:
@@ -49,6 +51,20 @@ def row_of(m: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
         "detector": m.get("detector", "?"),
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
     }
+    semi = m.get("semi") or {}
+    settings = semi.get("settings") or {}
+    health = semi.get("pseudo_labels") or {}
+    threshold = settings.get("threshold")
+    row.update({
+        "semi": semi.get("mode") or "none",
+        "threshold": (threshold if isinstance(threshold, str) else float(threshold)) if threshold is not None else None,
+        "unsup_weight": float(settings["unsup_weight"]) if settings.get("unsup_weight") is not None else None,
+        "labeled": float(m["labeled_fraction"]) if m.get("labeled_fraction") is not None else None,
+        "pseudo_P": health.get("precision"),
+        "pseudo_R": health.get("recall"),
+    })
+    if not semi:
+        row["threshold"] = row["unsup_weight"] = None
     for k in METRICS:
         v = coco.get(k)
         row[k] = None if v is None or v < 0 else float(v)
@@ -59,8 +75,13 @@ def _fmt(v: Any, scale: float = 100.0) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v * scale:.1f}"
+        return f"{v * scale:.1f}" if scale != 1 else f"{v:g}"
     return str(v)
+
+
+def _cell(r: dict[str, Any], c: str) -> str:
+    """Metrics, pseudo-label figures and the labeled fraction in %; settings as given."""
+    return _fmt(r[c], 100.0 if c in PERCENT else 1.0)
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,20 +109,20 @@ def _sort_key(r: dict[str, Any]) -> tuple:
 def markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join((*COLUMNS, "run")) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     for r in sorted(rows, key=_sort_key):
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in (*COLUMNS, "run")) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in (*COLUMNS, "run")) + " |")
     if any(s["n"] > 1 for s in summary):
         lines += ["", "Mean ± std over runs with the same setting (AP in %):", ""]
         lines.append("| " + " | ".join((*SETTING, "n", *METRICS)) + " |")
         lines.append("|" + "---|" * (len(SETTING) + 1 + len(METRICS)))
         for s in summary:
-            cells = [_fmt(s[k]) for k in SETTING] + [str(s["n"])]
+            cells = [_cell(s, k) for k in SETTING] + [str(s["n"])]
             cells += [f"{_fmt(s[k])} ± {_fmt(s[k + '_std'])}" if s[k] is not None else "-" for k in METRICS]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict[str, Any]], x: str, path: Path) -> Path | None:
-    """AP against ``x`` (epochs or prototypes), one line per backbone/method/other setting."""
+    """AP against ``x`` (epochs, prototypes or the labeled fraction), one line per other setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +133,8 @@ def plot(summary: list[dict[str, Any]], x: str, path: Path) -> Path | None:
     for s in summary:
         if s[x] is None or s["AP"] is None:
             continue
-        lines[tuple(s[k] for k in others)].append((float(s[x]), s["AP"] * 100, s["AP_std"] * 100))
+        scale = 100.0 if x == "labeled" else 1.0  # the labeled fraction in %
+        lines[tuple(s[k] for k in others)].append((float(s[x]) * scale, s["AP"] * 100, s["AP_std"] * 100))
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -124,7 +146,7 @@ def plot(summary: list[dict[str, Any]], x: str, path: Path) -> Path | None:
     for s in summary:
         if s["method"] == "random init" and s["AP"] is not None:
             ax.axhline(s["AP"] * 100, ls="--", color="gray", label=f"random init ({s['detector']})")
-    ax.set_xlabel(x)
+    ax.set_xlabel("labeled images (%)" if x == "labeled" else x)
     ax.set_ylabel("AP (%)")
     ax.set_title(f"COCO AP against {x}")
     ax.grid(alpha=0.3)
@@ -151,7 +173,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict[str, P
         w.writeheader()
         for r in sorted(rows, key=_sort_key):
             w.writerow({k: ("" if r[k] is None else r[k]) for k in (*COLUMNS, "run")})
-    for x in ("epochs", "prototypes"):
+    for x in ("epochs", "prototypes", "labeled"):
         p = plot(summary, x, out_dir / f"ap_vs_{x}.png")
         if p is not None:
             files[x] = p

@@ -346,6 +346,9 @@ def finish(
         "ann_file": str(paths.val_json) if paths.val_json else None,
         "train_ann_file": str(paths.train_json),
         "num_train_images": len(train_ds),
+        # Set when the training JSON is a splitter's labeled.json (python -m finetune.data.split).
+        "labeled_fraction": train_ds.info.get("split_fraction"),
+        "split_seed": train_ds.info.get("split_seed"),
         "num_classes": train_ds.num_classes,
         "classes": train_ds.class_names,
         "backbone": summary,

@@ -24,6 +24,7 @@ def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a real bench run (bf16 emulated on CPUs without it)
 def test_ceiling_is_the_best_of_every_precision_and_format(tiny_bench: dict) -> None:
     rows = tiny_bench["rows"]
     configs = {m: r["images_per_s"] for m, r in rows.items() if m.startswith("ceiling_")}
@@ -35,6 +36,7 @@ def test_ceiling_is_the_best_of_every_precision_and_format(tiny_bench: dict) -> 
     assert ours["precision"] == tiny_bench["machine"]["auto"]["precision"]
 
 
+@pytest.mark.slow  # shares that bench run
 def test_report_names_the_machine_and_keeps_other_sections(tiny_bench: dict, tmp_path: Path) -> None:
     md = tmp_path / "BENCHMARKS.md"
     other = tiny_bench | {"machine": {**tiny_bench["machine"], "cpu": "Other CPU"}}

@@ -68,6 +68,11 @@ def test_split_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     split_coco(src_dir / "train.json", out, fraction=0.1, seed=1)
     assert (out / "labeled.json").read_bytes() == first
     assert "5 images" in capsys.readouterr().out
+    # Fine-tuning on it reads the fraction and seed (metrics.json's labeled_fraction, make report's labeled %).
+    from pretrain.core.coco import CocoDetection
+
+    ds = CocoDetection(out / "labeled.json", check_files=False)
+    assert (ds.info["split_fraction"], ds.info["split_seed"]) == (0.1, 1)
 
 
 def test_coverage_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,21 +45,29 @@ def _csv_columns(path: Path) -> set[str]:
         return {k for row in csv.DictReader(f) for k, v in row.items() if v}
 
 
+# Two loggers by _target_ (what logger=tensorboard holds, and a second CSV one): one run checks both.
+TWO = ("logger.extra=[{_target_: pytorch_lightning.loggers.TensorBoardLogger, name: tensorboard, version: ''},"
+       "{_target_: pytorch_lightning.loggers.CSVLogger, name: second, version: ''}]")
+
+
 @pytest.mark.parametrize("overrides, expect", [
-    ((), {"train/loss_step", "val/AP", "val/AP50", "lr-SGD/head"}),
-    pytest.param(("semi=unbiased_teacher", *FAST), {"train/sup_loss", "train/unsup_loss",
+    ((TWO,), {"train/loss_step", "val/AP", "val/AP50", "lr-SGD/head"}),
+    pytest.param(("semi=unbiased_teacher", *FAST, "logger=tensorboard"), {"train/sup_loss", "train/unsup_loss",
                                                     "semi/pseudo_boxes_per_image", "val/AP", "lr-SGD/head"},
                  marks=pytest.mark.slow),
 ], ids=["finetune", "semi"])
 def test_tensorboard_gets_the_csv_scalars_and_the_plots(overrides, expect, synthetic_data, tmp_path):
-    finetune_train(smoke_cfg(synthetic_data["root"], *overrides, "logger=tensorboard"), tmp_path)
+    finetune_train(smoke_cfg(synthetic_data["root"], *overrides), tmp_path)
     scalars, images = read_events(tmp_path / "tensorboard")
     assert expect <= scalars.keys(), sorted(scalars)
     # The same scalars as the CSV log (Lightning's bookkeeping columns aside).
     assert _csv_columns(tmp_path / "logs" / "metrics.csv") - {"step", "epoch"} <= scalars.keys() | {"epoch"}
     assert "plots/predictions" in images and len(images) >= 2, images  # the predictions grid and curves
+    if overrides == (TWO,):  # save_dir defaults to the run directory
+        assert "val/AP" in _csv_columns(tmp_path / "second" / "metrics.csv")
 
 
+@pytest.mark.slow
 def test_pretraining_logs_to_tensorboard_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pretrain_train(pretrain_cfg("method=swav", "logger=tensorboard"))
@@ -69,9 +77,11 @@ def test_pretraining_logs_to_tensorboard_too(tmp_path, monkeypatch):
 
 
 def test_any_lightning_logger_by_target_and_a_clear_error_otherwise(synthetic_data, tmp_path):
-    extra = "logger.extra=[{_target_: pytorch_lightning.loggers.CSVLogger, name: second, version: ''}]"
-    finetune_train(smoke_cfg(synthetic_data["root"], extra, "eval.plots=false"), tmp_path)
-    assert "val/AP" in _csv_columns(tmp_path / "second" / "metrics.csv")  # save_dir: the run directory
+    # logger=tensorboard holds the first logger of TWO above, for both stages.
+    for cfg in (smoke_cfg(synthetic_data["root"], "logger=tensorboard"), pretrain_cfg("logger=tensorboard")):
+        (tb,) = cfg.logger.extra
+        assert (tb["_target_"], tb["name"], tb["version"]) == ("pytorch_lightning.loggers.TensorBoardLogger",
+                                                               "tensorboard", "")
     with pytest.raises(ValueError, match="no _target_"):
         finetune_train(smoke_cfg(synthetic_data["root"], "logger.extra=[{name: x}]"), tmp_path / "b")
     with pytest.raises(RuntimeError, match="could not create nope.Logger"):

@@ -76,6 +76,7 @@ def test_chain_passes_the_experiment_on():
     assert FinetuneAfterPretrain(["detector=retinanet"]).finetune_overrides(none) == ["detector=retinanet"]
 
 
+@pytest.mark.slow  # two interpreters (15 s of imports each on a slow CPU)
 def test_failed_stage_says_how_to_resume(tmp_path):
     from finetune.pipeline import StageFailed, run_stage
 

@@ -94,6 +94,7 @@ def test_rerun_in_the_same_directory_resumes(tmp_path, monkeypatch):
     assert len(lrs) == 8 and lrs[4] > lrs[3] and lrs[4] > lrs[-1] > 0
 
 
+@pytest.mark.slow  # test_reliability kills a real run; test_rerun_in_the_same_directory_resumes stays fast
 def test_killed_run_resumes_from_its_last_finished_epoch(tmp_path, monkeypatch):
     """last.ckpt is written at every epoch end, not only when training ends: a run killed in
     its third epoch re-runs from the end of the second."""

@@ -295,7 +295,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(module_cls, overrid
 
 @pytest.mark.parametrize("module_cls, overrides", [
     (DetectionModule, ()),
-    (SemiDetectionModule, ("semi=unbiased_teacher", "semi.burn_in=1", "semi.threshold=0.0")),
+    pytest.param(SemiDetectionModule, ("semi=unbiased_teacher", "semi.burn_in=1", "semi.threshold=0.0"),
+                 marks=pytest.mark.slow),
 ], ids=["finetune", "semi"])
 def test_non_finite_loss_skip_drops_that_update_and_goes_on(module_cls, overrides, synthetic_data, tmp_path,
                                                            monkeypatch, caplog):
@@ -321,6 +322,7 @@ def test_non_finite_loss_skip_drops_that_update_and_goes_on(module_cls, override
     assert [v["skipped_steps"] for k, v in ckpt["callbacks"].items() if "NonFinite" in k] == [[4]]  # for resumes
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skip_stops_a_diverged_run(synthetic_data, tmp_path, monkeypatch):
     original = DetectionModule.training_step
 

@@ -65,3 +65,31 @@ def test_compare_is_the_coco_table_with_a_difference_row():
     assert rows[3] == ["difference", "+5.0", "-"]
     # One table writer: the single-run summary is the same function without names.
     assert format_table({"AP": 0.25, "AP50": 0.5}, keys=("AP", "AP50")).splitlines()[1].split() == ["25.0", "50.0"]
+
+
+def test_semi_runs_carry_their_mode_threshold_fraction_and_pseudo_label_health(tmp_path):
+    root = tmp_path / "bench"
+    for seed, (ap_base, ap_semi) in enumerate([(0.10, 0.14), (0.12, 0.18)]):
+        for frac in (0.1, 0.5):
+            _run(root, f"f{frac}/s{seed}/base", ap_base + frac / 5)
+            _run(root, f"f{frac}/s{seed}/semi", ap_semi + frac / 5)
+            for arm in ("base", "semi"):
+                path = root / f"f{frac}/s{seed}/{arm}/metrics.json"
+                m = json.loads(path.read_text())
+                m.update(labeled_fraction=frac, split_seed=seed)
+                if arm == "semi":
+                    m["semi"] = {"mode": "unbiased_teacher", "settings": {"threshold": "gmm", "unsup_weight": 4.0},
+                                 "pseudo_labels": {"precision": 0.8, "recall": 0.25}}
+                path.write_text(json.dumps(m))
+    rows = load_rows(root)
+    semi = [r for r in rows if r["semi"] == "unbiased_teacher"]
+    assert len(semi) == 4 and all(r["threshold"] == "gmm" and r["unsup_weight"] == 4.0 for r in semi)
+    assert all(r["semi"] == "none" and r["threshold"] is None and r["pseudo_P"] is None for r in rows if r not in semi)
+    summary = summarise(rows)
+    assert len(summary) == 4  # {base, semi} x {10%, 50%}; the two split seeds averaged
+    s = next(s for s in summary if s["semi"] == "unbiased_teacher" and s["labeled"] == 0.1)
+    assert s["n"] == 2 and s["AP"] == pytest.approx(0.18)
+    files = write_report(root, tmp_path / "out")
+    md = files["md"].read_text()
+    assert "| unbiased_teacher | gmm | 4 | 10.0 |" in md and "| 80.0 | 25.0 |" in md
+    assert files["labeled"].stat().st_size > 1000  # AP against the labeled fraction

@@ -120,6 +120,7 @@ def test_killed_detection_run_ends_like_the_uninterrupted_one(cls, overrides, ki
     assert resumed["coco"] == whole["coco"]
 
 
+@pytest.mark.slow  # 3 pretraining runs; the SIGKILL test in test_reliability.py covers resuming in make test
 def test_killed_pretraining_ends_like_the_uninterrupted_one(synthetic_data, tmp_path, monkeypatch):
     """SwAV with its queue, 4 steps per epoch, 2 epochs, killed one batch into epoch 2."""
     overrides = ("method=swav", f"data.root={synthetic_data['root']}", "data.synthetic=null",

@@ -81,6 +81,7 @@ def test_evaluate_and_predict_load_teacher_or_student(unbiased_run):
         assert torch.equal(student.model.state_dict()[k], v), k
 
 
+@pytest.mark.slow  # the SIGKILL and deterministic-resume tests cover it too
 def test_resume_keeps_the_teacher(synthetic_data, tmp_path):
     # ema_decay=1: the teacher never moves after burn-in, so after a resume it must still be the
     # first run's teacher. Without restoring it, the resumed run would copy the student anew.

@@ -116,6 +116,7 @@ class CocoDetection(torch.utils.data.Dataset):
                                                  skipped)
         self.ids: list[int] = list(images)
         self._images = images
+        self.info: dict[str, Any] = dict(data.get("info") or {})  # the splitter records its fraction and seed here
         self.coco = ground_truth(images, clean, cats, self.label_map)
         report.images = len(self.ids)
         report.classes = self.num_classes
