@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.core.synthetic import make_synthetic
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Several test workers (make test): split the cores among them, for this process and for the
+    # stages the tests start as subprocesses.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
