@@ -146,8 +146,9 @@ class DetectionModule(pl.LightningModule):
         n = len(images)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, batch_size=n)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
-        self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
-        self._loss_steps += 1
+        if torch.isfinite(loss.detach()):  # a step nonfinite_loss=skip dropped is not averaged in
+            self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
+            self._loss_steps += 1
         return loss  # type: ignore[return-value]
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
@@ -233,10 +234,15 @@ class DetectionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["history"] = list(self.history)
         checkpoint["skipped_images"] = list(self.skipped_images)
+        # The running epoch's loss, so a mid-epoch resume reports the whole epoch's mean.
+        checkpoint["epoch_loss"] = {"sum": float(self._loss_sum), "n": int(self._loss_steps)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
         self.skipped_images = dict.fromkeys(checkpoint.get("skipped_images", []))
+        running = checkpoint.get("epoch_loss") or {}
+        self._loss_sum = torch.tensor(float(running.get("sum", 0.0)))
+        self._loss_steps = int(running.get("n", 0))
 
 
 def original_scale(info: Mapping[str, Any], image: torch.Tensor) -> tuple[float, float]:

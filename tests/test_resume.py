@@ -118,14 +118,19 @@ def test_killed_detection_run_ends_like_the_uninterrupted_one(cls, overrides, ki
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert resumed["coco"] == whole["coco"]
+    # The epochs' mean training loss too (the running sum is in the checkpoint).
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
 
 
 @pytest.mark.slow  # 3 pretraining runs; the SIGKILL test in test_reliability.py covers resuming in make test
-def test_killed_pretraining_ends_like_the_uninterrupted_one(synthetic_data, tmp_path, monkeypatch):
-    """SwAV with its queue, 4 steps per epoch, 2 epochs, killed one batch into epoch 2."""
+@pytest.mark.parametrize("views", [(), ("data.augment=tensor", "data.views_on=device", "data.num_workers=2")],
+                         ids=["pil", "tensor-views-on-device"])
+def test_killed_pretraining_ends_like_the_uninterrupted_one(views, synthetic_data, tmp_path, monkeypatch):
+    """SwAV with its queue, 4 steps per epoch, 2 epochs, killed one batch into epoch 2; the views made
+    per image in the workers (pil) or per batch on the device after the transfer."""
     overrides = ("method=swav", f"data.root={synthetic_data['root']}", "data.synthetic=null",
                  "data.knn_val_json=null", "checkpoint_every_n_steps=1", "trainer.max_epochs=2",
-                 "method.queue_length=8", "method.queue_start_epoch=0")
+                 "method.queue_length=8", "method.queue_start_epoch=0", *views)
     (tmp_path / "whole").mkdir()
     (tmp_path / "killed").mkdir()
     monkeypatch.chdir(tmp_path / "whole")

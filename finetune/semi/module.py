@@ -160,8 +160,9 @@ class SemiDetectionModule(DetectionModule):
         logs["train/unsup_loss"] = unsup.detach()
         self.log_dict(logs, on_step=True, batch_size=n)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
-        self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
-        self._loss_steps += 1
+        if torch.isfinite(loss.detach()):  # a step nonfinite_loss=skip dropped is not averaged in
+            self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
+            self._loss_steps += 1
         if num_pseudo >= 0:
             self._sup_sum += float(sup.detach())
             self._unsup_sum += float(unsup.detach())

@@ -74,6 +74,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.seed = int(seed)
         self.epoch = 0
         self._start = 0
+        self._salt: int | None = None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -85,9 +86,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
         """Skip the first ``k`` samples of the next iteration only (a mid-epoch resume)."""
         self._start = max(0, int(k))
 
+    def draw_afresh(self, salt: int) -> None:
+        """Make the next iteration a fresh permutation (a DDP mid-epoch resume, where the batches
+        already trained on cannot be skipped per rank: better new ones than the same ones again)."""
+        self._salt = int(salt)
+
     def order(self) -> list[int]:
         """This epoch's indices, in order."""
-        g = torch.Generator().manual_seed(mix(self.seed, self.epoch))
+        key = (self.seed, self.epoch) if self._salt is None else (self.seed, self.epoch, self._salt, 3)
+        g = torch.Generator().manual_seed(mix(*key))
         out: list[int] = []
         while len(out) < self.num_samples:
             out += torch.randperm(self.n, generator=g)[: self.num_samples - len(out)].tolist()
@@ -95,8 +102,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start, self._start = self._start, 0
-        for pos, index in enumerate(self.order()[start:], start=start):
-            yield index, mix(self.seed, self.epoch, pos, 1)
+        order = self.order()
+        salt, self._salt = self._salt, None
+        for pos, index in enumerate(order[start:], start=start):
+            key = (self.seed, self.epoch, pos, 1) if salt is None else (self.seed, self.epoch, pos, salt, 4)
+            yield index, mix(*key)
 
 
 class SeededSamples(Dataset):
@@ -144,7 +154,7 @@ class DeterministicResume(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        seed_all(mix(self.seed, trainer.current_epoch, batch_idx, 2))
+        seed_all(batch_seed(self.seed, trainer, batch_idx))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -163,16 +173,20 @@ class DeterministicResume(pl.Callback):
             log.info("the checkpoint predates deterministic resume: this epoch's order is drawn afresh")
             return
         complete, done = bool(state["epoch_complete"]), int(state["batches_done"])
-        if not complete and done and trainer.world_size > 1:
-            log.warning("mid-epoch resume under DDP: the rest of epoch %s is drawn afresh "
-                        "(the distributed sampler is not resumable)", state["epoch"])
-            done = 0
+        ddp_mid_epoch = not complete and done and trainer.world_size > 1
+        if ddp_mid_epoch:
+            log.warning("mid-epoch resume under DDP: the rest of epoch %s is a fresh draw of the data (Lightning's "
+                        "distributed wrapper cannot skip per rank), so some of its images may come twice and "
+                        "others not at all; epoch-end checkpoints resume exactly", state["epoch"])
         for name, (sampler, batch_size) in self.samplers.items():
             epoch = int(state["epoch"].get(name, 0))
             # Lightning sets the epoch only after it has built the first iterator of a resumed
             # run: set it here, before that.
             sampler.set_epoch(epoch + 1 if complete else epoch)
-            sampler.start_at(0 if complete else done * batch_size)
+            if ddp_mid_epoch:
+                sampler.draw_afresh(done)
+            else:
+                sampler.start_at(0 if complete else done * batch_size)
         if not complete and done:
             log.info("resuming mid-epoch: skipping the %d batches already trained on", done)
 
@@ -182,3 +196,8 @@ def seeded_loader_parts(dataset: Any, seed: int, num_samples: int | None = None
     """``(SeededSamples(dataset), EpochSampler(len(dataset), num_samples, seed))`` for a DataLoader."""
     return SeededSamples(dataset), EpochSampler(len(dataset), num_samples, seed)
 
+
+
+def batch_seed(seed: int, trainer: pl.Trainer, batch_idx: int) -> int:
+    """The seed of one training batch's random draws: ``(seed, epoch, batch index, rank)``."""
+    return mix(seed, trainer.current_epoch, batch_idx, trainer.global_rank, 2)

@@ -238,40 +238,49 @@ class StopOnNonFiniteLoss(Callback):
         self.max_consecutive = int(max_consecutive)
         self.skipped_steps: list[int] = []
         self._consecutive = 0
-        self._bad = False
         self._step = 0
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:  # type: ignore[override]
-        self._bad = not bool(torch.isfinite(loss.detach()).all())
-        self._step = trainer.global_step  # optimizer steps done before this batch's (0-based index)
+        self._step = trainer.global_step  # optimizer steps done before this batch's
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[override]
-        if self._bad and self.mode == "skip" and self._consecutive < self.max_consecutive:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None  # torch optimizers leave parameters without a gradient untouched
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None or torch.isfinite(loss.detach()).all():
-            self._consecutive = 0
-            return
-        step = self._step if self._bad else trainer.global_step
-        if self.mode == "skip" and self._consecutive < self.max_consecutive:
-            self._consecutive += 1
-            self.skipped_steps.append(step)
-            log.warning("non-finite training loss (%s) at global step %d: step skipped, weights unchanged "
-                        "(%d skipped so far, %d in a row; nonfinite_loss=skip)", loss.item(), step,
-                        len(self.skipped_steps), self._consecutive)
-            return
+    def _stop(self, trainer: pl.Trainer, what: str, step: int) -> NonFiniteLossError:
         why = (f" after {self._consecutive} skipped steps in a row (nonfinite_loss=skip allows "
                f"{self.max_consecutive})" if self.mode == "skip" else "")
-        raise NonFiniteLossError(
-            f"non-finite training loss ({loss.item()}) at global step {step}{why}; "
+        return NonFiniteLossError(
+            f"non-finite {what} at global step {step}{why}; "
             f"the last good checkpoint is kept in {Path(trainer.default_root_dir) / CKPT_DIR}. "
             "Lower the learning rate, use trainer.precision=32, or check the data"
             + (" (or skip such steps: nonfinite_loss=skip)." if self.mode == "stop" else ".")
         )
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[override]
+        # skip decides on the gradients the optimizer is about to use: summed over an accumulation
+        # window and, under DDP, averaged over the ranks, so every rank takes the same decision.
+        if self.mode != "skip" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # 16-mixed: the GradScaler skips steps with inf/NaN gradients itself and lowers its scale
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._consecutive = 0
+            return
+        step = trainer.global_step  # optimizer steps done before this one
+        if self._consecutive >= self.max_consecutive:
+            raise self._stop(trainer, "gradients", step)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # torch optimizers leave parameters without a gradient untouched
+        self._consecutive += 1
+        self.skipped_steps.append(step)
+        log.warning("non-finite loss or gradients at global step %d: step skipped, weights unchanged "
+                    "(%d skipped so far, %d in a row; nonfinite_loss=skip)", step, len(self.skipped_steps),
+                    self._consecutive)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        if self.mode == "skip":
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            # Checkpoint callbacks run after this one: last.ckpt stays at the step before this batch.
+            raise self._stop(trainer, f"training loss ({loss.item()})", self._step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": list(self.skipped_steps)}

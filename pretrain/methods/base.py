@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from pretrain.core.resnet import FEATURE_DIMS, build_resnet
+from pretrain.core.resume import batch_seed, mix, seed_all
 from pretrain.core.schedule import ResumableLambdaLR, decay_split, lr_factor
 from pretrain.data import tensor_views
 from pretrain.knn import knn_top1
@@ -132,6 +133,10 @@ class SSLMethod(pl.LightningModule):
         # Lightning calls this on the device, after the transfer: the tensor path's views are made
         # here, batched, instead of per image in the loader (validation batches pass through).
         if self.tensor_views is not None and self._trainer is not None and self.trainer.training:
+            # Lightning calls this before on_train_batch_start (where DeterministicResume reseeds):
+            # seed the views from (seed, epoch, batch index, rank) here, so a resumed run makes the same.
+            batch_idx = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            seed_all(mix(batch_seed(int(self.config.get("seed", 0)), self.trainer, batch_idx), 5))
             images, sizes = batch
             return self.tensor_views(images, sizes)
         return batch
