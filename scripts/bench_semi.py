@@ -55,8 +55,9 @@ def arms(dataset: str, seed: int, fraction: float, out: Path) -> tuple[list[str]
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} +- {100 * sd:.1f}"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f} (one seed, no std)"
+    return f"{100 * statistics.mean(values):.1f} +- {100 * statistics.stdev(values):.1f}"
 
 
 def main() -> None:
