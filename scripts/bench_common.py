@@ -79,3 +79,24 @@ def write_json(path: str | Path, bench: str, info: dict[str, Any], rows: dict[st
         "rows": rows,
     }, indent=2))
     return out
+
+
+def put_section(md: Path, block: str, begin: str, end: str, heading: str, intro: str,
+                empty: str = "# Benchmarks\n") -> None:
+    """Write ``block`` (which starts with ``begin`` and ends with ``end``) into the markdown file ``md``.
+
+    It replaces the text from ``begin`` to ``end`` when the file has them; otherwise it goes at the end
+    of the ``heading`` section, or, without that heading, at the end of the file after ``intro`` (the
+    heading and its explanation). A missing file starts as ``empty``. Other sections stay as they are.
+    """
+    old = md.read_text() if md.exists() else empty
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    elif heading in old:
+        i = old.index(heading)
+        nxt = old.find("\n## ", i + 1)
+        nxt = len(old) if nxt < 0 else nxt
+        new = old[:nxt].rstrip() + "\n\n" + block + "\n" + old[nxt:]
+    else:
+        new = old.rstrip() + "\n\n" + intro + "\n" + block + "\n"
+    md.write_text(new if new.endswith("\n") else new + "\n")

@@ -76,20 +76,10 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
 
 def update(md: Path, text: str, key: str) -> None:
     """Replace this machine's section in ``md`` (or add it under the speed heading)."""
-    head = "# Benchmarks\n\n## Speed\n\nWritten by `make bench` (scripts/bench_report.py); one section per machine.\n"
-    old = md.read_text() if md.exists() else head
-    begin, end = BEGIN.format(key=key), END.format(key=key)
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
-    elif "## Speed" in old:
-        i = old.index("## Speed")
-        nxt = old.find("\n## ", i + 1)
-        nxt = len(old) if nxt < 0 else nxt
-        new = old[:nxt].rstrip() + "\n\n" + text + "\n" + old[nxt:]
-    else:
-        new = old.rstrip() + "\n\n## Speed\n\n" + text + "\n"
-    md.write_text(new if new.endswith("\n") else new + "\n")
+    from bench_common import put_section  # (imports torch: not at the launcher's start-up)
 
+    head = "# Benchmarks\n\n## Speed\n\nWritten by `make bench` (scripts/bench_report.py); one section per machine.\n"
+    put_section(md, text, BEGIN.format(key=key), END.format(key=key), "## Speed", "## Speed\n", empty=head)
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe, machine_info
+from bench_common import describe, machine_info, put_section
 
 from finetune.data.split import split_coco
 from finetune.pipeline import quote, run_stage
@@ -131,18 +131,7 @@ SEMI_HEAD = ("## Semi-supervised: labeled only against semi\n\nWritten by `scrip
 def update_benchmarks(md: Path, text: str, dataset: str) -> None:
     """Replace this dataset's section of ``md`` (or add it, and the heading, at the end); other sections stay."""
     begin, end = f"<!-- semi: {dataset} -->", f"<!-- /semi: {dataset} -->"
-    block = f"{begin}\n{text}{end}"
-    old = md.read_text() if md.exists() else "# Benchmarks\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    elif "## Semi-supervised" in old:
-        i = old.index("## Semi-supervised")
-        nxt = old.find("\n## ", i + 1)
-        nxt = len(old) if nxt < 0 else nxt
-        new = old[:nxt].rstrip() + "\n\n" + block + "\n" + old[nxt:]
-    else:
-        new = old.rstrip() + "\n\n" + SEMI_HEAD + "\n" + block + "\n"
-    md.write_text(new if new.endswith("\n") else new + "\n")
+    put_section(md, f"{begin}\n{text}{end}", begin, end, "## Semi-supervised", SEMI_HEAD)
 
 if __name__ == "__main__":
     main()
