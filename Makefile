@@ -14,7 +14,7 @@ DIR ?= multirun
 # Torch threads: use every core unless told otherwise.
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench bench-semi lint clean
+.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench bench-semi bench-accuracy lint clean
 
 install: $(STAMP)
 
@@ -75,6 +75,12 @@ bench: install
 DATASET ?= synthetic
 bench-semi: install
 	$(PY) scripts/bench_semi.py --dataset $(DATASET) --benchmarks BENCHMARKS.md $(ARGS)
+
+# The accuracy benchmark (slow; resumable across sittings through benchmarks/accuracy/<dataset>.json):
+# five arms (random, SSL, random + semi, SSL + semi, 100% labels) x 3 split seeds, 10% labels,
+# DATASET=chess|bccd|synthetic. Writes the dataset's table into BENCHMARKS.md's accuracy section.
+bench-accuracy: install
+	$(PY) scripts/bench_accuracy.py --dataset $(DATASET) --benchmarks BENCHMARKS.md $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pretrain finetune scripts tests

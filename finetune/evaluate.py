@@ -4,15 +4,19 @@ Usage::
 
     python -m finetune.evaluate CKPT --ann COCO_JSON [--images ROOT] [--out DIR]
         [--backend pycocotools|faster_coco_eval] [--batch-size 4] [--device auto]
+        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N]
 
 writes ``metrics.json`` (12-number COCO summary, per-class AP, the annotation file used) and
 ``predictions.json`` (COCO results with the original category ids, original image coordinates)
 into ``--out`` (default ``<run dir>/eval/<annotation file stem>``), and prints the table.
+``--precision`` and ``--proposals``: see :mod:`finetune.inference` (what ran is in metrics.json's
+``inference``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +33,7 @@ from finetune.coco_eval import (
     evaluated_ground_truth,
     write_predictions,
 )
+from finetune.inference import InferenceSetup, add_inference_args, prepare
 from finetune.module import DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
 from pretrain.core.coco import CocoDetection, collate_fn
@@ -46,8 +51,10 @@ def predict_dataset(
     batch_size: int = 4,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    setup: InferenceSetup | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Run the detector over a CocoDetection set.
+    """Run the detector over a CocoDetection set (``setup``: from :func:`finetune.inference.prepare`;
+    default: fp32 with the model's own test budget).
 
     Returns:
         COCO results (original category ids, boxes in the annotation file's image frame) and the
@@ -58,10 +65,11 @@ def predict_dataset(
     module.eval().to(device)
     preds: list[dict[str, Any]] = []
     ids: list[int] = []
-    for images, targets in loader:
-        for iid, dets in module.predict_coco(images, targets, dataset.coco).items():
-            ids.append(iid)
-            preds += dets
+    with setup.autocast() if setup is not None else contextlib.nullcontext():
+        for images, targets in loader:
+            for iid, dets in module.predict_coco(images, targets, dataset.coco).items():
+                ids.append(iid)
+                preds += dets
     return preds, ids
 
 
@@ -74,6 +82,7 @@ def evaluate_module(
     device: str | torch.device = "cpu",
     backend: str = "pycocotools",
     extra: Mapping[str, Any] | None = None,
+    setup: InferenceSetup | None = None,
 ) -> tuple[CocoEvalResult, list[dict[str, Any]], dict[str, Any]]:
     """Predict on ``dataset``, evaluate, write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
 
@@ -85,7 +94,7 @@ def evaluate_module(
     """
     out = Path(out_dir)
     t0 = time.perf_counter()
-    preds, ids = predict_dataset(module, dataset, batch_size, num_workers, device)
+    preds, ids = predict_dataset(module, dataset, batch_size, num_workers, device, setup)
     t1 = time.perf_counter()
     names = dict(zip(module.label_map.cat_ids, module.label_map.class_names))
     result = evaluate_coco(dataset.coco, preds, image_ids=ids, class_names=names, backend=backend)
@@ -105,6 +114,7 @@ def evaluate_module(
         "score_thresh": module.cfg["detector"].get("score_thresh"),
         "detections_per_img": module.cfg["detector"].get("detections_per_img"),
         "timing_s": {"predict": round(t1 - t0, 3), "coco_eval": round(t2 - t1, 3)},
+        "inference": setup.as_dict() if setup is not None else None,
     }
     write_json(out / "metrics.json", metrics)
     return result, preds, metrics
@@ -131,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="teacher-student checkpoints: which detector (auto: the one the run deployed)")
     parser.add_argument("--missing", choices=("error", "skip"), default="error",
                         help="images whose files are missing: fail, or leave them out of the evaluation")
+    add_inference_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -138,9 +149,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dataset = CocoDetection(args.ann, args.images, transforms=build_transforms(train=False), train=False,
                             label_map=module.label_map, missing=args.missing)
     out = args.out or default_out_dir(args.ckpt, args.ann)
+    device = resolve_device(args.device)
+    module.to(device)
+    setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms)
+    log.info("inference: %s", setup.as_dict())
     result, _, metrics = evaluate_module(
         module, dataset, out, batch_size=args.batch_size, num_workers=args.workers,
-        device=resolve_device(args.device), backend=args.backend,
+        device=device, backend=args.backend, setup=setup,
         extra={"stage": "evaluate", "checkpoint": str(args.ckpt), "checkpoint_epoch": module.checkpoint_epoch,
                "weights": module.deployed_weights,
                "backbone": module.hparams["backbone_info"].get("summary")},

@@ -3,16 +3,19 @@
 Usage::
 
     python -m finetune.predict CKPT IMAGE_OR_FOLDER [...] [--out DIR] [--score 0.5] [--device auto]
+        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N]
 
 writes ``predictions.json`` (per image: file, size and detections with ``bbox`` [x, y, w, h] in
 the image's own pixels, score, original ``category_id`` and class name) and one PNG per image
 with the boxes drawn into ``--out`` (default ``<run dir>/predict``). Unreadable files are
-skipped with a message and counted, never silently.
+skipped with a message and counted, never silently. ``--precision`` and ``--proposals``: see
+:mod:`finetune.inference`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from finetune.inference import InferenceSetup, add_inference_args, as_float, prepare
 from finetune.module import DetectionModule, load_detection_checkpoint
 from finetune.plots import PRED_COLOUR, draw_detections
 from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
@@ -60,8 +64,12 @@ def predict_images(
     device: str | torch.device = "cpu",
     batch_size: int = 2,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    setup: InferenceSetup | None = None,
 ) -> list[dict[str, Any]]:
-    """Detections >= ``score`` for every readable image; PNGs with the boxes into ``out_dir`` if given."""
+    """Detections >= ``score`` for every readable image; PNGs with the boxes into ``out_dir`` if given.
+
+    ``setup``: from :func:`finetune.inference.prepare` (precision, proposal budget); default fp32 with
+    the model's own budget."""
     model = module.model.eval().to(device)
     names = module.label_map.class_names
     to_cat = module.label_map.label_to_cat_id
@@ -81,7 +89,8 @@ def predict_images(
         if not batch:
             continue
         images = [TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True) for _, img in batch]
-        outputs = model([im.to(device) for im in images])
+        with setup.autocast() if setup is not None else contextlib.nullcontext():
+            outputs = as_float(model([im.to(device) for im in images]))
         for (path, _), image, det in zip(batch, images, outputs):
             keep = det["scores"] >= score
             boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()
@@ -130,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         help="teacher-student checkpoints: which detector (auto: the one the run deployed)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--no-draw", action="store_true", help="write predictions.json only")
+    add_inference_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -137,11 +147,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     paths = collect_images(args.images)
     run_dir = run_dir_of(args.ckpt)
     out = args.out or run_dir / "predict"
+    device = resolve_device(args.device)
+    setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms)
+    log.info("inference: %s", setup.as_dict())
     results = predict_images(module, paths, None if args.no_draw else out, score=args.score,
-                             device=resolve_device(args.device), batch_size=args.batch_size)
+                             device=device, batch_size=args.batch_size, setup=setup)
     write_json(out / "predictions.json", {
         "checkpoint": str(args.ckpt),
         "score_thresh": args.score,
+        "inference": setup.as_dict(),
         "classes": module.label_map.to_json()["classes"],
         "images": results,
     })

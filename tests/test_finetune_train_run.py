@@ -271,3 +271,19 @@ def test_freeze_backbone_under_two_process_cpu_ddp(synthetic_data, backbone_file
     loaded = load_file(str(backbone_file))
     for k in ("conv1.weight", "layer1.0.bn1.running_mean", "layer4.1.conv2.weight", "layer4.1.bn2.running_var"):
         assert torch.equal(body[k], loaded[k]), k
+
+
+def test_evaluate_and_predict_record_the_fast_path(frcnn_run, synthetic_data, tmp_path):
+    from finetune import evaluate, predict
+
+    ckpt = str(frcnn_run / "checkpoints" / "best.ckpt")
+    metrics = evaluate.main([ckpt, "--ann", str(synthetic_data["val_json"]), "--out", str(tmp_path / "e"),
+                             "--workers", "0", "--proposals", "10", "--precision", "32"])
+    assert metrics["inference"]["rpn_post_nms_top_n_test"] == 10 and metrics["inference"]["precision"] == "32"
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["inference"]["rpn_pre_nms_top_n_test"] == 10
+    predict.main([ckpt, str(synthetic_data["root"] / "val"), "--out", str(tmp_path / "p"), "--no-draw",
+                  "--proposals", "5", "--score", "0.0"])
+    written = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert written["inference"]["rpn_post_nms_top_n_test"] == 5
+    # At most 5 proposals per image reach the box head: at most 5 x classes detections per image.
+    assert all(len(r["detections"]) <= 5 * len(written["classes"]) for r in written["images"])

@@ -1,0 +1,117 @@
+"""Inference settings shared by ``finetune.evaluate``, ``finetune.predict`` and the benchmarks.
+
+Two knobs decide a CPU's inference time besides the image size (``scripts/bench_infer.py`` measures
+where the time goes and what each setting costs in AP):
+
+- **precision**: ``auto`` (the default) runs the forward pass under bf16 autocast where bf16 is
+  computed natively (CPUs with ``avx512_bf16``/AMX, CUDA GPUs with bf16), fp16 autocast on CUDA GPUs
+  without bf16, fp32 elsewhere: the same choice as ``trainer.precision=auto``, so stand-alone
+  evaluation sees the numbers validation saw during training. Box decoding, RoIAlign and NMS stay
+  in fp32 (torchvision promotes them); detections come back as fp32.
+- **proposals**: Faster R-CNN's test-time RPN budget, the regions its box head classifies per image
+  (torchvision's default: the top 1000 per FPN level before NMS, 1000 after). The box head's two
+  1024-wide layers run on every proposal, and the per-class post-processing on every proposal x
+  class, so on a CPU they, not the ResNet, dominate at small image sizes. ``proposals=N`` keeps the
+  top N after NMS (and N per level before it unless ``pre_nms`` says otherwise). For RetinaNet
+  it is ``topk_candidates``, the candidates per level before NMS (default 1000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.core.precision import choose
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass(frozen=True)
+class InferenceSetup:
+    """What the model runs with, for metrics.json and the logs."""
+
+    device: str
+    precision: str
+    channels_last: bool
+    reason: str
+    proposals: dict[str, int | None]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "channels_last": self.channels_last,
+                "reason": self.reason, **self.proposals}
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The forward pass's autocast context (none in fp32)."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(torch.device(self.device).type, dtype=dtype):
+                yield
+
+
+def set_test_budget(model: nn.Module, proposals: int | None = None,
+                    pre_nms: int | None = None) -> dict[str, int | None]:
+    """Set the test-time proposal budget in place (None keeps the model's); returns what is now in force.
+
+    Raises:
+        ValueError: a budget below 1.
+    """
+    for name, v in (("proposals", proposals), ("pre_nms", pre_nms)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be at least 1, got {v}")
+    rpn = getattr(model, "rpn", None)
+    if rpn is not None:  # Faster R-CNN
+        if proposals is not None:
+            rpn._post_nms_top_n["testing"] = proposals
+            rpn._pre_nms_top_n["testing"] = pre_nms or proposals
+        elif pre_nms is not None:
+            rpn._pre_nms_top_n["testing"] = pre_nms
+        return {"rpn_pre_nms_top_n_test": rpn._pre_nms_top_n["testing"],
+                "rpn_post_nms_top_n_test": rpn._post_nms_top_n["testing"]}
+    if hasattr(model, "topk_candidates"):  # RetinaNet
+        if proposals is not None or pre_nms is not None:
+            setattr(model, "topk_candidates", pre_nms or proposals)  # noqa: B010 (a plain int attribute)
+        return {"topk_candidates": int(getattr(model, "topk_candidates"))}  # noqa: B009
+    raise TypeError(f"{type(model).__name__}: no test-time proposal budget to set")
+
+
+def prepare(model: nn.Module, device: str | torch.device = "cpu", precision: str = "auto",
+            proposals: int | None = None, pre_nms: int | None = None) -> InferenceSetup:
+    """Put ``model`` in eval mode on ``device``, channels_last where it helps, with the test budget set.
+
+    ``precision``: ``auto`` (chosen from the hardware, as ``trainer.precision=auto``) or an explicit
+    ``32`` / ``bf16-mixed`` / ``16-mixed``. Run the forward pass inside ``setup.autocast()``.
+    """
+    device = torch.device(device)
+    choice = choose({"accelerator": device.type, "precision": precision})
+    if choice.precision not in ("32", *AUTOCAST_DTYPES):
+        raise ValueError(f"inference precision {choice.precision!r}: choose auto, 32, bf16-mixed or 16-mixed")
+    model.eval().to(device)
+    if choice.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    budget = set_test_budget(model, proposals, pre_nms)
+    return InferenceSetup(str(device), choice.precision, choice.channels_last, choice.reason, budget)
+
+
+def as_float(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Detections with floating tensors in fp32 (autocast may leave scores in bf16/fp16)."""
+    return [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--proposals`` / ``--pre-nms`` for the command lines that run a detector."""
+    parser.add_argument("--precision", default="auto", choices=("auto", "32", *AUTOCAST_DTYPES),
+                        help="forward-pass precision (auto: bf16 where computed natively, as in training)")
+    parser.add_argument("--proposals", type=int, default=None,
+                        help="Faster R-CNN: RPN proposals kept per image after NMS (and per level before it); "
+                             "RetinaNet: candidates per level. Default: the checkpoint's. Fewer is faster on a CPU; "
+                             "scripts/bench_infer.py measures what it costs in AP")
+    parser.add_argument("--pre-nms", type=int, default=None, help="Faster R-CNN: RPN candidates per level before NMS")

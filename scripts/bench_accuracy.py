@@ -1,0 +1,354 @@
+"""The accuracy benchmark: what pretraining and teacher-student training each buy with 10% labels.
+
+    python scripts/bench_accuracy.py --dataset chess --seeds 1 2 3              # make bench-accuracy DATASET=chess
+    python scripts/bench_accuracy.py --dataset bccd --arms ssl ssl_semi --seeds 1
+    python scripts/bench_accuracy.py --dataset chess --report-only             # the table from what is done
+
+Protocol (the semi-supervised detection literature's): the splitter draws ``--fraction`` of the
+training images as labeled (covering every class), per split seed; the rest are the unlabeled
+images (their ground truth hidden, used only for the pseudo-label health). Every arm is evaluated
+on the dataset's validation set. Five arms, one fine-tuning recipe (``--args``) and one budget:
+
+- ``random``: Faster R-CNN R18-FPN from random init on the labeled images;
+- ``ssl``: the same from the SwAV backbone, pretrained once per dataset on all training images
+  with their labels unused (``--pretrain``);
+- ``random_semi`` / ``ssl_semi``: the same plus the unlabeled images (``--semi``, Unbiased Teacher
+  by default); the burn-in counts inside the same ``trainer.max_epochs`` of the labeled set, so each
+  takes the optimizer steps of its matched labeled-only arm;
+- ``full``: the 100%-label supervised reference (SSL init, the same epochs, so 1/fraction times the
+  steps): what the 10%-label arms are measured against.
+
+Resumable across sittings and machines: every finished run's figures go into a ledger,
+``benchmarks/accuracy/<dataset>.json`` (tracked in git), keyed by arm and seed with a fingerprint
+of the recipe; a run whose fingerprint is there is skipped, a changed recipe re-runs. Run
+directories live in ``outputs/bench_accuracy/<dataset>/`` (an interrupted run resumes from its
+last checkpoint). ``--benchmarks BENCHMARKS.md`` writes the dataset's table into the accuracy
+section: AP and AP50 as mean +- std over the seeds, each arm beside its matched baseline (paired
+difference over the same seeds), pseudo-label precision/recall, and the goal: SSL + semi with 10%
+labels at >= 90% of the 100%-label AP50, and each of SSL and semi ahead of its baseline by more than
+the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import shlex
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_common import describe, machine_info, put_section
+
+from finetune.data.split import split_coco
+from finetune.pipeline import backbone_of, quote, run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+ARMS = ("random", "ssl", "random_semi", "ssl_semi", "full")
+# arm -> its matched baseline: the arm without the one ingredient it adds.
+BASELINE = {"ssl": "random", "random_semi": "random", "ssl_semi": "ssl"}
+LABELS = {"random": "random init", "ssl": "SSL (SwAV)", "random_semi": "random init + semi",
+          "ssl_semi": "SSL + semi", "full": "100% labels (SSL init)"}
+
+# Fine-tuning at a reduced image size and a fixed budget (epochs of the labeled set): a CPU runs it.
+# Fewer proposals / RoIs than torchvision's defaults: at these sizes they, not the ResNet, dominate
+# a CPU step (scripts/bench_finetune.py).
+FAST_RCNN = ("+detector.kwargs.rpn_pre_nms_top_n_train=600 +detector.kwargs.rpn_post_nms_top_n_train=300 "
+             "+detector.kwargs.rpn_pre_nms_top_n_test=300 +detector.kwargs.rpn_post_nms_top_n_test=150 "
+             "+detector.kwargs.box_batch_size_per_image=128")
+FINETUNE_BASE = ("backbone.arch=resnet18 backbone.norm=bn backbone.trainable_layers=5 optimizer.lr=0.01 "
+                 "scheduler=cosine scheduler.warmup_steps=20 trainer.gradient_clip_val=10 eval.plots=false "
+                 "trainer.enable_progress_bar=false")
+# SwAV as in make demo (experiment=demo: grayscale 96 px views, SGD; see conf/pretrain/experiment_method/
+# demo_swav.yaml). Large photographs are decoded once into a 480 px working image and cropped at
+# 5-25% of its area, so that objects appear at about the scale the detector sees them.
+PRETRAIN_PHOTOS = ("method=swav experiment=demo data.knn_val_json=null data.augment=tensor data.cache_decoded=true "
+                   "data.num_workers=0 data.working_size=480 method.transform.crop_min_scales=[0.05] "
+                   "method.transform.crop_max_scales=[0.25] trainer.enable_progress_bar=false")
+SEMI = "semi=unbiased_teacher semi.ema_decay=0.99 semi.threshold=0.5"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where a benchmark dataset's full training set and validation set are, and its default recipe."""
+
+    prepare: Callable[[Path], tuple[Path, Path]]  # out dir -> (train json, val json)
+    finetune: str
+    pretrain: str
+    semi: str
+
+
+def _chess(out: Path) -> tuple[Path, Path]:
+    return (SHARED / "chess" / "train" / "_annotations.coco.json",
+            SHARED / "chess" / "valid" / "_annotations.coco.json")
+
+
+def _bccd(out: Path) -> tuple[Path, Path]:
+    """BCCD is Pascal VOC: converted once (train -> train.json, val -> val.json) with our converter."""
+    coco = out / "coco"
+    if not (coco / "val.json").is_file():
+        from finetune.data.convert import voc_to_coco, write_splits
+
+        write_splits(voc_to_coco(SHARED / "bccd" / "BCCD", coco), coco)
+    return coco / "train.json", coco / "val.json"
+
+
+def merge_coco(parts: Sequence[Mapping[str, Any]], image_root: Path) -> dict[str, Any]:
+    """One COCO dict from several with the same categories: image and box ids renumbered so none collide,
+    file_names made absolute (from ``image_root``)."""
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    for part in parts:
+        new_id = {im["id"]: len(images) + i + 1 for i, im in enumerate(part["images"])}
+        images += [{**im, "id": new_id[im["id"]], "file_name": str(image_root / im["file_name"])}
+                   for im in part["images"]]
+        anns += [{**a, "id": len(anns) + i + 1, "image_id": new_id[a["image_id"]]}
+                 for i, a in enumerate(part.get("annotations", []))]
+    return {"images": images, "annotations": anns, "categories": parts[0]["categories"]}
+
+
+def _synthetic(out: Path) -> tuple[Path, Path]:
+    """The built-in set's 300 labeled and 1000 unlabeled scenes as one pool (the splitter draws from it)."""
+    import yaml
+
+    from pretrain.core.synthetic import ensure_synthetic
+
+    conf = yaml.safe_load((REPO / "conf" / "shared" / "synthetic" / "default.yaml").read_text())
+    root = (REPO / conf["synthetic_dir"]).resolve()  # the set make demo generates, with the same settings
+    ensure_synthetic(root, **conf["synthetic"])
+    pool = out / "pool.json"
+    if not pool.is_file():
+        parts = [json.loads((root / f"{n}.json").read_text()) for n in ("train", "unlabeled")]
+        pool.parent.mkdir(parents=True, exist_ok=True)
+        pool.write_text(json.dumps(merge_coco(parts, root)))
+    return pool, root / "val.json"
+
+
+DATASETS = {
+    # 2048x1371 photographs, 14 classes, 202 train / 58 valid: 320 px short side, 30 epochs of the labeled set.
+    "chess": Dataset(_chess, f"{FINETUNE_BASE} {FAST_RCNN} detector.min_size=320 detector.max_size=480 "
+                             "trainer.max_epochs=30 trainer.check_val_every_n_epoch=10",
+                     f"{PRETRAIN_PHOTOS} data.batch_size=64 trainer.max_epochs=100", f"{SEMI} semi.burn_in_epochs=15"),
+    # 640x480 microscope images, 3 classes (RBC, WBC, platelets), 205 train / 87 val.
+    "bccd": Dataset(_bccd, f"{FINETUNE_BASE} {FAST_RCNN} detector.min_size=320 detector.max_size=428 "
+                           "trainer.max_epochs=30 trainer.check_val_every_n_epoch=10",
+                    f"{PRETRAIN_PHOTOS} data.batch_size=64 trainer.max_epochs=100", f"{SEMI} semi.burn_in_epochs=15"),
+    # 160 px scenes: make demo's recipes.
+    "synthetic": Dataset(_synthetic, "experiment=demo eval.plots=false trainer.enable_progress_bar=false "
+                                     "trainer.max_epochs=30 trainer.check_val_every_n_epoch=10",
+                         "method=swav experiment=demo trainer.enable_progress_bar=false",
+                         f"{SEMI} semi.burn_in_epochs=15"),
+}
+
+
+def fingerprint(recipe: Mapping[str, Any]) -> str:
+    """A short hash of what decides a run's result (never of paths, which differ between machines)."""
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def arm_recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    recipe: dict[str, Any] = {"arm": arm, "seed": seed, "args": a.args, "fraction": a.fraction}
+    if arm in ("ssl", "ssl_semi", "full"):
+        recipe["pretrain"] = a.pretrain
+    if arm.endswith("_semi"):
+        recipe["semi"] = a.semi
+    if arm == "full":
+        recipe.pop("fraction")
+    return recipe
+
+
+def arm_overrides(arm: str, seed: int, split: Mapping[str, Path], val_json: Path, backbone: Path | None,
+                  a: argparse.Namespace) -> list[str]:
+    """The Hydra overrides of one arm's fine-tuning run (``split``: labeled / unlabeled / full JSONs)."""
+    train = split["full"] if arm == "full" else split["labeled"]
+    out = ["data=coco", f"data.train_json={quote(train)}", f"data.val_json={quote(val_json)}", f"seed={seed}",
+           *shlex.split(a.args)]
+    if arm in ("ssl", "ssl_semi", "full"):
+        assert backbone is not None
+        out.append(f"backbone.checkpoint={quote(backbone)}")
+    if arm.endswith("_semi"):
+        out += [*shlex.split(a.semi), f"semi.unlabeled={quote(split['unlabeled'])}"]
+    return out
+
+
+def load_ledger(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
+def entry_from_metrics(metrics: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
+    health = (metrics.get("semi") or {}).get("pseudo_labels") or {}
+    return {"fingerprint": fingerprint(recipe), "AP": metrics["coco"]["AP"], "AP50": metrics["coco"]["AP50"],
+            "steps": metrics.get("global_step"), "precision": metrics.get("precision"),
+            "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
+            "pseudo_per_image": health.get("pseudo_boxes_per_image"),
+            "machine": describe(machine_info()), "date": dt.date.today().isoformat()}
+
+
+def done(ledger: Mapping[str, Any], arm: str, seed: int, recipe: Mapping[str, Any]) -> bool:
+    e = ledger["runs"].get(f"{arm}/seed{seed}")
+    return bool(e) and e["fingerprint"] == fingerprint(recipe)
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{scale * values[0]:.1f} (1 seed)"
+    return f"{scale * statistics.mean(values):.1f} +- {scale * statistics.stdev(values):.1f}"
+
+
+def _spread(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(ledger: Mapping[str, Any], dataset: str, seeds: Sequence[int], fraction: float, command: str,
+          recipes: Mapping[str, str]) -> str:
+    """The dataset's markdown section from the ledger's runs of ``seeds`` (arms not yet run show as -)."""
+    runs = ledger["runs"]
+
+    def vals(arm: str, key: str) -> dict[int, float]:
+        return {s: runs[f"{arm}/seed{s}"].get(key) for s in seeds if f"{arm}/seed{s}" in runs}
+
+    machines = sorted({e["machine"] for k, e in runs.items() if int(k.split("seed")[1]) in seeds})
+    lines = [f"### {dataset}, {100 * fraction:g}% labels", "",
+             (f"Split seeds {', '.join(map(str, seeds))}; AP and AP50 (COCO, %) on the validation set as mean +- std "
+             "over the seeds; `vs baseline`: the paired AP50 difference to the arm without this arm's ingredient, "
+             "over the same seeds."), "",
+             f"    {command}", "",
+             "| arm | seeds | AP | AP50 | vs baseline (AP50) | steps | pseudo-labels: precision / recall |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        ap, ap50 = vals(arm, "AP"), vals(arm, "AP50")
+        if not ap:
+            lines.append(f"| {LABELS[arm]} | 0 | - | - | - | - | - |")
+            continue
+        base = BASELINE.get(arm)
+        delta = "-"
+        if base:
+            b50 = vals(base, "AP50")
+            diffs = [ap50[s] - b50[s] for s in ap50 if s in b50]
+            if diffs:
+                delta = f"{'+' if statistics.mean(diffs) >= 0 else ''}{mean_std(diffs)} vs {LABELS[base]}"
+        steps = sorted({runs[f"{arm}/seed{s}"]["steps"] for s in ap})
+        prec, rec = vals(arm, "pseudo_precision"), vals(arm, "pseudo_recall")
+        pseudo = (f"{mean_std([v for v in prec.values() if v is not None])} / "
+                  f"{mean_std([v for v in rec.values() if v is not None])}") if arm.endswith("_semi") else "-"
+        lines.append(f"| {LABELS[arm]} | {len(ap)} | {mean_std(list(ap.values()))} | {mean_std(list(ap50.values()))} "
+                     f"| {delta} | {'/'.join(str(s) for s in steps)} | {pseudo} |")
+    lines += ["", *goals(ledger, seeds), "", ("Recipes (Hydra overrides; the split's JSONs and the backbone are added "
+              "per arm):"), ""]
+    lines += [f"- {k}: `{v}`" for k, v in recipes.items()]
+    lines += ["", f"Measured on: {'; '.join(machines) or '-'}."]
+    return "\n".join(lines) + "\n"
+
+
+def goals(ledger: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
+    """The issue's goals, read off the ledger: met, not met, or not measured yet."""
+    runs = ledger["runs"]
+
+    def ap50(arm: str) -> dict[int, float]:
+        return {s: runs[f"{arm}/seed{s}"]["AP50"] for s in seeds if f"{arm}/seed{s}" in runs}
+
+    out = []
+    best, full = ap50("ssl_semi"), ap50("full")
+    if best and full:
+        ratio = statistics.mean(best.values()) / max(statistics.mean(full.values()), 1e-9)
+        out.append(f"- SSL + semi reaches {100 * ratio:.0f}% of the 100%-label AP50 (goal >= 90%): "
+                   f"{'met' if ratio >= 0.9 else 'not met'}.")
+    else:
+        out.append("- SSL + semi against the 100%-label AP50 (goal >= 90%): not measured yet.")
+    for arm in ("ssl", "ssl_semi", "random_semi"):
+        base, mine = ap50(BASELINE[arm]), ap50(arm)
+        common = [s for s in mine if s in base]
+        if len(common) < 2:
+            out.append(f"- {LABELS[arm]} against {LABELS[BASELINE[arm]]}: needs 2+ seeds of both.")
+            continue
+        gain = statistics.mean(mine[s] - base[s] for s in common)
+        spread = max(_spread([mine[s] for s in common]), _spread([base[s] for s in common]))
+        verdict = "beats it by more than the spread" if gain > spread else "does not beat it by more than the spread"
+        out.append(f"- {LABELS[arm]} {verdict}: AP50 {round(100 * gain, 1) + 0.0:+.1f} against a spread "
+                   f"(larger std of the two) of {100 * spread:.1f}.")
+    return out
+
+
+ACC_HEAD = ("## Accuracy: 10% labels, five arms\n\nWritten by `scripts/bench_accuracy.py --benchmarks BENCHMARKS.md` "
+            "(`make bench-accuracy DATASET=...`) from the ledger in `benchmarks/accuracy/`; see the script's "
+            "docstring for the protocol.\n")
+
+
+def update_benchmarks(md: Path, text: str, dataset: str) -> None:
+    begin, end = f"<!-- accuracy: {dataset} -->", f"<!-- /accuracy: {dataset} -->"
+    put_section(md, f"{begin}\n{text}{end}", begin, end, "## Accuracy", ACC_HEAD)
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=tuple(DATASETS), default="chess")
+    p.add_argument("--fraction", type=float, default=0.1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--args", default=None, help="fine-tuning overrides of every arm (default: the dataset's recipe)")
+    p.add_argument("--pretrain", default=None, help="SwAV overrides (default: the dataset's recipe)")
+    p.add_argument("--semi", default=None, help="overrides of the semi arms (default: the dataset's recipe)")
+    p.add_argument("--out", type=Path, default=None, help="run directories (default outputs/bench_accuracy/<dataset>)")
+    p.add_argument("--ledger", type=Path, default=None, help="default benchmarks/accuracy/<dataset>.json")
+    p.add_argument("--benchmarks", type=Path, default=None, help="write the table into this markdown file")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table from the ledger")
+    a = p.parse_args(argv)
+    ds = DATASETS[a.dataset]
+    a.args = ds.finetune if a.args is None else a.args
+    a.pretrain = ds.pretrain if a.pretrain is None else a.pretrain
+    a.semi = ds.semi if a.semi is None else a.semi
+    a.out = (a.out or REPO / "outputs" / "bench_accuracy" / a.dataset).resolve()
+    a.ledger = a.ledger or REPO / "benchmarks" / "accuracy" / f"{a.dataset}.json"
+    return a
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """Run every (seed, arm) not in the ledger with this recipe; returns the ledger."""
+    ledger = load_ledger(a.ledger)
+    todo = [(s, arm) for s in a.seeds for arm in a.arms if not done(ledger, arm, s, arm_recipe(arm, s, a))]
+    if not todo or a.report_only:
+        return ledger
+    train_json, val_json = DATASETS[a.dataset].prepare(a.out)
+    backbone = None
+    if any(arm in ("ssl", "ssl_semi", "full") for _, arm in todo):
+        pre = run_stage("pretrain", a.out / f"pretrain_{fingerprint({'pretrain': a.pretrain})}",
+                        [f"data.root={quote(train_json)}", *shlex.split(a.pretrain)])
+        backbone = backbone_of(pre)
+    for i, (seed, arm) in enumerate(todo):
+        print(f"[bench_accuracy] {a.dataset} {arm} seed {seed} ({i + 1}/{len(todo)})", flush=True)
+        split_dir = a.out / f"split_seed{seed}"
+        if arm != "full" and not (split_dir / "unlabeled.json").is_file():
+            split_coco(train_json, split_dir, fraction=a.fraction, seed=seed)
+        split = {"labeled": split_dir / "labeled.json", "unlabeled": split_dir / "unlabeled.json", "full": train_json}
+        recipe = arm_recipe(arm, seed, a)
+        d = run_stage("finetune", a.out / f"seed{seed}" / f"{arm}_{fingerprint(recipe)}",
+                      arm_overrides(arm, seed, split, val_json, backbone, a))
+        ledger["runs"][f"{arm}/seed{seed}"] = entry_from_metrics(json.loads((d / "metrics.json").read_text()), recipe)
+        a.ledger.parent.mkdir(parents=True, exist_ok=True)
+        a.ledger.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")  # after every run: resumable
+    return ledger
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse(argv)
+    ledger = run(a)
+    command = " ".join(shlex.quote(x) for x in ["python", "scripts/bench_accuracy.py",
+                                                 *(sys.argv[1:] if argv is None else argv)])
+    recipes = {"fine-tuning (every arm)": a.args, "SwAV pretraining": a.pretrain, "semi arms": a.semi}
+    text = table(ledger, a.dataset, a.seeds, a.fraction, command, recipes)
+    print("\n" + text)
+    if a.benchmarks is not None:
+        update_benchmarks(a.benchmarks, text, a.dataset)
+        print(f"updated {a.benchmarks}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Benchmark: a training step of each stage's real entry point, and its peak memory, against plain torchvision.
+
+    python scripts/bench_steps.py [--min-size 320] [--batch-size 4] [--steps 12] [--json outputs/bench/steps.json]
+
+Three modes, each in its own process (so that its peak memory is its own), on the same generated
+images (the synthetic scenes, 160 px, resized to ``--min-size``), Faster R-CNN R18-FPN:
+
+- ``plain``: torchvision's reference training loop on the same model, data, optimiser and
+  schedule, fp32 (``scripts/bench_finetune.py``'s);
+- ``finetune``: ``finetune.train.train``, what ``python -m finetune`` runs (Lightning, the data
+  loader, logging, checkpoints), at ``trainer.precision=auto``;
+- ``semi``: the same with ``semi=unbiased_teacher`` after burn-in: per step the teacher's forward
+  pass on the unlabeled images' weak views, and the student's on the labeled and strong views
+  (``data.batch_size`` labeled + as many unlabeled images).
+
+Reports seconds per optimizer step (median over the timed steps, after ``--warmup``), labeled
+images/s, the ratio of each step to the plain loop's and of the semi step to the fine-tuning step,
+and peak memory (CUDA: max allocated; CPU: the process's peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import describe, machine_info, median, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("plain", "finetune", "semi")
+
+
+class StepTimes:
+    """Wall time of every optimizer step (Lightning callback)."""
+
+    def __init__(self, device: torch.device) -> None:
+        import pytorch_lightning as pl
+
+        self.device, self.times, self._t = device, [], 0.0
+        outer = self
+
+        class _Callback(pl.Callback):
+            def on_train_batch_start(self, *_: Any) -> None:
+                outer._sync()
+                outer._t = time.perf_counter()
+
+            def on_train_batch_end(self, *_: Any) -> None:
+                outer._sync()
+                outer.times.append(time.perf_counter() - outer._t)
+
+        self.callback = _Callback()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def overrides(args: argparse.Namespace, data: dict[str, Any], mode: str) -> list[str]:
+    out = ["detector=fasterrcnn", "backbone.arch=resnet18", "backbone.norm=frozen_bn", "data=coco",
+           f"data.train_json={data['train_json']}", f"data.val_json={data['val_json']}",
+           f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
+           f"detector.min_size={args.min_size}", f"detector.max_size={int(args.min_size * 4 / 3)}",
+           "optimizer.lr=0.005", f"trainer.max_steps={args.warmup + args.steps}", "trainer.max_epochs=-1",
+           "trainer.enable_progress_bar=false", "eval.plots=false",
+           f"trainer.precision={args.precision}"]
+    if mode == "semi":
+        out += ["semi=unbiased_teacher", "semi.burn_in=0", f"semi.unlabeled={data['unlabeled_json']}"]
+    return out
+
+
+def one_mode(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from pretrain.core.synthetic import make_synthetic
+
+    device = torch.device(args.device)
+    n = args.batch_size * (args.warmup + args.steps)
+    data = make_synthetic(tmp / "data", seed=0, num_train=n, num_val=2, num_unlabeled=n, image_size=160)
+    if args.one == "plain":
+        import bench_finetune
+        from hydra import compose, initialize_config_dir
+
+        from finetune.transforms import build_transforms
+        from pretrain.core.coco import CocoDetection
+
+        ns = argparse.Namespace(**{**vars(args), "plain_precision": "32", "arch": "resnet18"})
+        with initialize_config_dir(config_dir=str(REPO / "conf" / "finetune"), version_base="1.3"):
+            cfg = compose("finetune", overrides=overrides(args, data, "plain"))
+        ds = CocoDetection(data["train_json"], transforms=build_transforms(True, hflip=0.5), train=True)
+        rate, _ = bench_finetune.bench_plain(cfg, ds, ns, device)  # images/s over the timed steps
+        return {"s_per_step": round(args.batch_size / rate, 4), "labeled_images_per_s": round(rate, 3),
+                "precision": "32", **peak_memory_mb(device)}
+
+    from hydra import compose, initialize_config_dir
+
+    import finetune.train as ft
+
+    times = StepTimes(device)
+    build = ft.build_trainer
+
+    def build_timed(*a: Any, callbacks: Any = (), **kw: Any) -> Any:
+        return build(*a, callbacks=[*callbacks, times.callback], **kw)
+
+    ft.build_trainer = build_timed  # type: ignore[assignment]
+    with initialize_config_dir(config_dir=str(REPO / "conf" / "finetune"), version_base="1.3"):
+        cfg = compose("finetune", overrides=overrides(args, data, args.one))
+    with contextlib.redirect_stderr(io.StringIO()):
+        metrics = ft.train(cfg, tmp / "run")
+    timed = times.times[args.warmup:]
+    step = median(timed)
+    return {"s_per_step": round(step, 4), "labeled_images_per_s": round(args.batch_size / step, 3),
+            "steps_timed": len(timed), "precision": metrics.get("precision"), **peak_memory_mb(device)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--min-size", type=int, default=320)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16-mixed"), help="ours (plain: 32)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode, print JSON
+    args = p.parse_args(argv)
+    if args.one:
+        with tempfile.TemporaryDirectory(prefix="bench_steps_") as tmp:
+            row = one_mode(args, Path(tmp))
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    info = machine_info(torch.device(args.device).type)
+    print(f"machine: {describe(info)}", flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for mode in args.modes:
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()),
+                              *(argv if argv is not None else sys.argv[1:]), "--one", mode],
+                             capture_output=True, text=True, check=False)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            raise SystemExit(f"mode {mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        rows[mode] = json.loads(lines[-1][len("RESULT "):])
+        print(f"  {mode}: {rows[mode]}", flush=True)
+    if "plain" in rows:
+        for r in rows.values():
+            r["step_vs_plain"] = round(r["s_per_step"] / rows["plain"]["s_per_step"], 3)
+    if "semi" in rows and "finetune" in rows:
+        rows["semi"]["step_vs_finetune"] = round(rows["semi"]["s_per_step"] / rows["finetune"]["s_per_step"], 3)
+    print(f"\n{'mode':<10}{'s/step':>9}{'labeled img/s':>15}{'step vs plain':>15}{'memory MB':>11}  precision")
+    for mode, r in rows.items():
+        mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
+        print(f"{mode:<10}{r['s_per_step']:>9.3f}{r['labeled_images_per_s']:>15.2f}"
+              f"{r.get('step_vs_plain', float('nan')):>14.2f}x{mem:>11.0f}  {r['precision']}")
+    if "step_vs_finetune" in rows.get("semi", {}):
+        print(f"semi step / fine-tuning step: {rows['semi']['step_vs_finetune']:.2f}x")
+    if args.json:
+        settings = {k: str(v) for k, v in vars(args).items() if k not in ("json", "one")}
+        print(f"wrote {write_json(args.json, 'steps', info, rows, settings)}")
+
+
+if __name__ == "__main__":
+    main()
