@@ -1,9 +1,10 @@
 """``make bench``: run the speed benchmarks and write their figures into BENCHMARKS.md.
 
 Each benchmark runs as its own process with ``--json`` (scripts/bench_pretrain.py with ``--e2e``,
-scripts/bench_finetune.py); this script reads the JSON files and rewrites the speed section of
-BENCHMARKS.md for this machine (other sections, and other machines' sections, are kept), naming the
-machine, the date and the exact commands. ``--from-json A.json B.json`` only formats existing files.
+scripts/bench_finetune.py, scripts/bench_steps.py, scripts/bench_infer.py); this script reads the
+JSON files and rewrites the speed section of BENCHMARKS.md for this machine (other sections, and
+other machines' sections, are kept), naming the machine, the date and the exact commands.
+``--from-json A.json B.json`` only formats existing files.
 
     python scripts/bench_report.py [--out BENCHMARKS.md] [--quick]
 """
@@ -51,6 +52,37 @@ def finetune_table(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def steps_table(d: dict[str, Any]) -> list[str]:
+    lines = ["| mode | s/step (median) | labeled img/s | step vs plain | peak memory MB | precision |",
+             "|---|---:|---:|---:|---:|---|"]
+    for mode, r in d["rows"].items():
+        mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
+        lines.append(f"| {mode} | {r['s_per_step']:.3f} | {r['labeled_images_per_s']:.2f} | "
+                     f"{_fmt(r.get('step_vs_plain'), 'x')} | {mem:.0f} | {r['precision']} |")
+    semi = d["rows"].get("semi", {}).get("step_vs_finetune")
+    if semi is not None:
+        lines += ["", (f"A semi step (Unbiased Teacher, batch labeled + as many unlabeled) costs {semi:.2f}x a "
+                      "fine-tuning step.")]
+    return lines
+
+
+def infer_table(d: dict[str, Any]) -> list[str]:
+    lines = [("| mode | images/s (median) | vs plain | proposals | precision | peak memory MB | AP | AP50 | "
+             "where the time goes |"), "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for mode, r in d["rows"].items():
+        mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["time_shares"].items() if v >= 0.01)
+        ap = "-" if "AP" not in r else f"{100 * r['AP']:.1f}"
+        ap50 = "-" if "AP50" not in r else f"{100 * r['AP50']:.1f}"
+        proposals = r.get("rpn_post_nms_top_n_test", r.get("topk_candidates"))
+        lines.append(f"| {mode} | {r['images_per_s']:.2f} | {_fmt(r['vs_plain'], 'x')} | {proposals} | "
+                     f"{r['precision']} | {mem:.0f} | {ap} | {ap50} | {shares} |")
+    return lines
+
+
+TABLES = {"pretrain": pretrain_table, "finetune": finetune_table, "steps": steps_table, "infer": infer_table}
+
+
 def section(results: list[dict[str, Any]]) -> tuple[str, str]:
     """The markdown section for one machine, and its key (the CPU or GPU model)."""
     m = results[0]["machine"]
@@ -68,7 +100,7 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
     for d in results:
         command = d["command"].replace(f"{REPO}/", "")  # repository-relative, as a user types it
         out += [f"**{d['bench']}** (`{command}`)", ""]
-        out += pretrain_table(d) if d["bench"] == "pretrain" else finetune_table(d)
+        out += TABLES[d["bench"]](d)
         out.append("")
     out.append(END.format(key=key))
     return "\n".join(out), key
@@ -87,7 +119,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds (a smoke check, not figures)")
     p.add_argument("--from-json", nargs="+", type=Path, default=None, help="format these JSON files only")
     p.add_argument("--json-dir", type=Path, default=REPO / "outputs" / "bench", help="where the JSON files go")
-    p.add_argument("--pretrain-only", action="store_true", help="skip the (slow) fine-tuning benchmark")
+    p.add_argument("--pretrain-only", action="store_true", help="skip the (slow) detector benchmarks")
+    p.add_argument("--infer-ckpt", type=Path, default=None,
+                   help="a fine-tuning checkpoint for the inference benchmark (with --infer-ann: AP beside speed)")
+    p.add_argument("--infer-ann", type=Path, default=None)
     args = p.parse_args(argv)
     if args.from_json:
         results = [json.loads(f.read_text()) for f in args.from_json]
@@ -100,6 +135,12 @@ def main(argv: list[str] | None = None) -> Path:
         results = [run_bench("bench_pretrain.py", ["--e2e", *quick_p], args.json_dir / "pretrain.json")]
         if not args.pretrain_only:
             results.append(run_bench("bench_finetune.py", quick_f, args.json_dir / "finetune.json"))
+            quick_s = ["--steps", "2", "--warmup", "1"] if args.quick else []
+            results.append(run_bench("bench_steps.py", quick_s, args.json_dir / "steps.json"))
+            infer = ["--ckpt", str(args.infer_ckpt)] if args.infer_ckpt else []
+            infer += ["--ann", str(args.infer_ann)] if args.infer_ann else []
+            infer += ["--images", "4", "--repeats", "1"] if args.quick else []
+            results.append(run_bench("bench_infer.py", infer, args.json_dir / "infer.json"))
     text, key = section(results)
     update(args.out, text, key)
     print(f"wrote {args.out} ({key})")

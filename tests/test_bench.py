@@ -67,3 +67,25 @@ def test_semi_report_gives_mean_and_std_and_keeps_the_other_sections(tmp_path: P
     out = md.read_text()
     assert "speed figures" in out and out.count("## Semi-supervised") == 1 and out.count("### chess") == 1
     assert "bench_semi.py Y" in out and "bench_semi.py X" not in out and "### synthetic" in out
+
+
+def test_step_and_inference_tables_carry_the_ratios_and_where_time_goes() -> None:
+    machine = {"cpu": "Some CPU", "cpu_flags": [], "cores": 2, "torch_threads": 2, "torch": "2",
+               "auto": {"precision": "32", "channels_last": True, "reason": "r"}}
+    steps = {"bench": "steps", "date": "d", "command": "scripts/bench_steps.py", "machine": machine, "rows": {
+        "plain": {"s_per_step": 2.0, "labeled_images_per_s": 2.0, "step_vs_plain": 1.0, "peak_rss_mb": 1500,
+                  "precision": "32"},
+        "finetune": {"s_per_step": 1.5, "labeled_images_per_s": 2.67, "step_vs_plain": 0.75, "peak_rss_mb": 1400,
+                     "precision": "32"},
+        "semi": {"s_per_step": 4.2, "labeled_images_per_s": 0.95, "step_vs_plain": 2.1, "step_vs_finetune": 2.8,
+                 "peak_rss_mb": 2100, "precision": "32"}}}
+    infer = {"bench": "infer", "date": "d", "command": "scripts/bench_infer.py", "machine": machine, "rows": {
+        "plain": {"images_per_s": 1.0, "vs_plain": 1.0, "rpn_post_nms_top_n_test": 1000, "precision": "32",
+                  "peak_rss_mb": 900, "AP": 0.3, "AP50": 0.5, "time_shares": {"backbone": 0.4, "box_head": 0.3}},
+        "ours_p100": {"images_per_s": 3.0, "vs_plain": 3.0, "rpn_post_nms_top_n_test": 100, "precision": "32",
+                      "peak_rss_mb": 800, "AP": 0.29, "AP50": 0.49, "time_shares": {"backbone": 0.7}}}}
+    text, _ = bench_report.section([steps, infer])
+    assert "| semi | 4.200 | 0.95 | 2.10x | 2100 | 32 |" in text
+    assert "costs 2.80x a fine-tuning step" in text
+    assert "| ours_p100 | 3.00 | 3.00x | 100 | 32 | 800 | 29.0 | 49.0 | backbone 70% |" in text
+    assert "backbone 40%, box_head 30%" in text
