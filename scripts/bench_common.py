@@ -81,6 +81,17 @@ def write_json(path: str | Path, bench: str, info: dict[str, Any], rows: dict[st
     return out
 
 
+def run_mode_process(script: str | Path, argv: Sequence[str], mode: str) -> dict[str, Any]:
+    """Run ``script argv --one MODE`` in a fresh interpreter (so that its peak memory is its own) and
+    return the JSON it prints on its ``RESULT `` line."""
+    out = subprocess.run([sys.executable, str(script), *argv, "--one", mode], capture_output=True, text=True,
+                         check=False)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"mode {mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return dict(json.loads(lines[-1][len("RESULT "):]))
+
+
 def put_section(md: Path, block: str, begin: str, end: str, heading: str, intro: str,
                 empty: str = "# Benchmarks\n") -> None:
     """Write ``block`` (which starts with ``begin`` and ends with ``end``) into the markdown file ``md``.

@@ -27,7 +27,6 @@ import contextlib
 import io
 import json
 import resource
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import describe, machine_info, median, write_json
+from bench_common import describe, machine_info, median, run_mode_process, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {  # name: (precision, proposals); plain is torchvision as is
@@ -219,12 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     passthrough = list(argv if argv is not None else sys.argv[1:])
     rows: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *passthrough, "--one", mode],
-                             capture_output=True, text=True, check=False)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            raise SystemExit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
-        rows[mode] = json.loads(lines[-1][len("RESULT "):])
+        rows[mode] = run_mode_process(Path(__file__).resolve(), passthrough, mode)
         r = rows[mode]
         print(f"  {mode}: {r['images_per_s']:.2f} img/s, precision {r['precision']}, "
               f"{r.get('rpn_post_nms_top_n_test', r.get('topk_candidates'))} proposals"

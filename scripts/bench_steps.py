@@ -25,7 +25,6 @@ import contextlib
 import io
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import describe, machine_info, median, write_json
+from bench_common import describe, machine_info, median, run_mode_process, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("plain", "finetune", "semi")
@@ -146,14 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(torch.device(args.device).type)
     print(f"machine: {describe(info)}", flush=True)
     rows: dict[str, dict[str, Any]] = {}
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     for mode in args.modes:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()),
-                              *(argv if argv is not None else sys.argv[1:]), "--one", mode],
-                             capture_output=True, text=True, check=False)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            raise SystemExit(f"mode {mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        rows[mode] = json.loads(lines[-1][len("RESULT "):])
+        rows[mode] = run_mode_process(Path(__file__).resolve(), passthrough, mode)
         print(f"  {mode}: {rows[mode]}", flush=True)
     if "plain" in rows:
         for r in rows.values():

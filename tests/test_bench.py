@@ -89,3 +89,20 @@ def test_step_and_inference_tables_carry_the_ratios_and_where_time_goes() -> Non
     assert "costs 2.80x a fine-tuning step" in text
     assert "| ours_p100 | 3.00 | 3.00x | 100 | 32 | 800 | 29.0 | 49.0 | backbone 70% |" in text
     assert "backbone 40%, box_head 30%" in text
+
+
+@pytest.mark.slow  # two fresh interpreters per benchmark
+def test_infer_and_step_benchmarks_run_each_mode_in_its_own_process(tmp_path: Path) -> None:
+    import bench_infer
+    import bench_steps
+
+    bench_infer.main(["--images", "1", "--repeats", "1", "--min-size", "96", "--classes", "3",
+                      "--modes", "plain", "ours_fp32_p100", "--json", str(tmp_path / "i.json")])
+    rows = json.loads((tmp_path / "i.json").read_text())["rows"]
+    assert rows["plain"]["rpn_post_nms_top_n_test"] == 1000 and rows["ours_fp32_p100"]["rpn_post_nms_top_n_test"] == 100
+    assert all(r["peak_rss_mb"] > 100 and abs(sum(r["time_shares"].values()) - 1) < 0.01 for r in rows.values())
+    assert rows["plain"]["time_shares"]["backbone"] > 0
+    bench_steps.main(["--steps", "1", "--warmup", "1", "--min-size", "96", "--batch-size", "1",
+                      "--modes", "finetune", "semi", "--json", str(tmp_path / "s.json")])
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert rows["semi"]["steps_timed"] == 1 and rows["semi"]["step_vs_finetune"] > 0
