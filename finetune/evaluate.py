@@ -4,7 +4,7 @@ Usage::
 
     python -m finetune.evaluate CKPT --ann COCO_JSON [--images ROOT] [--out DIR]
         [--backend pycocotools|faster_coco_eval] [--batch-size 4] [--device auto]
-        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N]
+        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N] [--pre-nms N]
 
 writes ``metrics.json`` (12-number COCO summary, per-class AP, the annotation file used) and
 ``predictions.json`` (COCO results with the original category ids, original image coordinates)

@@ -6,8 +6,10 @@ where the time goes and what each setting costs in AP):
 - **precision**: ``auto`` (the default) runs the forward pass under bf16 autocast where bf16 is
   computed natively (CPUs with ``avx512_bf16``/AMX, CUDA GPUs with bf16), fp16 autocast on CUDA GPUs
   without bf16, fp32 elsewhere: the same choice as ``trainer.precision=auto``, so stand-alone
-  evaluation sees the numbers validation saw during training. Box decoding, RoIAlign and NMS stay
-  in fp32 (torchvision promotes them); detections come back as fp32.
+  evaluation sees the numbers that validation and the run's own final evaluation (metrics.json,
+  which runs at the training precision) saw. The detectors' heads hand fp32
+  outputs on (``finetune.detectors.builders.fp32_head_outputs``), so box decoding, scores and NMS
+  run in fp32 whatever the precision of the layers before them.
 - **proposals**: Faster R-CNN's test-time RPN budget, the regions its box head classifies per image
   (torchvision's default: the top 1000 per FPN level before NMS, 1000 after). The box head's two
   1024-wide layers run on every proposal, and the per-class post-processing on every proposal x
@@ -114,4 +116,5 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                         help="Faster R-CNN: RPN proposals kept per image after NMS (and per level before it); "
                              "RetinaNet: candidates per level. Default: the checkpoint's. Fewer is faster on a CPU; "
                              "scripts/bench_infer.py measures what it costs in AP")
-    parser.add_argument("--pre-nms", type=int, default=None, help="Faster R-CNN: RPN candidates per level before NMS")
+    parser.add_argument("--pre-nms", type=int, default=None,
+                        help="Faster R-CNN: RPN candidates per level before NMS; RetinaNet: as --proposals")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from finetune.backbone import load_backbone
 from finetune.ddp_report import DistributedReport
 from finetune.evaluate import evaluate_module
+from finetune.inference import AUTOCAST_DTYPES, prepare
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, load_detection_checkpoint
 from finetune.transforms import build_transforms
 from pretrain.core import precision
@@ -378,9 +379,13 @@ def finish(
         write_json(run_dir / "metrics.json", metrics)
         return metrics
     device = trainer.strategy.root_device
+    # The training precision, as validation ran and as `python -m finetune.evaluate` runs by default.
+    trained = hardware.precision if hardware else "32"
+    best_module.to(device)
+    setup = prepare(best_module.model, device, trained if trained in ("32", *AUTOCAST_DTYPES) else "32")
     result, preds, metrics = evaluate_module(
         best_module, val_ds, run_dir, batch_size=int(cfg.eval.batch_size), num_workers=0, device=device,
-        backend=cfg.eval.backend, extra=base,
+        backend=cfg.eval.backend, extra=base, setup=setup,
     )
     print(f"\nbest epoch {best_module.checkpoint_epoch} ({best.name}) on {paths.val_json}: "
           f"{result.num_images} images, {result.num_detections} detections")

@@ -7,8 +7,8 @@ Modes, each in its own process (so that its peak memory is its own), on the same
 
 - ``plain``: the model as torchvision users run it: ``model.eval()`` under ``torch.no_grad()``, fp32,
   NCHW, torchvision's test-time budget (1000 RPN proposals per level before NMS, 1000 after);
-- ``ours``: ``finetune.inference.prepare`` at its defaults (precision ``auto``, channels_last where
-  it helps), the same 1000/1000 budget;
+- ``ours``: ``finetune.inference.prepare`` with precision ``auto`` and channels_last where it helps,
+  at the same 1000/1000 budget (set explicitly: a checkpoint may carry a smaller one);
 - ``ours_p300`` / ``ours_p100``: the fast path: also 300 / 100 proposals (``--proposals`` of
   ``finetune.evaluate`` / ``finetune.predict``);
 - ``ours_fp32_p100``: 100 proposals in fp32 (on a CPU without bf16 units it is what ``auto`` runs).
@@ -223,16 +223,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {mode}: {r['images_per_s']:.2f} img/s, precision {r['precision']}, "
               f"{r.get('rpn_post_nms_top_n_test', r.get('topk_candidates'))} proposals"
               + (f", AP {100 * r['AP']:.1f} / AP50 {100 * r['AP50']:.1f}" if "AP" in r else ""), flush=True)
-    ref = rows.get("plain", next(iter(rows.values())))
     for r in rows.values():
-        r["vs_plain"] = round(r["images_per_s"] / ref["images_per_s"], 3)
+        r["vs_plain"] = round(r["images_per_s"] / rows["plain"]["images_per_s"], 3) if "plain" in rows else None
     print(f"\n{'mode':<16}{'img/s':>8}{'vs plain':>10}{'memory MB':>11}{'AP':>7}{'AP50':>7}  where the time goes")
     for mode, r in rows.items():
         mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
         ap = f"{100 * r['AP']:.1f}" if "AP" in r else "-"
         ap50 = f"{100 * r['AP50']:.1f}" if "AP50" in r else "-"
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["time_shares"].items() if v >= 0.01)
-        print(f"{mode:<16}{r['images_per_s']:>8.2f}{r['vs_plain']:>9.2f}x{mem:>11.0f}{ap:>7}{ap50:>7}  {shares}")
+        ratio = f"{r['vs_plain']:>9.2f}x" if r["vs_plain"] is not None else f"{'-':>10}"
+        print(f"{mode:<16}{r['images_per_s']:>8.2f}{ratio}{mem:>11.0f}{ap:>7}{ap50:>7}  {shares}")
     if args.json:
         settings = {k: str(v) for k, v in vars(args).items() if k not in ("json", "one")}
         print(f"wrote {write_json(args.json, 'infer', info, rows, settings)}")

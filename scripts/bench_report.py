@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> Path:
                    help="a fine-tuning checkpoint for the inference benchmark (with --infer-ann: AP beside speed)")
     p.add_argument("--infer-ann", type=Path, default=None)
     args = p.parse_args(argv)
+    # The benchmarks run from the repository root: paths given relative to where this was started.
+    args.json_dir = args.json_dir.resolve()
+    args.infer_ckpt = args.infer_ckpt.resolve() if args.infer_ckpt else None
+    args.infer_ann = args.infer_ann.resolve() if args.infer_ann else None
     if args.from_json:
         results = [json.loads(f.read_text()) for f in args.from_json]
     else:

@@ -13,9 +13,11 @@ images (the synthetic scenes, 160 px, resized to ``--min-size``), Faster R-CNN R
   pass on the unlabeled images' weak views, and the student's on the labeled and strong views
   (``data.batch_size`` labeled + as many unlabeled images).
 
-Reports seconds per optimizer step (median over the timed steps, after ``--warmup``), labeled
-images/s, the ratio of each step to the plain loop's and of the semi step to the fine-tuning step,
-and peak memory (CUDA: max allocated; CPU: the process's peak RSS).
+Reports seconds per optimizer step (the mean over the ``--steps`` after ``--warmup``, timed alike in
+every mode: from the first timed step's start to the last one's end, so data loading and whatever
+runs between steps are inside), labeled images/s, the ratio of each step to the plain loop's and
+of the semi step to the fine-tuning step, and peak memory (CUDA: max allocated; CPU: the
+process's peak RSS).
 """
 
 from __future__ import annotations
@@ -32,31 +34,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import describe, machine_info, median, run_mode_process, write_json
+from bench_common import describe, machine_info, run_mode_process, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("plain", "finetune", "semi")
 
 
 class StepTimes:
-    """Wall time of every optimizer step (Lightning callback)."""
+    """Wall time from the start of step ``warmup`` (its batch fetched) to the end of the last step, as
+    ``bench_finetune.bench_plain`` times the plain loop: the later batches' loading, the callbacks and
+    logging between steps are inside, as they are in a real run (Lightning callback)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, warmup: int) -> None:
         import pytorch_lightning as pl
 
-        self.device, self.times, self._t = device, [], 0.0
+        self.device, self.warmup = device, warmup
+        self.t0 = self.t1 = 0.0
+        self.steps = 0
         outer = self
 
         class _Callback(pl.Callback):
-            def on_train_batch_start(self, *_: Any) -> None:
-                outer._sync()
-                outer._t = time.perf_counter()
+            def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
+                if trainer.global_step == outer.warmup:
+                    outer._sync()
+                    outer.t0 = time.perf_counter()
 
-            def on_train_batch_end(self, *_: Any) -> None:
-                outer._sync()
-                outer.times.append(time.perf_counter() - outer._t)
+            def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+                if trainer.global_step > outer.warmup:
+                    outer._sync()
+                    outer.t1 = time.perf_counter()
+                    outer.steps += 1
 
         self.callback = _Callback()
+
+    @property
+    def per_step(self) -> float:
+        return (self.t1 - self.t0) / self.steps
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -107,7 +120,7 @@ def one_mode(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     import finetune.train as ft
 
-    times = StepTimes(device)
+    times = StepTimes(device, args.warmup)
     build = ft.build_trainer
 
     def build_timed(*a: Any, callbacks: Any = (), **kw: Any) -> Any:
@@ -118,10 +131,9 @@ def one_mode(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         cfg = compose("finetune", overrides=overrides(args, data, args.one))
     with contextlib.redirect_stderr(io.StringIO()):
         metrics = ft.train(cfg, tmp / "run")
-    timed = times.times[args.warmup:]
-    step = median(timed)
+    step = times.per_step
     return {"s_per_step": round(step, 4), "labeled_images_per_s": round(args.batch_size / step, 3),
-            "steps_timed": len(timed), "precision": metrics.get("precision"), **peak_memory_mb(device)}
+            "steps_timed": times.steps, "precision": metrics.get("precision"), **peak_memory_mb(device)}
 
 
 def main(argv: list[str] | None = None) -> None:

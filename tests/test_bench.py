@@ -100,8 +100,9 @@ def test_infer_and_step_benchmarks_run_each_mode_in_its_own_process(tmp_path: Pa
                       "--modes", "plain", "ours_fp32_p100", "--json", str(tmp_path / "i.json")])
     rows = json.loads((tmp_path / "i.json").read_text())["rows"]
     assert rows["plain"]["rpn_post_nms_top_n_test"] == 1000 and rows["ours_fp32_p100"]["rpn_post_nms_top_n_test"] == 100
-    assert all(r["peak_rss_mb"] > 100 and abs(sum(r["time_shares"].values()) - 1) < 0.01 for r in rows.values())
-    assert rows["plain"]["time_shares"]["backbone"] > 0
+    for r in rows.values():  # the hooked parts account for the forward pass: little is left outside them
+        shares = r["time_shares"]
+        assert shares["backbone"] > 0 and shares["box_head"] > 0 and -0.05 < shares["other"] < 0.3, shares
     bench_steps.main(["--steps", "1", "--warmup", "1", "--min-size", "96", "--batch-size", "1",
                       "--modes", "finetune", "semi", "--json", str(tmp_path / "s.json")])
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]

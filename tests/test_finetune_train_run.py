@@ -277,6 +277,8 @@ def test_evaluate_and_predict_record_the_fast_path(frcnn_run, synthetic_data, tm
     from finetune import evaluate, predict
 
     ckpt = str(frcnn_run / "checkpoints" / "best.ckpt")
+    run = json.loads((frcnn_run / "metrics.json").read_text())
+    assert run["inference"]["precision"] == run["precision"]  # the run's final evaluation: its training precision
     metrics = evaluate.main([ckpt, "--ann", str(synthetic_data["val_json"]), "--out", str(tmp_path / "e"),
                              "--workers", "0", "--proposals", "10", "--precision", "32"])
     assert metrics["inference"]["rpn_post_nms_top_n_test"] == 10 and metrics["inference"]["precision"] == "32"

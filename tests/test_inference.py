@@ -82,3 +82,32 @@ def test_cli_arguments() -> None:
     a = p.parse_args(["--proposals", "100", "--precision", "32"])
     assert (a.proposals, a.pre_nms, a.precision) == (100, None, "32")
     assert p.parse_args([]).precision == "auto"
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet"])
+def test_heads_hand_on_fp32_under_bf16_autocast(name: str) -> None:
+    """Box decoding and per-class NMS in bf16 snap boxes to a grid and merge classes' offset boxes;
+    the heads' outputs are cast to fp32 so that neither happens (finetune.detectors.builders)."""
+    torch.manual_seed(0)
+    model = _build(name, "frozen_bn", score_thresh=0.0).eval()
+    seen: list[torch.dtype] = []
+
+    def record(module: torch.nn.Module, args: object, out: object) -> None:
+        parts = list(out.values()) if isinstance(out, dict) else list(out)  # type: ignore[call-overload]
+        for p in parts:
+            seen.extend(t.dtype for t in (p if isinstance(p, list) else [p]))
+
+    parts = [model.rpn.head, model.roi_heads.box_predictor] if name == "fasterrcnn" else [model.head]
+    for part in parts:  # hooks registered after the cast hook see what the rest of the model gets
+        part.register_forward_hook(record)
+    images, _ = _batch(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)[0]
+    assert seen and set(seen) == {torch.float32}
+    assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+    with torch.no_grad():
+        ref = model(images)[0]
+    # Same boxes up to bf16's rounding in the layers before the heads: the top detection agrees closely.
+    from torchvision.ops import box_iou
+
+    assert box_iou(ref["boxes"][:1], out["boxes"]).max() > 0.9

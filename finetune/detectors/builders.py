@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
@@ -148,6 +149,40 @@ def build_detector(
                         detections_per_img, options, kwargs)
     model = DETECTORS[name](spec)
     model.arch = arch  # type: ignore[assignment]  # recorded for reports; not used by forward
+    fp32_head_outputs(model)
+    return model
+
+
+def _to_fp32(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_fp32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_fp32(v) for k, v in x.items()}
+    return x
+
+
+def _fp32_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    return _to_fp32(output)
+
+
+def fp32_head_outputs(model: nn.Module) -> nn.Module:
+    """Everything after the last learned layer runs in fp32, also under bf16/fp16 autocast.
+
+    torchvision decodes boxes in the dtype of the regression output (``BoxCoder.decode_single``) and
+    ``batched_nms`` separates classes by offsetting boxes by ``label * (max + 1)``: with bf16 head
+    outputs, boxes snap to a grid of several pixels and, at class ids above ~10, the offset boxes
+    collapse so that per-class NMS keeps duplicates (fp16 overflows to inf on COCO's 80 classes).
+    Forward hooks cast the RPN head's, the RoI box predictor's and RetinaNet's head outputs to fp32,
+    so decoding, softmax, score thresholds and NMS (and the losses) are fp32 in training, validation
+    and inference alike. Returns ``model``.
+    """
+    for part in (getattr(getattr(model, "rpn", None), "head", None),
+                 getattr(getattr(model, "roi_heads", None), "box_predictor", None),
+                 getattr(model, "head", None)):
+        if isinstance(part, nn.Module):
+            part.register_forward_hook(_fp32_hook)
     return model
 
 
