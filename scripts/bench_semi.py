@@ -118,8 +118,9 @@ def report(summary: Mapping[str, Any], command: str) -> str:
     prec = [r["pseudo_precision"] for r in rows if r["pseudo_precision"] is not None]
     rec = [r["pseudo_recall"] for r in rows if r["pseudo_recall"] is not None]
     if prec:
-        lines += ["", (f"Semi arm's pseudo-labels at its last validation: precision {mean_std(prec)}%, recall "
-                       f"{mean_std(rec)}% at IoU 0.5 against the unlabeled images' hidden ground truth.")]
+        lines += ["", (f"Semi arm's pseudo-labels at its last validation, in %: precision {mean_std(prec)} (over the "
+                       f"seeds with any pseudo-box), recall {mean_std(rec)}, at IoU 0.5 against the unlabeled images' "
+                       "hidden ground truth.")]
     return "\n".join(lines) + "\n"
 
 

@@ -89,7 +89,10 @@ def overrides(args: argparse.Namespace, data: dict[str, Any], mode: str) -> list
            f"detector.min_size={args.min_size}", f"detector.max_size={int(args.min_size * 4 / 3)}",
            "optimizer.lr=0.005", f"trainer.max_steps={args.warmup + args.steps}", "trainer.max_epochs=-1",
            "trainer.enable_progress_bar=false", "eval.plots=false",
-           f"trainer.precision={args.precision}"]
+           f"trainer.precision={args.precision}",
+           # Random init at lr 0.005 spikes to NaN within ~10 steps without clipping (measured); clipping
+           # is a per-step norm over the gradients, negligible next to the step itself.
+           "trainer.gradient_clip_val=10"]
     if mode == "semi":
         out += ["semi=unbiased_teacher", "semi.burn_in=0", f"semi.unlabeled={data['unlabeled_json']}"]
     return out
