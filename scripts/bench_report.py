@@ -53,7 +53,7 @@ def finetune_table(d: dict[str, Any]) -> list[str]:
 
 
 def steps_table(d: dict[str, Any]) -> list[str]:
-    lines = ["| mode | s/step (median) | labeled img/s | step vs plain | peak memory MB | precision |",
+    lines = ["| mode | s/step (mean) | labeled img/s | step vs plain | peak memory MB | precision |",
              "|---|---:|---:|---:|---:|---|"]
     for mode, r in d["rows"].items():
         mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
