@@ -103,11 +103,6 @@ def prepare(model: nn.Module, device: str | torch.device = "cpu", precision: str
     return InferenceSetup(str(device), choice.precision, choice.channels_last, choice.reason, budget)
 
 
-def as_float(outputs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Detections with floating tensors in fp32 (autocast may leave scores in bf16/fp16)."""
-    return [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
-
-
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """``--precision`` and ``--proposals`` / ``--pre-nms`` for the command lines that run a detector."""
     parser.add_argument("--precision", default="auto", choices=("auto", "32", *AUTOCAST_DTYPES),

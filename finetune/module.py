@@ -24,7 +24,6 @@ from torch import nn
 
 from finetune.coco_eval import detections_to_coco, evaluate_coco
 from finetune.detectors import build_detector
-from finetune.inference import as_float
 from finetune.optim import freeze_parts, param_groups
 from pretrain.core.coco import LabelMap
 from pretrain.core.resnet import build_resnet
@@ -185,7 +184,7 @@ class DetectionModule(pl.LightningModule):
         """COCO results per image id for a batch (the model in eval mode): original category ids,
         boxes in the annotation file's frame (``coco.imgs[id]`` gives its size). Validation and
         :func:`finetune.evaluate.predict_dataset` both predict through this."""
-        outputs = as_float(self.model([im.to(self.device) for im in images]))
+        outputs = self.model([im.to(self.device) for im in images])
         lookup = self.label_map.label_to_cat_id
         return {
             int(t["image_id"]): detections_to_coco(int(t["image_id"]), out["boxes"], out["scores"], out["labels"],

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.inference import InferenceSetup, add_inference_args, as_float, prepare
+from finetune.inference import InferenceSetup, add_inference_args, prepare
 from finetune.module import DetectionModule, load_detection_checkpoint
 from finetune.plots import PRED_COLOUR, draw_detections
 from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
@@ -90,7 +90,7 @@ def predict_images(
             continue
         images = [TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True) for _, img in batch]
         with setup.autocast() if setup is not None else contextlib.nullcontext():
-            outputs = as_float(model([im.to(device) for im in images]))
+            outputs = model([im.to(device) for im in images])
         for (path, _), image, det in zip(batch, images, outputs):
             keep = det["scores"] >= score
             boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()

@@ -131,23 +131,19 @@ def rss_mb() -> float:
 
 
 def one_mode(args: argparse.Namespace) -> dict[str, Any]:
-    from finetune.inference import as_float, prepare
+    from finetune.inference import InferenceSetup, prepare, set_test_budget
 
     device = torch.device(args.device)
     precision, proposals = MODES[args.one]
     module, ds = build(args)
     module.to(device)
     model = module.model
-    if args.one == "plain":
+    if args.one == "plain":  # torchvision as is: eval mode, fp32 (no autocast), NCHW
         model.eval()
-        from finetune.inference import set_test_budget
-
-        budget = set_test_budget(model, proposals, proposals)
-        autocast: Any = contextlib.nullcontext
-        chosen, nhwc = "32", False
+        setup = InferenceSetup(str(device), "32", False, "plain torchvision",
+                               set_test_budget(model, proposals, proposals))
     else:
         setup = prepare(model, device, precision, proposals)
-        budget, autocast, chosen, nhwc = setup.proposals, setup.autocast, setup.precision, setup.channels_last
     images = [im.to(device) for im in images_for(args, ds)]
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     base_rss = rss_mb()
@@ -156,14 +152,14 @@ def one_mode(args: argparse.Namespace) -> dict[str, Any]:
 
     def run_all() -> float:
         t = time.perf_counter()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), setup.autocast():
             for b in batches:
-                as_float(model(b))
+                model(b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t
 
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), setup.autocast():
         model(batches[0])  # warm-up (oneDNN / cuDNN pick their kernels)
     times = [run_all() for _ in range(args.repeats)]
     timer = PartTimer(model, device)
@@ -171,7 +167,7 @@ def one_mode(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {
         "images_per_s": round(len(images) / median(times), 3),
         "runs": [round(len(images) / t, 3) for t in times],
-        "precision": chosen, "channels_last": nhwc, **budget,
+        "precision": setup.precision, "channels_last": setup.channels_last, **setup.proposals,
         "time_shares": timer.shares(t_profiled),
     }
     if device.type == "cuda":
@@ -183,12 +179,8 @@ def one_mode(args: argparse.Namespace) -> dict[str, Any]:
         from finetune.coco_eval import evaluate_coco
         from finetune.evaluate import predict_dataset
 
-        class Plain:  # predict_dataset's setup for the plain mode: no autocast
-            autocast = staticmethod(contextlib.nullcontext)
-
         with contextlib.redirect_stdout(io.StringIO()):
-            preds, ids = predict_dataset(module, ds, batch_size=args.batch_size, device=device,
-                                         setup=Plain() if args.one == "plain" else setup)  # type: ignore[arg-type]
+            preds, ids = predict_dataset(module, ds, batch_size=args.batch_size, device=device, setup=setup)
             result = evaluate_coco(ds.coco, preds, image_ids=ids)
         row["AP"], row["AP50"] = round(result.stats["AP"], 4), round(result.stats["AP50"], 4)
     return row
