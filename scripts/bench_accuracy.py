@@ -296,8 +296,7 @@ ACC_HEAD = ("## Accuracy: 10% labels, five arms\n\nWritten by `scripts/bench_acc
 
 
 def update_benchmarks(md: Path, text: str, dataset: str) -> None:
-    begin, end = f"<!-- accuracy: {dataset} -->", f"<!-- /accuracy: {dataset} -->"
-    put_section(md, f"{begin}\n{text}{end}", begin, end, "## Accuracy", ACC_HEAD)
+    put_section(md, text, "accuracy", dataset, "## Accuracy", ACC_HEAD)
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -92,14 +92,18 @@ def run_mode_process(script: str | Path, argv: Sequence[str], mode: str) -> dict
     return dict(json.loads(lines[-1][len("RESULT "):]))
 
 
-def put_section(md: Path, block: str, begin: str, end: str, heading: str, intro: str,
+def put_section(md: Path, body: str, kind: str, key: str, heading: str, intro: str,
                 empty: str = "# Benchmarks\n") -> None:
-    """Write ``block`` (which starts with ``begin`` and ends with ``end``) into the markdown file ``md``.
+    """Write ``body`` into the markdown file ``md`` between the markers ``<!-- kind: key -->`` and
+    ``<!-- /kind: key -->``.
 
-    It replaces the text from ``begin`` to ``end`` when the file has them; otherwise it goes at the end
-    of the ``heading`` section, or, without that heading, at the end of the file after ``intro`` (the
-    heading and its explanation). A missing file starts as ``empty``. Other sections stay as they are.
+    It replaces the text between the markers when the file has them; otherwise the marked block goes
+    at the end of the ``heading`` section, or, without that heading, at the end of the file after
+    ``intro`` (the heading and its explanation). A missing file starts as ``empty``. Other sections
+    stay as they are.
     """
+    begin, end = f"<!-- {kind}: {key} -->", f"<!-- /{kind}: {key} -->"
+    block = begin + "\n" + body + ("" if body.endswith("\n") else "\n") + end
     old = md.read_text() if md.exists() else empty
     if begin in old and end in old:
         new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]

@@ -20,7 +20,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
-BEGIN, END = "<!-- speed: {key} -->", "<!-- /speed: {key} -->"
 
 
 def run_bench(script: str, args: list[str], out: Path) -> dict[str, Any]:
@@ -92,7 +91,7 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
     if m.get("cpu_bf16_override") is not None:
         title += f" (FEWLABEL_CPU_BF16={m['cpu_bf16_override']})"
     key = title.replace(" ", "_")
-    out = [BEGIN.format(key=key), f"### {title}", "",
+    out = [f"### {title}", "",
            (f"- machine: {m.get('gpu') or m['cpu']}, CPU flags [{' '.join(m['cpu_flags']) or 'none of avx512/bf16'}], "
             f"{m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}"),
            f"- `auto` chose precision {auto['precision']}, channels_last {auto['channels_last']}: {auto['reason']}",
@@ -102,8 +101,7 @@ def section(results: list[dict[str, Any]]) -> tuple[str, str]:
         out += [f"**{d['bench']}** (`{command}`)", ""]
         out += TABLES[d["bench"]](d)
         out.append("")
-    out.append(END.format(key=key))
-    return "\n".join(out), key
+    return "\n".join(out) + "\n", key
 
 
 def update(md: Path, text: str, key: str) -> None:
@@ -111,7 +109,7 @@ def update(md: Path, text: str, key: str) -> None:
     from bench_common import put_section  # (imports torch: not at the launcher's start-up)
 
     head = "# Benchmarks\n\n## Speed\n\nWritten by `make bench` (scripts/bench_report.py); one section per machine.\n"
-    put_section(md, text, BEGIN.format(key=key), END.format(key=key), "## Speed", "## Speed\n", empty=head)
+    put_section(md, text, "speed", key, "## Speed", "## Speed\n", empty=head)
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

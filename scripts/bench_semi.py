@@ -131,8 +131,7 @@ SEMI_HEAD = ("## Semi-supervised: labeled only against semi\n\nWritten by `scrip
 
 def update_benchmarks(md: Path, text: str, dataset: str) -> None:
     """Replace this dataset's section of ``md`` (or add it, and the heading, at the end); other sections stay."""
-    begin, end = f"<!-- semi: {dataset} -->", f"<!-- /semi: {dataset} -->"
-    put_section(md, f"{begin}\n{text}{end}", begin, end, "## Semi-supervised", SEMI_HEAD)
+    put_section(md, text, "semi", dataset, "## Semi-supervised", SEMI_HEAD)
 
 if __name__ == "__main__":
     main()
