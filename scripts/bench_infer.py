@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from bench_common import describe, machine_info, median, run_mode_process, write_json
+from bench_report import infer_table
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {  # name: (precision, proposals); plain is torchvision as is
@@ -217,14 +218,7 @@ def main(argv: list[str] | None = None) -> None:
               + (f", AP {100 * r['AP']:.1f} / AP50 {100 * r['AP50']:.1f}" if "AP" in r else ""), flush=True)
     for r in rows.values():
         r["vs_plain"] = round(r["images_per_s"] / rows["plain"]["images_per_s"], 3) if "plain" in rows else None
-    print(f"\n{'mode':<16}{'img/s':>8}{'vs plain':>10}{'memory MB':>11}{'AP':>7}{'AP50':>7}  where the time goes")
-    for mode, r in rows.items():
-        mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
-        ap = f"{100 * r['AP']:.1f}" if "AP" in r else "-"
-        ap50 = f"{100 * r['AP50']:.1f}" if "AP50" in r else "-"
-        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["time_shares"].items() if v >= 0.01)
-        ratio = f"{r['vs_plain']:>9.2f}x" if r["vs_plain"] is not None else f"{'-':>10}"
-        print(f"{mode:<16}{r['images_per_s']:>8.2f}{ratio}{mem:>11.0f}{ap:>7}{ap50:>7}  {shares}")
+    print("\n" + "\n".join(infer_table({"rows": rows})))  # the table make bench writes
     if args.json:
         settings = {k: str(v) for k, v in vars(args).items() if k not in ("json", "one")}
         print(f"wrote {write_json(args.json, 'infer', info, rows, settings)}")

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from bench_common import describe, machine_info, run_mode_process, write_json
+from bench_report import steps_table
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("plain", "finetune", "semi")
@@ -169,13 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             r["step_vs_plain"] = round(r["s_per_step"] / rows["plain"]["s_per_step"], 3)
     if "semi" in rows and "finetune" in rows:
         rows["semi"]["step_vs_finetune"] = round(rows["semi"]["s_per_step"] / rows["finetune"]["s_per_step"], 3)
-    print(f"\n{'mode':<10}{'s/step':>9}{'labeled img/s':>15}{'step vs plain':>15}{'memory MB':>11}  precision")
-    for mode, r in rows.items():
-        mem = r.get("peak_mem_mb", r.get("peak_rss_mb"))
-        print(f"{mode:<10}{r['s_per_step']:>9.3f}{r['labeled_images_per_s']:>15.2f}"
-              f"{r.get('step_vs_plain', float('nan')):>14.2f}x{mem:>11.0f}  {r['precision']}")
-    if "step_vs_finetune" in rows.get("semi", {}):
-        print(f"semi step / fine-tuning step: {rows['semi']['step_vs_finetune']:.2f}x")
+    print("\n" + "\n".join(steps_table({"rows": rows})))  # the table make bench writes
     if args.json:
         settings = {k: str(v) for k, v in vars(args).items() if k not in ("json", "one")}
         print(f"wrote {write_json(args.json, 'steps', info, rows, settings)}")
