@@ -150,7 +150,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             label_map=module.label_map, missing=args.missing)
     out = args.out or default_out_dir(args.ckpt, args.ann)
     device = resolve_device(args.device)
-    module.to(device)
     setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms)
     log.info("inference: %s", setup.as_dict())
     result, _, metrics = evaluate_module(

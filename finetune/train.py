@@ -381,7 +381,6 @@ def finish(
     device = trainer.strategy.root_device
     # The training precision, as validation ran and as `python -m finetune.evaluate` runs by default.
     trained = hardware.precision if hardware else "32"
-    best_module.to(device)
     setup = prepare(best_module.model, device, trained if trained in ("32", *AUTOCAST_DTYPES) else "32")
     result, preds, metrics = evaluate_module(
         best_module, val_ds, run_dir, batch_size=int(cfg.eval.batch_size), num_workers=0, device=device,
