@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe, machine_info, put_section
+from bench_common import describe, machine_info, mean_std, put_section
 
 from finetune.data.split import split_coco
 from finetune.pipeline import backbone_of, quote, run_stage
@@ -198,14 +198,6 @@ def entry_from_metrics(metrics: Mapping[str, Any], recipe: Mapping[str, Any]) ->
 def done(ledger: Mapping[str, Any], arm: str, seed: int, recipe: Mapping[str, Any]) -> bool:
     e = ledger["runs"].get(f"{arm}/seed{seed}")
     return bool(e) and e["fingerprint"] == fingerprint(recipe)
-
-
-def mean_std(values: Sequence[float], scale: float = 100.0) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{scale * values[0]:.1f} (1 seed)"
-    return f"{scale * statistics.mean(values):.1f} +- {scale * statistics.stdev(values):.1f}"
 
 
 def _spread(values: Sequence[float]) -> float:

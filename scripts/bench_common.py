@@ -65,6 +65,15 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    """``values`` (fractions, times ``scale``) as "mean +- std" for a table; one value says so, none is "-"."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{scale * values[0]:.1f} (1 seed)"
+    return f"{scale * statistics.mean(values):.1f} +- {scale * statistics.stdev(values):.1f}"
+
+
 def write_json(path: str | Path, bench: str, info: dict[str, Any], rows: dict[str, dict[str, Any]],
                settings: dict[str, Any]) -> Path:
     """One benchmark's figures: ``{"bench", "date", "command", "machine", "settings", "rows": {mode: {...}}}``."""

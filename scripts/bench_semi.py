@@ -20,13 +20,12 @@ import argparse
 import datetime as dt
 import json
 import shlex
-import statistics
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe, machine_info, put_section
+from bench_common import describe, machine_info, mean_std, put_section
 
 from finetune.data.split import split_coco
 from finetune.pipeline import quote, run_stage
@@ -50,14 +49,6 @@ def arms(dataset: str, seed: int, fraction: float, out: Path) -> tuple[list[str]
     data = ["data=coco", f"data.train_json={quote(split_dir / 'labeled.json')}",
             f"data.val_json={quote(val_json)}", f"seed={seed}"]
     return data, [f"semi.unlabeled={quote(split_dir / 'unlabeled.json')}"]
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f} (one seed, no std)"
-    return f"{100 * statistics.mean(values):.1f} +- {100 * statistics.stdev(values):.1f}"
 
 
 def main() -> None:
