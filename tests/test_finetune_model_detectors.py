@@ -157,13 +157,33 @@ def test_gn_detector_has_no_batchnorm() -> None:
     [("fasterrcnn", {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}),
      ("retinanet", {"0": 8, "1": 16, "2": 32, "p6": 64, "p7": 128})],
 )
-def test_fpn_levels_and_channels(name: str, levels: dict[str, int]) -> None:
-    model = _build(name, "frozen_bn").eval()
+@pytest.mark.parametrize("channels", [256, 64])
+def test_fpn_levels_and_channels(name: str, levels: dict[str, int], channels: int) -> None:
+    model = _build(name, "frozen_bn", fpn_channels=channels).eval()
     with torch.no_grad():
         feats = model.backbone(torch.rand(1, 3, 128, 128))
     assert list(feats) == list(levels)
     for key, stride in levels.items():
-        assert feats[key].shape == (1, 256, math.ceil(128 / stride), math.ceil(128 / stride)), key
+        assert feats[key].shape == (1, channels, math.ceil(128 / stride), math.ceil(128 / stride)), key
+
+
+@pytest.mark.parametrize(("name", "box_head"), [c[:2] for c in COMBOS[:len(BOX_HEADS) + 1]])
+def test_a_narrower_fpn_narrows_every_head(name: str, box_head: str) -> None:
+    """fpn_channels reaches the RPN / RetinaNet head and the RoI box head, and the detector trains."""
+    model = _build(name, "frozen_bn", box_head=box_head, fpn_channels=64)
+    head = model.rpn.head if name == "fasterrcnn" else model.head.classification_head
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].in_channels == 64
+    if name == "fasterrcnn":
+        box_head_in = next(m for m in model.roi_heads.box_head.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        width = box_head_in.in_channels if isinstance(box_head_in, nn.Conv2d) else box_head_in.in_features
+        assert width in (64, 64 * 7 * 7)  # a conv head's channels or an MLP head's flattened 64x7x7
+    images, targets = _batch(2)
+    losses = model.train()(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        out = model.eval()(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
 
 
 def test_box_loss_and_heads_are_wired() -> None:
@@ -279,15 +299,14 @@ def test_gn_backbone_with_groups_not_dividing_the_stem() -> None:
 
 def test_a_new_box_head_is_one_registered_function() -> None:
     from finetune.detectors import register_box_head
-    from finetune.detectors.heads import IN_FEATURES
 
     @register_box_head("test_only_linear")
-    def linear(representation_size: int, head_norm: str | None) -> nn.Module:
-        return nn.Sequential(nn.Flatten(1), nn.Linear(IN_FEATURES, representation_size), nn.ReLU())
+    def linear(in_channels: int, representation_size: int, head_norm: str | None) -> nn.Module:
+        return nn.Sequential(nn.Flatten(1), nn.Linear(in_channels * 7 * 7, representation_size), nn.ReLU())
 
     try:
-        model = _build("fasterrcnn", "frozen_bn", box_head="test_only_linear")
-        assert isinstance(model.roi_heads.box_head[1], nn.Linear)
+        model = _build("fasterrcnn", "frozen_bn", box_head="test_only_linear", fpn_channels=64)
+        assert model.roi_heads.box_head[1].in_features == 64 * 7 * 7  # the builder passes the FPN width
         images, targets = _batch(1)
         assert torch.isfinite(sum(model.train()(images, targets).values()))
         with pytest.raises(ValueError, match="registered twice"):

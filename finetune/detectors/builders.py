@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
@@ -58,8 +58,8 @@ class DetectorSpec:
 Builder = Callable[[DetectorSpec], nn.Module]
 DETECTORS: dict[str, Builder] = {}
 # Our keyword options (popped before the rest goes to the torchvision class), with defaults.
-OPTIONS = {"head_norm": None, "fpn_norm": None, "aspect_ratios": (0.5, 1.0, 2.0), "representation_size": 1024,
-           "retinanet_p6p7_from": "c5", "smooth_l1_beta": 0.1, "roi_sampling_ratio": 2}
+OPTIONS = {"head_norm": None, "fpn_norm": None, "fpn_channels": FPN_CHANNELS, "aspect_ratios": (0.5, 1.0, 2.0),
+           "representation_size": 1024, "retinanet_p6p7_from": "c5", "smooth_l1_beta": 0.1, "roi_sampling_ratio": 2}
 
 
 # ``@register_detector("name")`` adds ``fn(spec) -> nn.Module`` as the builder of ``detector.name=<name>``.
@@ -116,10 +116,12 @@ def build_detector(
         detections_per_img: maximum detections per image.
         **kwargs: ``head_norm`` (gn|bn|none; norm of the conv box heads and of the RetinaNet head;
             default gn for res5/4conv1fc and none for RetinaNet as in the paper), ``fpn_norm``
-            (gn|bn|none, default none), ``aspect_ratios`` (default (0.5, 1, 2)),
-            ``representation_size`` (RoI head width, default 1024), ``roi_sampling_ratio``
-            (RoIAlign samples per bin side, default 2 as torchvision), ``retinanet_p6p7_from``
-            (``c5`` as in the RetinaNet paper, or ``p5``), ``smooth_l1_beta``; anything else goes
+            (gn|bn|none, default none), ``fpn_channels`` (FPN width, default 256 as torchvision; the
+            FPN, the RPN / RetinaNet head convs and the RoI features all scale with it),
+            ``aspect_ratios`` (default (0.5, 1, 2)), ``representation_size`` (RoI head width, default
+            1024), ``roi_sampling_ratio`` (RoIAlign samples per bin side, default 2 as torchvision),
+            ``retinanet_p6p7_from`` (``c5`` as in the RetinaNet paper, or ``p5``), ``smooth_l1_beta``; anything
+            else goes
             to the torchvision class (e.g. ``rpn_batch_size_per_image``, ``box_nms_thresh``,
             ``nms_thresh``, ``topk_candidates``).
 
@@ -192,12 +194,21 @@ def fpn_backbone(
     returned_layers: Sequence[int],
     fpn_norm: str | None = None,
     extra_blocks: nn.Module | None = None,
+    out_channels: int = FPN_CHANNELS,
 ) -> BackboneWithFPN:
-    """torchvision's ResNet-to-FPN wrapper (freezes stages as torchvision does)."""
-    return _resnet_fpn_extractor(
+    """The ResNet's ``layer{returned_layers}`` outputs into an FPN of ``out_channels`` channels
+    (torchvision's wrapper, whose own helper fixes 256); stages are frozen by :func:`freeze_stages`."""
+    freeze_stages(backbone, trainable_layers)
+    if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
+        raise ValueError(f"returned_layers must be ResNet stages in 1..4, got {list(returned_layers)}")
+    if out_channels < 1:
+        raise ValueError(f"fpn_channels must be positive, got {out_channels}")
+    c2 = backbone.inplanes // 8  # layer1's output channels (64 for ResNet-18/34, 256 for ResNet-50)
+    return BackboneWithFPN(
         backbone,
-        trainable_layers,
-        returned_layers=list(returned_layers),
+        {f"layer{k}": str(i) for i, k in enumerate(returned_layers)},
+        [c2 * 2 ** (k - 1) for k in returned_layers],
+        out_channels,
         extra_blocks=extra_blocks if extra_blocks is not None else LastLevelMaxPool(),
         norm_layer=None if fpn_norm in (None, "none") else norm_factory(fpn_norm),
     )
@@ -213,8 +224,9 @@ def build_fasterrcnn(spec: DetectorSpec) -> nn.Module:
         )
     o = spec.options
     anchors = _anchor_generator(spec, octaves=False)
+    channels = int(o["fpn_channels"])
     body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(1, 2, 3, 4),
-                        fpn_norm=o["fpn_norm"])
+                        fpn_norm=o["fpn_norm"], out_channels=channels)
     size = int(o["representation_size"])
     # RoIAlign's bilinear samples per bin side (torchvision: 2). Its CPU backward scales with
     # RoIs x channels x samples and dominates a CPU training step on small images: 1 is 4x cheaper.
@@ -224,7 +236,7 @@ def build_fasterrcnn(spec: DetectorSpec) -> nn.Module:
         num_classes=None,
         rpn_anchor_generator=anchors,
         box_roi_pool=pool,
-        box_head=build_box_head(spec.box_head, size, o["head_norm"]),
+        box_head=build_box_head(spec.box_head, size, o["head_norm"], in_channels=channels),
         box_predictor=FastRCNNPredictor(size, spec.num_classes + 1),
         box_score_thresh=spec.score_thresh,
         box_detections_per_img=spec.detections_per_img,
@@ -249,14 +261,15 @@ def build_retinanet(spec: DetectorSpec) -> nn.Module:
         raise ValueError(f"retinanet_p6p7_from must be 'c5' or 'p5', got {p6p7_from!r}")
     anchors = _anchor_generator(spec, octaves=True)
     c5 = spec.backbone.inplanes  # channels of layer4's output, whatever the depth
-    extra = LastLevelP6P7(c5 if p6p7_from == "c5" else FPN_CHANNELS, FPN_CHANNELS)
+    channels = int(o["fpn_channels"])
+    extra = LastLevelP6P7(c5 if p6p7_from == "c5" else channels, channels)
     body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(2, 3, 4),
-                        fpn_norm=o["fpn_norm"], extra_blocks=extra)
+                        fpn_norm=o["fpn_norm"], extra_blocks=extra, out_channels=channels)
     num_anchors = anchors.num_anchors_per_location()[0]
     head_norm = norm_factory(o["head_norm"] or "none")
-    head = RetinaNetHead(FPN_CHANNELS, num_anchors, spec.num_classes, norm_layer=head_norm)
+    head = RetinaNetHead(channels, num_anchors, spec.num_classes, norm_layer=head_norm)
     if spec.box_loss == "smooth_l1":
-        head.regression_head = SmoothL1RegressionHead(FPN_CHANNELS, num_anchors, float(o["smooth_l1_beta"]),
+        head.regression_head = SmoothL1RegressionHead(channels, num_anchors, float(o["smooth_l1_beta"]),
                                                       norm_layer=head_norm)
     else:
         head.regression_head._loss_type = spec.box_loss

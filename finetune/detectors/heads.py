@@ -20,19 +20,21 @@ HEAD_NORMS = ("gn", "bn", "none")
 FPN_CHANNELS = 256
 ROI_SIZE = 7  # MultiScaleRoIAlign output of torchvision's Faster R-CNN
 
-BoxHeadBuilder = Callable[[int, str | None], nn.Module]  # (representation_size, head_norm) -> head
+# (in_channels, representation_size, head_norm) -> head on (N, in_channels, 7, 7) RoI features
+BoxHeadBuilder = Callable[[int, int, str | None], nn.Module]
 # The Faster R-CNN RoI box heads by name (``detector.box_head``); add one with @register_box_head.
 BOX_HEADS: dict[str, BoxHeadBuilder] = {}
-IN_FEATURES = FPN_CHANNELS * ROI_SIZE * ROI_SIZE  # 256x7x7 pooled FPN features
 
 
-# ``@register_box_head("name")`` adds ``fn(representation_size, head_norm) -> nn.Module`` as
-# ``detector.box_head=<name>``.
+# ``@register_box_head("name")`` adds ``fn(in_channels, representation_size, head_norm) -> nn.Module``
+# as ``detector.box_head=<name>``; ``in_channels`` is the FPN width (``fpn_channels``).
 register_box_head = registrar(BOX_HEADS, "box head")
 
 
-def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | None = None) -> nn.Module:
-    """The Faster R-CNN RoI box head on 256x7x7 pooled FPN features; outputs ``representation_size``.
+def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | None = None,
+                   in_channels: int = FPN_CHANNELS) -> nn.Module:
+    """The Faster R-CNN RoI box head on ``in_channels`` x 7 x 7 pooled FPN features (256 in torchvision's
+    detectors); outputs ``representation_size``.
 
     Why these heads: ``mlp`` is torchvision's default; ``mlp_ln`` adds LayerNorm, which keeps the
     head's activations in range when a normalised-but-unfamiliar SSL backbone feeds it.
@@ -46,19 +48,19 @@ def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | 
     """
     if kind not in BOX_HEADS:
         raise ValueError(f"unknown box_head {kind!r}; registered: {sorted(BOX_HEADS)}")
-    return BOX_HEADS[kind](representation_size, head_norm)
+    return BOX_HEADS[kind](in_channels, representation_size, head_norm)
 
 
 @register_box_head("mlp")
-def _mlp(representation_size: int, head_norm: str | None) -> nn.Module:
-    return TwoMLPHead(IN_FEATURES, representation_size)
+def _mlp(in_channels: int, representation_size: int, head_norm: str | None) -> nn.Module:
+    return TwoMLPHead(in_channels * ROI_SIZE * ROI_SIZE, representation_size)
 
 
 @register_box_head("mlp_ln")
-def _mlp_ln(representation_size: int, head_norm: str | None) -> nn.Module:
+def _mlp_ln(in_channels: int, representation_size: int, head_norm: str | None) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(start_dim=1),
-        nn.Linear(IN_FEATURES, representation_size),
+        nn.Linear(in_channels * ROI_SIZE * ROI_SIZE, representation_size),
         nn.LayerNorm(representation_size),
         nn.ReLU(inplace=True),
         nn.Linear(representation_size, representation_size),
@@ -68,16 +70,16 @@ def _mlp_ln(representation_size: int, head_norm: str | None) -> nn.Module:
 
 
 @register_box_head("res5")
-def _res5(representation_size: int, head_norm: str | None) -> nn.Module:
+def _res5(in_channels: int, representation_size: int, head_norm: str | None) -> nn.Module:
     norm = norm_factory(head_norm or "gn")
     if norm is None:
         raise ValueError("the res5 box head needs a norm: head_norm=gn or bn")
-    return Res5BoxHead(FPN_CHANNELS, representation_size, norm)
+    return Res5BoxHead(in_channels, representation_size, norm)
 
 
 @register_box_head("4conv1fc")
-def _four_conv_one_fc(representation_size: int, head_norm: str | None) -> nn.Module:
-    return FastRCNNConvFCHead((FPN_CHANNELS, ROI_SIZE, ROI_SIZE), [FPN_CHANNELS] * 4, [representation_size],
+def _four_conv_one_fc(in_channels: int, representation_size: int, head_norm: str | None) -> nn.Module:
+    return FastRCNNConvFCHead((in_channels, ROI_SIZE, ROI_SIZE), [in_channels] * 4, [representation_size],
                               norm_layer=norm_factory(head_norm or "gn"))
 
 
