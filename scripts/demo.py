@@ -84,8 +84,9 @@ def semi_note(semi: dict, ssl: dict) -> str:
               f"(the labeled images have {health.get('labeled_boxes_per_image') or 0:.2f}), precision "
               f"{health['precision']:.2f} and recall {health['recall']:.2f} against the hidden ground truth")
     # Below half a point the two runs are within the demo's run-to-run spread: no verdict either way.
-    word = "improved" if ap > base + 0.5 else "did not improve" if ap < base - 0.5 else "left about where it was"
-    return (f"Unbiased Teacher from the SSL fine-tune ({s.get('deployed', '?')} weights deployed) {word} it: AP "
+    word = ("improved it" if ap > base + 0.5 else "did not improve it" if ap < base - 0.5
+            else "left it about where it was")
+    return (f"Unbiased Teacher from the SSL fine-tune ({s.get('deployed', '?')} weights deployed) {word}: AP "
             f"{ap:.1f} against {base:.1f} ({ap - base:+.1f} points, {semi.get('global_step')} more steps with "
             f"the unlabeled images){pr}.")
 
