@@ -187,7 +187,8 @@ def init_detector(module: DetectionModule, ckpt: str | Path, train_ds: CocoDetec
         module.model.load_state_dict(src.model.state_dict(), strict=True)
     except RuntimeError as e:
         raise ValueError(f"init_from={ckpt}: its detector does not fit this config's (detector, backbone.arch, "
-                         f"norm and head settings must match): {str(e).splitlines()[0]}") from e
+                         "norm, head settings and detector.kwargs such as fpn_channels must match): "
+                         f"{str(e).splitlines()[0]}") from e
     print(f"detector initialised from {ckpt} ({src.deployed_weights} weights, epoch {src.checkpoint_epoch})",
           flush=True)
 

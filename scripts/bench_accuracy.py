@@ -60,7 +60,8 @@ LABELS = {"random": "random init", "ssl": "SSL (SwAV)", "random_semi": "random i
 # Fewer proposals / RoIs than torchvision's defaults and a 128-channel FPN with a 256-wide box head:
 # at these sizes the FPN / RPN convs and the RoI head, not the ResNet-18, dominate a CPU step
 # (fp32, batch 8 at 160 px: 2.70 s per step with 256 channels, 1024-wide head and 128 RoIs per image,
-# 0.77 s with 128 / 256 / 64). Every arm uses it, so the comparisons stay matched.
+# 0.77 s with 128 / 256 / 64; measured at 160 px only, the 320 px photographs' speed-up and accuracy
+# cost are not). Every arm uses it, so the comparisons stay matched.
 FAST_RCNN = ("+detector.kwargs.rpn_pre_nms_top_n_train=600 +detector.kwargs.rpn_post_nms_top_n_train=300 "
              "+detector.kwargs.rpn_pre_nms_top_n_test=300 +detector.kwargs.rpn_post_nms_top_n_test=150 "
              "+detector.kwargs.box_batch_size_per_image=64 +detector.kwargs.fpn_channels=128 "

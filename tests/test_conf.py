@@ -60,3 +60,18 @@ def test_presets_give_each_detector_only_its_own_arguments(experiment, detector)
     else:
         rpn_test = {"smoke": 100, "demo": 150}[experiment]
         assert model.rpn._post_nms_top_n["testing"] == rpn_test
+
+
+def test_demo_detector_is_the_narrow_one_and_builds():
+    # make demo's CPU-sized Faster R-CNN (conf/finetune/experiment_detector/demo_fasterrcnn.yaml):
+    # its 128-channel FPN and 256-wide head must reach the model that build_model makes.
+    from finetune.module import build_model
+
+    cfg = composed("finetune", "experiment=demo")
+    assert cfg["detector"]["kwargs"]["fpn_channels"] == 128
+    info = {"arch": "resnet18", "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+    model = build_model(cfg, num_classes=5, backbone_info=info)
+    assert model.backbone.out_channels == 128
+    assert model.roi_heads.box_head.fc6.in_features == 128 * 7 * 7
+    assert model.roi_heads.box_head.fc7.out_features == 256
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64

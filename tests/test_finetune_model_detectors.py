@@ -167,6 +167,11 @@ def test_fpn_levels_and_channels(name: str, levels: dict[str, int], channels: in
         assert feats[key].shape == (1, channels, math.ceil(128 / stride), math.ceil(128 / stride)), key
 
 
+# The first layer of each RoI box head and what it must take from a 64-channel FPN: a conv head the
+# 64 channels, an MLP head the flattened 64x7x7 RoI features.
+FIRST_LAYER_WIDTH = {"mlp": 64 * 7 * 7, "mlp_ln": 64 * 7 * 7, "res5": 64, "4conv1fc": 64}
+
+
 @pytest.mark.parametrize(("name", "box_head"), [c[:2] for c in COMBOS[:len(BOX_HEADS) + 1]])
 def test_a_narrower_fpn_narrows_every_head(name: str, box_head: str) -> None:
     """fpn_channels reaches the RPN / RetinaNet head and the RoI box head, and the detector trains."""
@@ -175,15 +180,39 @@ def test_a_narrower_fpn_narrows_every_head(name: str, box_head: str) -> None:
     convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].in_channels == 64
     if name == "fasterrcnn":
-        box_head_in = next(m for m in model.roi_heads.box_head.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        width = box_head_in.in_channels if isinstance(box_head_in, nn.Conv2d) else box_head_in.in_features
-        assert width in (64, 64 * 7 * 7)  # a conv head's channels or an MLP head's flattened 64x7x7
+        first = next(m for m in model.roi_heads.box_head.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        width = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+        assert width == FIRST_LAYER_WIDTH[box_head]
     images, targets = _batch(2)
     losses = model.train()(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
     with torch.no_grad():
         out = model.eval()(images)
     assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+
+
+def test_fpn_matches_torchvision_and_fits_resnet50() -> None:
+    """Our FPN wrapper has torchvision's parameter names and shapes (checkpoints load across the switch)
+    and reads each ResNet's own stage widths (ResNet-50's layer1 has 256 channels, ResNet-18's 64)."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    from finetune.detectors import fpn_backbone
+
+    for arch in ("resnet18", "resnet50"):
+        ours = fpn_backbone(build_resnet(arch, "frozen_bn"), 3, returned_layers=(1, 2, 3, 4))
+        theirs = _resnet_fpn_extractor(build_resnet(arch, "frozen_bn"), 3, returned_layers=[1, 2, 3, 4])
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()}
+        assert [b[0].in_channels for b in ours.fpn.inner_blocks] == (
+            [64, 128, 256, 512] if arch == "resnet18" else [256, 512, 1024, 2048])
+
+
+@pytest.mark.parametrize("p6p7_from", ["c5", "p5"])
+def test_retinanet_p6p7_source_does_not_depend_on_the_fpn_width(p6p7_from: str) -> None:
+    # torchvision picks P5 whenever C5 and the FPN have the same width (512 on a ResNet-18).
+    for channels in (256, 512):
+        model = _build("retinanet", "frozen_bn", fpn_channels=channels, retinanet_p6p7_from=p6p7_from)
+        assert model.backbone.fpn.extra_blocks.use_P5 is (p6p7_from == "p5")
 
 
 def test_box_loss_and_heads_are_wired() -> None:
@@ -211,6 +240,8 @@ def test_box_loss_and_heads_are_wired() -> None:
         ("retinanet", {"anchor_sizes": [16, 32, 64]}, "one entry per FPN level"),
         ("fasterrcnn", {"head_norm": "ln", "box_head": "res5"}, "unknown head/FPN norm"),
         ("ssd", {}, "unknown detector"),
+        ("fasterrcnn", {"fpn_channels": 0}, "fpn_channels must be positive"),
+        ("retinanet", {"fpn_channels": 0}, "fpn_channels must be positive"),
     ],
 )
 def test_bad_arguments_are_refused(name: str, kwargs: dict, match: str) -> None:

@@ -198,11 +198,11 @@ def fpn_backbone(
 ) -> BackboneWithFPN:
     """The ResNet's ``layer{returned_layers}`` outputs into an FPN of ``out_channels`` channels
     (torchvision's wrapper, whose own helper fixes 256); stages are frozen by :func:`freeze_stages`."""
-    freeze_stages(backbone, trainable_layers)
     if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
         raise ValueError(f"returned_layers must be ResNet stages in 1..4, got {list(returned_layers)}")
     if out_channels < 1:
         raise ValueError(f"fpn_channels must be positive, got {out_channels}")
+    freeze_stages(backbone, trainable_layers)
     c2 = backbone.inplanes // 8  # layer1's output channels (64 for ResNet-18/34, 256 for ResNet-50)
     return BackboneWithFPN(
         backbone,
@@ -262,7 +262,12 @@ def build_retinanet(spec: DetectorSpec) -> nn.Module:
     anchors = _anchor_generator(spec, octaves=True)
     c5 = spec.backbone.inplanes  # channels of layer4's output, whatever the depth
     channels = int(o["fpn_channels"])
+    if channels < 1:  # before any conv is built with it
+        raise ValueError(f"fpn_channels must be positive, got {channels}")
     extra = LastLevelP6P7(c5 if p6p7_from == "c5" else channels, channels)
+    # torchvision reads P5 whenever the two widths are equal, which a 512-channel FPN on a ResNet-18
+    # (C5 has 512) would make true: the choice is ours, not a coincidence of widths.
+    extra.use_P5 = p6p7_from == "p5"
     body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(2, 3, 4),
                         fpn_norm=o["fpn_norm"], extra_blocks=extra, out_channels=channels)
     num_anchors = anchors.num_anchors_per_location()[0]

@@ -41,8 +41,8 @@ def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | 
     ``res5`` is a res5-*style* head: in detectron2's C4 models (the MoCo/SwAV detection
     transfer protocol) the RoI head is the backbone's own res5 stage. With an FPN, layer4 stays
     in the backbone, so here the head is new and random: torchvision Bottleneck blocks (an
-    unstrided 256->512 block with a projection shortcut, then 512->512, so the 7x7 RoI keeps its
-    resolution), global average pooling as in C4 heads, and one fc layer, with a trainable norm
+    unstrided C->2C block with a projection shortcut, C the FPN width, then 2C->2C, so the 7x7
+    RoI keeps its resolution), global average pooling as in C4 heads, and one fc layer, with a trainable norm
     (GN by default; FrozenBN on a random head would be an identity). ``4conv1fc`` is the
     convolutional head that FPN detectors pair with GN/SyncBN backbones (Faster R-CNN v2).
     """
@@ -95,7 +95,7 @@ class Res5BoxHead(nn.Module):
 
     def __init__(self, in_channels: int, representation_size: int, norm_layer: Callable[[int], nn.Module]):
         super().__init__()
-        width = in_channels // 2  # 128; Bottleneck's expansion 4 gives 512 output channels
+        width = in_channels // 2  # Bottleneck's expansion 4 gives 2 x in_channels output channels
         out_channels = width * Bottleneck.expansion
         shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                  norm_layer(out_channels))
