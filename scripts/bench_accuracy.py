@@ -281,8 +281,9 @@ def goals(ledger: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
         gain = statistics.mean(mine[s] - base[s] for s in common)
         spread = max(_spread([mine[s] for s in common]), _spread([base[s] for s in common]))
         verdict = "beats it by more than the spread" if gain > spread else "does not beat it by more than the spread"
+        wins = sum(mine[s] > base[s] for s in common)
         out.append(f"- {LABELS[arm]} {verdict}: AP50 {round(100 * gain, 1) + 0.0:+.1f} against a spread "
-                   f"(larger std of the two) of {100 * spread:.1f}.")
+                   f"(larger std of the two) of {100 * spread:.1f}; ahead in {wins} of {len(common)} seeds.")
     return out
 
 
@@ -348,8 +349,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse(argv)
     ledger = run(a)
-    command = " ".join(shlex.quote(x) for x in ["python", "scripts/bench_accuracy.py",
-                                                 *(sys.argv[1:] if argv is None else argv)])
+    # The command that runs (or completes) this table: a --report-only invocation shows it without the flag.
+    args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--report-only"]
+    command = " ".join(shlex.quote(x) for x in ["python", "scripts/bench_accuracy.py", *args])
     recipes = {"fine-tuning (every arm)": a.args, "SwAV pretraining": a.pretrain, "semi arms": a.semi}
     text = table(current(ledger, a), a.dataset, a.seeds, a.fraction, command, recipes)
     print("\n" + text)

@@ -106,8 +106,10 @@ def test_table_means_paired_differences_and_goals() -> None:
     assert "90.0 +- 0.0 / 50.0 +- 0.0" in rows["SSL + semi"]
     assert "93.8% of the 100%-label AP50 (goal >= 90%): met" in text  # 30 / 32
     assert "- SSL (SwAV) beats it by more than the spread: AP50 +10.0" in text
-    # random + semi: +0 on average against a spread of 2: not a win.
+    assert "ahead in 3 of 3 seeds" in text.split("- SSL (SwAV) beats")[1].splitlines()[0]
+    # random + semi: +0 on average against a spread of 2: not a win; ahead in seed 1 only (12 > 10).
     assert "- random init + semi does not beat it by more than the spread: AP50 +0.0" in text
+    assert "ahead in 1 of 3 seeds" in text.split("- random init + semi")[1].splitlines()[0]
     assert "CMD" in text and "`A`" in text
 
 
@@ -132,3 +134,13 @@ def test_merged_pool_has_unique_ids_and_keeps_each_box_on_its_image(tmp_path: Pa
     on = {x["id"]: names[x["image_id"]] for x in pool["annotations"]}
     assert on == {1: str(tmp_path / "train/1.png"), 2: str(tmp_path / "unlabeled/0.png"),
                   3: str(tmp_path / "unlabeled/0.png")}
+
+
+def test_report_only_shows_the_command_that_completes_the_table(tmp_path: Path) -> None:
+    md = tmp_path / "B.md"
+    ba.main(["--dataset", "chess", "--seeds", "1", "--report-only", "--ledger", str(tmp_path / "l.json"),
+             "--benchmarks", str(md)])
+    command = next(line.strip() for line in md.read_text().splitlines() if "scripts/bench_accuracy.py" in line
+                   and line.startswith("    "))
+    assert command.startswith("python scripts/bench_accuracy.py --dataset chess --seeds 1 ")
+    assert "--report-only" not in command  # the table's command runs what is missing, not the report again
