@@ -272,3 +272,34 @@ def test_consistency_on_real_detectors_has_gradients(name):
     head = model.head if name == "retinanet" else model.rpn.head
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     assert model.backbone.body.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_strong_view_pass_leaves_bn_running_statistics_alone():
+    """The student's pass over strong views normalises with batch statistics but must not move the running
+    ones that validation and the teacher use; the supervised pass (outside the context) still does."""
+    from finetune.semi.module import running_stats_frozen
+
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, trainable_layers=5,
+                           min_size=96, max_size=96, fpn_channels=32, representation_size=32,
+                           rpn_post_nms_top_n_train=32, box_batch_size_per_image=16).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    momenta = [m.momentum for m in bns]
+    images = [torch.rand(3, 96, 96) * 0.3 for _ in range(2)]  # darker than the stats' start: they must move
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])}] * 2
+
+    def stats():
+        return [torch.cat([m.running_mean, m.running_var]).clone() for m in bns]
+
+    before = stats()
+    with running_stats_frozen(model):
+        losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, stats()))
+    assert [m.momentum for m in bns] == momenta  # restored
+    with pytest.raises(RuntimeError), running_stats_frozen(model):
+        raise RuntimeError("a failing step")
+    assert [m.momentum for m in bns] == momenta  # restored on errors too
+    model(images, targets)
+    assert not all(torch.equal(a, b) for a, b in zip(before, stats()))  # outside it, BN learns as usual

@@ -25,8 +25,9 @@ each validation and kept in the history that ends up in metrics.json.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +49,23 @@ SEMI_MODES = ("none", *TEACHER_MODES, "consistency", "self_training")
 # semi.unsup_box_loss is false, as Unbiased Teacher does: pseudo-boxes are poor regression targets).
 BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch's statistics but leave their running statistics as
+    they are (momentum 0), for the student's pass over the strong views: colour-jittered, grayscale
+    and erased images are not the distribution the model is evaluated on, and with trainable BN
+    their statistics would otherwise drift into the running ones that validation and the teacher use."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
 
 class SemiDetectionModule(DetectionModule):
     """Fine-tuning plus a teacher and an unlabeled stream; see the module docstring.
@@ -187,7 +205,8 @@ class SemiDetectionModule(DetectionModule):
         self.health.update(pseudo, [g if g is None else {k: v.to(self.device) for k, v in g.items()} for g in gts]
                            if gts is not None and any(g is not None for g in gts) else None)
         targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
-        losses = self.model(strong, targets)
+        with running_stats_frozen(self.model):
+            losses = self.model(strong, targets)
         keep_box = bool(self.semi.get("unsup_box_loss", False))
         terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}
         unsup = sum(terms.values())
