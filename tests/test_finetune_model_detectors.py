@@ -199,7 +199,7 @@ def test_fpn_matches_torchvision_and_fits_resnet50() -> None:
     from finetune.detectors import fpn_backbone
 
     for arch in ("resnet18", "resnet50"):
-        ours = fpn_backbone(build_resnet(arch, "frozen_bn"), 3, returned_layers=(1, 2, 3, 4))
+        ours = fpn_backbone(build_resnet(arch, "frozen_bn"), returned_layers=(1, 2, 3, 4))
         theirs = _resnet_fpn_extractor(build_resnet(arch, "frozen_bn"), 3, returned_layers=[1, 2, 3, 4])
         assert {k: v.shape for k, v in ours.state_dict().items()} == {
             k: v.shape for k, v in theirs.state_dict().items()}

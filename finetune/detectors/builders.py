@@ -120,9 +120,8 @@ def build_detector(
             FPN, the RPN / RetinaNet head convs and the RoI features all scale with it),
             ``aspect_ratios`` (default (0.5, 1, 2)), ``representation_size`` (RoI head width, default
             1024), ``roi_sampling_ratio`` (RoIAlign samples per bin side, default 2 as torchvision),
-            ``retinanet_p6p7_from`` (``c5`` as in the RetinaNet paper, or ``p5``), ``smooth_l1_beta``; anything
-            else goes
-            to the torchvision class (e.g. ``rpn_batch_size_per_image``, ``box_nms_thresh``,
+            ``retinanet_p6p7_from`` (``c5`` as in the RetinaNet paper, or ``p5``), ``smooth_l1_beta``;
+            anything else goes to the torchvision class (e.g. ``rpn_batch_size_per_image``, ``box_nms_thresh``,
             ``nms_thresh``, ``topk_candidates``).
 
     Returns:
@@ -138,6 +137,8 @@ def build_detector(
             f"trainable_layers must be in [0, 5] (5 = all, incl. conv1/bn1), got {trainable_layers}"
         )
     options = {k: kwargs.pop(k, default) for k, default in OPTIONS.items()}
+    if int(options["fpn_channels"]) < 1:  # before any builder makes a conv of that width
+        raise ValueError(f"fpn_channels must be positive, got {options['fpn_channels']}")
     min_sizes = (min_size,) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
     transform = {
         "min_size": min_sizes,
@@ -190,19 +191,18 @@ def fp32_head_outputs(model: nn.Module) -> nn.Module:
 
 def fpn_backbone(
     backbone: torchvision.models.ResNet,
-    trainable_layers: int,
     returned_layers: Sequence[int],
     fpn_norm: str | None = None,
     extra_blocks: nn.Module | None = None,
     out_channels: int = FPN_CHANNELS,
 ) -> BackboneWithFPN:
     """The ResNet's ``layer{returned_layers}`` outputs into an FPN of ``out_channels`` channels
-    (torchvision's wrapper, whose own helper fixes 256); stages are frozen by :func:`freeze_stages`."""
+    (torchvision's wrapper, whose own helper fixes 256). It freezes nothing: :func:`build_detector`
+    freezes the stages (:func:`freeze_stages`) before any builder runs."""
     if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
         raise ValueError(f"returned_layers must be ResNet stages in 1..4, got {list(returned_layers)}")
     if out_channels < 1:
         raise ValueError(f"fpn_channels must be positive, got {out_channels}")
-    freeze_stages(backbone, trainable_layers)
     c2 = backbone.inplanes // 8  # layer1's output channels (64 for ResNet-18/34, 256 for ResNet-50)
     return BackboneWithFPN(
         backbone,
@@ -225,7 +225,7 @@ def build_fasterrcnn(spec: DetectorSpec) -> nn.Module:
     o = spec.options
     anchors = _anchor_generator(spec, octaves=False)
     channels = int(o["fpn_channels"])
-    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(1, 2, 3, 4),
+    body = fpn_backbone(spec.backbone, returned_layers=(1, 2, 3, 4),
                         fpn_norm=o["fpn_norm"], out_channels=channels)
     size = int(o["representation_size"])
     # RoIAlign's bilinear samples per bin side (torchvision: 2). Its CPU backward scales with
@@ -262,13 +262,11 @@ def build_retinanet(spec: DetectorSpec) -> nn.Module:
     anchors = _anchor_generator(spec, octaves=True)
     c5 = spec.backbone.inplanes  # channels of layer4's output, whatever the depth
     channels = int(o["fpn_channels"])
-    if channels < 1:  # before any conv is built with it
-        raise ValueError(f"fpn_channels must be positive, got {channels}")
     extra = LastLevelP6P7(c5 if p6p7_from == "c5" else channels, channels)
     # torchvision reads P5 whenever the two widths are equal, which a 512-channel FPN on a ResNet-18
     # (C5 has 512) would make true: the choice is ours, not a coincidence of widths.
     extra.use_P5 = p6p7_from == "p5"
-    body = fpn_backbone(spec.backbone, spec.trainable_layers, returned_layers=(2, 3, 4),
+    body = fpn_backbone(spec.backbone, returned_layers=(2, 3, 4),
                         fpn_norm=o["fpn_norm"], extra_blocks=extra, out_channels=channels)
     num_anchors = anchors.num_anchors_per_location()[0]
     head_norm = norm_factory(o["head_norm"] or "none")

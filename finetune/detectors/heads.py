@@ -42,8 +42,8 @@ def build_box_head(kind: str, representation_size: int = 1024, head_norm: str | 
     transfer protocol) the RoI head is the backbone's own res5 stage. With an FPN, layer4 stays
     in the backbone, so here the head is new and random: torchvision Bottleneck blocks (an
     unstrided C->2C block with a projection shortcut, C the FPN width, then 2C->2C, so the 7x7
-    RoI keeps its resolution), global average pooling as in C4 heads, and one fc layer, with a trainable norm
-    (GN by default; FrozenBN on a random head would be an identity). ``4conv1fc`` is the
+    RoI keeps its resolution), global average pooling as in C4 heads, and one fc layer, with a
+    trainable norm (GN by default; FrozenBN on a random head would be an identity). ``4conv1fc`` is the
     convolutional head that FPN detectors pair with GN/SyncBN backbones (Faster R-CNN v2).
     """
     if kind not in BOX_HEADS:

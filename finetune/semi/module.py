@@ -50,7 +50,6 @@ SEMI_MODES = ("none", *TEACHER_MODES, "consistency", "self_training")
 BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 
 
-
 @contextlib.contextmanager
 def running_stats_frozen(model: nn.Module) -> Iterator[None]:
     """BatchNorm layers normalise with the batch's statistics but leave their running statistics as
@@ -66,6 +65,7 @@ def running_stats_frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
 
 class SemiDetectionModule(DetectionModule):
     """Fine-tuning plus a teacher and an unlabeled stream; see the module docstring.
