@@ -18,6 +18,7 @@ from finetune.semi.consistency import (
 )
 from finetune.semi.focal import FocalRoIHeads, softmax_focal_loss, use_focal_roi_heads
 from finetune.semi.health import LossWatch, PseudoLabelHealth
+from finetune.semi.soft import background_probability, soft_background, teacher_forward, to_frame
 from finetune.semi.thresholds import FixedThreshold, GMMThreshold, build_threshold, fit_gmm_1d, gmm_threshold
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
 from pretrain.core.resnet import build_resnet
@@ -154,6 +155,82 @@ def test_focal_roi_heads_with_no_proposal_and_no_target():
     _, losses = heads(features, [torch.zeros(0, 4), torch.zeros(0, 4)], [(64, 64), (64, 64)], [empty, empty])
     assert {k: float(v) for k, v in losses.items()} == {"loss_classifier": 0.0, "loss_box_reg": 0.0}
     sum(losses.values()).backward()
+
+# ------------------------------------------------------------------------------ soft teacher
+def test_teacher_forward_returns_the_teacher_call_and_its_features():
+    model = tiny_frcnn().eval()
+    model.roi_heads.score_thresh = 0.0  # a random-init head scores low: keep its boxes to compare
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 96)]
+    with torch.no_grad():
+        expect = model(images)
+    tpass = teacher_forward(model, images)
+    assert sum(len(d["boxes"]) for d in expect) > 0
+    for got, want in zip(tpass.detections, expect):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert tpass.image_sizes == [(64, 64), (32, 64)]  # resized so that the long side is max_size 64
+    assert tpass.features["0"].shape[0] == 2
+    with pytest.raises(ValueError, match="eval mode"):
+        teacher_forward(model.train(), images)
+
+
+def test_to_frame_by_hand():
+    boxes = [torch.tensor([[10.0, 20, 30, 40]]), torch.zeros(0, 4)]
+    out = to_frame(boxes, [(100, 200), (50, 50)], [(50, 100), (100, 100)])
+    assert out[0].tolist() == [[5.0, 10, 15, 20]] and out[1].shape == (0, 4)
+
+
+def test_background_probability_follows_the_boxes_across_resizes():
+    teacher = tiny_frcnn().eval()
+    images = [torch.rand(3, 64, 64)]
+    tpass = teacher_forward(teacher, images)
+    boxes = torch.tensor([[4.0, 4, 30, 30], [20, 10, 60, 50], [0, 0, 64, 64]])
+    own = background_probability(teacher, tpass, [boxes], [(64, 64)])
+    # The same boxes on a student image twice the size name the same regions of the teacher's view.
+    doubled = background_probability(teacher, tpass, [boxes * 2], [(128, 128)])
+    torch.testing.assert_close(doubled, own)
+    assert own.shape == (3,) and bool(((own > 0) & (own < 1)).all())
+    assert len(set(own.tolist())) == 3  # three regions, three probabilities: the boxes are really pooled
+    with torch.no_grad():
+        teacher.roi_heads.box_predictor.cls_score.bias[0] = 30.0  # the teacher is sure it is background
+    torch.testing.assert_close(background_probability(teacher, tpass, [boxes], [(64, 64)]), torch.ones(3))
+
+
+@pytest.mark.parametrize("teacher_bias", [30.0, -30.0])
+def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, teacher_bias):
+    student = tiny_frcnn()
+    use_focal_roi_heads(student, 0.0)  # cross-entropy: the weighted mean is easy to state
+    teacher = tiny_frcnn().eval()
+    with torch.no_grad():
+        teacher.roi_heads.box_predictor.cls_score.bias[0] = teacher_bias
+    captured = {}
+    sampler = student.roi_heads.select_training_samples
+
+    def grab_samples(*a, **kw):
+        out = sampler(*a, **kw)
+        captured["labels"] = torch.cat(out[2])
+        return out
+
+    monkeypatch.setattr(student.roi_heads, "select_training_samples", grab_samples)
+    student.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o[0]))
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[30.0, 20, 60, 50]]), "labels": torch.tensor([1])}]
+    student.train()
+    with soft_background(student, teacher, teacher_forward(teacher, images)):
+        losses = student(images, targets)
+    assert student.roi_heads.background_weights is None  # only for that pass
+    ce = F.cross_entropy(captured["logits"], captured["labels"], reduction="none")
+    fg = captured["labels"] > 0
+    assert 0 < int(fg.sum()) < len(fg)
+    if teacher_bias > 0:  # background probability 1: every RoI weighs 1, the plain mean
+        torch.testing.assert_close(losses["loss_classifier"], ce.mean())
+    else:  # probability ~0: background RoIs drop out, the mean over the foreground RoIs (sum / max(n, 1))
+        torch.testing.assert_close(losses["loss_classifier"], ce[fg].sum() / max(1.0, float(fg.sum())))
+    sum(losses.values()).backward()
+    with pytest.raises(TypeError, match="FocalRoIHeads"), soft_background(tiny_frcnn(), teacher,
+                                                                         teacher_forward(teacher, images)):
+        pass
+
 
 # ------------------------------------------------------------------------------------ views
 def test_views_keep_geometry_and_flip_boxes():

@@ -58,11 +58,14 @@ def test_unbiased_teacher_run_reports_pseudo_label_health(unbiased_run, syntheti
     entry = m["history"][-1]
     assert entry["val_teacher_AP"] is not None and entry["val_student_AP"] is not None
     assert entry["unsup_loss"] is not None and entry["unsup_loss"] > 0
-    # The RoI classifier trains with the focal loss (a FocalRoIHeads in the student).
+    # The RoI classifier trains with the focal loss: the run's module has a FocalRoIHeads at gamma 1.5.
     from finetune.semi.focal import FocalRoIHeads
+    from finetune.semi.module import SemiDetectionModule
     ckpt = torch.load(unbiased_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["semi"]["teacher_started"] and ckpt["semi"]["deploy"] == "teacher"
-    assert FocalRoIHeads.__name__  # imported: the class exists where the module uses it
+    hp = ckpt["hyper_parameters"]
+    rebuilt = SemiDetectionModule(cfg=hp["cfg"], label_map=hp["label_map"], backbone_info=hp["backbone_info"])
+    assert isinstance(rebuilt.model.roi_heads, FocalRoIHeads) and rebuilt.model.roi_heads.focal_gamma == 1.5
     # The teacher is an EMA of the student, so after EMA steps at decay 0.5 it differs from it.
     t, s = _teacher(ckpt["state_dict"]), _student(ckpt["state_dict"])
     assert t.keys() == s.keys()
@@ -108,6 +111,32 @@ def test_mean_teacher_retinanet_gmm_run(synthetic_data, tmp_path):
     assert semi["mode"] == "mean_teacher" and semi["settings"]["threshold"] == "gmm"
     per_class = semi["pseudo_labels"]["per_class"]
     assert all("threshold" in c for c in per_class.values())  # per-class GMM thresholds, not only a mean
+
+
+def test_soft_background_run_weights_the_pseudo_labeled_rois(synthetic_data, tmp_path, monkeypatch):
+    from finetune.semi import soft
+
+    scored = []
+    real = soft.background_probability
+
+    def spy(teacher, tpass, boxes, sizes):
+        p = real(teacher, tpass, boxes, sizes)
+        scored.append(p)
+        return p
+
+    monkeypatch.setattr(soft, "background_probability", spy)
+    m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.soft_background=true", *FAST),
+              run_dir=tmp_path)
+    assert m["semi"]["settings"]["soft_background"] is True
+    # Every step after burn-in scored the student's sampled RoIs with the teacher, and only those steps.
+    steps_after_burn_in = m["global_step"] - 1
+    assert len(scored) == steps_after_burn_in > 0
+    probs = torch.cat(scored)
+    assert probs.numel() > 0 and bool(((probs >= 0) & (probs <= 1)).all()) and float(probs.std()) > 0
+    assert m["history"][-1]["unsup_loss"] > 0
+    with pytest.raises(ValueError, match="soft_background"):
+        train(smoke_cfg(synthetic_data["root"], "semi=mean_teacher", "detector=retinanet",
+                        "semi.soft_background=true", *FAST), run_dir=tmp_path / "retina")
 
 
 def test_consistency_retinanet_run(synthetic_data, tmp_path):

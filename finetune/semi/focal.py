@@ -11,19 +11,24 @@ in the process. So :class:`FocalRoIHeads` overrides the training path of ``forwa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 
-def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 1.5) -> torch.Tensor:
-    """Mean over RoIs of ``(1 - p_t)^gamma * CE``.
+def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 1.5,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over RoIs of ``(1 - p_t)^gamma * CE``, or its weighted mean.
 
     Args:
         logits: (N, C) class logits, background at index 0.
         labels: (N,) int64 targets in 0..C-1.
         gamma: focusing exponent; 0 gives torchvision's mean cross-entropy exactly.
+        weights: (N,) per-RoI weights (no gradient): the loss is then ``sum(w * l) / max(sum(w), 1)``,
+            Soft Teacher's normalisation of its background-weighted RoI loss.
 
     Returns:
         A scalar; 0 (still attached to ``logits``) when N is 0.
@@ -32,7 +37,11 @@ def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float 
         return logits.sum() * 0.0
     ce = F.cross_entropy(logits, labels, reduction="none")
     p_t = torch.exp(-ce)
-    return ((1.0 - p_t) ** gamma * ce).mean()
+    per_roi = (1.0 - p_t) ** gamma * ce
+    if weights is None:
+        return per_roi.mean()
+    weights = weights.detach().to(per_roi.dtype)
+    return (weights * per_roi).sum() / weights.sum().clamp(min=1.0)
 
 
 class FocalRoIHeads(RoIHeads):
@@ -41,9 +50,15 @@ class FocalRoIHeads(RoIHeads):
     Takes RoIHeads' constructor arguments; ``focal_gamma`` (default 1.5) is set afterwards, as
     :func:`use_focal_roi_heads` does. Box regression stays torchvision's (smooth L1, beta 1/9,
     summed over positives and divided by the number of sampled RoIs).
+
+    ``background_weights``, when set (only for the pass over pseudo-labeled images, see
+    :func:`finetune.semi.soft.soft_background`), maps the sampled proposals and the image shapes to
+    one weight per RoI; background RoIs take it, foreground RoIs weight 1, and the classification
+    loss is their weighted mean (Soft Teacher).
     """
 
     focal_gamma: float = 1.5
+    background_weights: Callable[[list[torch.Tensor], list[tuple[int, int]]], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -67,7 +82,11 @@ class FocalRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(box_features)
         labels_all = torch.cat(labels, 0)
         regression_all = torch.cat(regression_targets, 0)
-        loss_cls = softmax_focal_loss(class_logits, labels_all, self.focal_gamma)
+        weights = None
+        if self.background_weights is not None and labels_all.numel():
+            bg = self.background_weights(proposals, image_shapes)
+            weights = torch.where(labels_all > 0, torch.ones_like(bg), bg)
+        loss_cls = softmax_focal_loss(class_logits, labels_all, self.focal_gamma, weights)
         # Box regression as torchvision's fastrcnn_loss: smooth L1 on each positive's own class
         # deltas, summed and divided by the number of sampled RoIs (max 1: no NaN on zero RoIs).
         pos = torch.where(labels_all > 0)[0]

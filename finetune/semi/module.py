@@ -12,7 +12,9 @@ images with their boxes and unlabeled images (a weak and a strong view of each, 
    pseudo-labels, and the student trains on the strong views against them. Unbiased Teacher
    (``semi.unsup_box_loss=false``) keeps only the classification terms (RPN objectness and RoI
    classification; RetinaNet classification), Mean Teacher all of them;
-   ``loss = sup + unsup_weight * unsup``;
+   ``loss = sup + unsup_weight * unsup``; with ``semi.soft_background`` (Faster R-CNN) the student's
+   background RoIs on pseudo-labeled images are weighted by the teacher's background probability
+   (Soft Teacher, :mod:`finetune.semi.soft`);
 4. consistency (``semi=consistency`` or ``semi.consistency_weight > 0``): CSD consistency between
    two perturbed views of the unlabeled images, one flipped (:mod:`finetune.semi.consistency`);
 5. after the optimizer step, the EMA update of the teacher (every ``teacher_update_every`` steps).
@@ -39,6 +41,7 @@ from finetune.semi.consistency import ConsistencyLoss
 from finetune.semi.ema import copy_weights, ema_update, freeze_teacher, make_teacher
 from finetune.semi.focal import use_focal_roi_heads
 from finetune.semi.health import LossWatch, PseudoLabelHealth
+from finetune.semi.soft import soft_background, teacher_forward
 from finetune.semi.thresholds import build_threshold
 
 log = logging.getLogger(__name__)
@@ -86,7 +89,14 @@ class SemiDetectionModule(DetectionModule):
             raise ValueError(f"SemiDetectionModule runs semi.mode in {TEACHER_MODES + ('consistency',)}, "
                              f"got {self.mode!r}")
         self.detector = str(cfg["detector"]["name"])
+        self.soft_background = bool(s.get("soft_background", False))
+        if self.soft_background and (self.detector != "fasterrcnn" or self.mode not in TEACHER_MODES):
+            raise ValueError("semi.soft_background=true weights Faster R-CNN's pseudo-labeled RoI loss by the "
+                             f"teacher: it needs detector=fasterrcnn and a teacher mode {TEACHER_MODES}, got "
+                             f"detector={self.detector} semi.mode={self.mode}")
         gamma = s.get("roi_focal_gamma")
+        if self.soft_background and gamma is None:
+            gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
         if gamma is not None and self.detector == "fasterrcnn":
             use_focal_roi_heads(self.model, float(gamma))  # type: ignore[arg-type]
         self.teacher: nn.Module | None = make_teacher(self.model) if self.mode in TEACHER_MODES else None
@@ -196,8 +206,13 @@ class SemiDetectionModule(DetectionModule):
         weak = [im.to(self.device) for im in unl["weak"]]
         strong = [im.to(self.device) for im in unl["strong"]]
         self.teacher.eval()
-        with torch.no_grad():
-            dets = self.teacher(weak)
+        tpass = None
+        if self.soft_background:  # the teacher's features are kept to score the student's proposals
+            tpass = teacher_forward(self.teacher, weak)  # type: ignore[arg-type]
+            dets = tpass.detections
+        else:
+            with torch.no_grad():
+                dets = self.teacher(weak)
         dets = [{k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in d.items()} for d in dets]
         self.threshold.update(dets)
         pseudo = self.threshold.filter(dets)
@@ -205,7 +220,9 @@ class SemiDetectionModule(DetectionModule):
         self.health.update(pseudo, [g if g is None else {k: v.to(self.device) for k, v in g.items()} for g in gts]
                            if gts is not None and any(g is not None for g in gts) else None)
         targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
-        with running_stats_frozen(self.model):
+        soft = (soft_background(self.model, self.teacher, tpass)  # type: ignore[arg-type]
+                if tpass is not None else contextlib.nullcontext())
+        with running_stats_frozen(self.model), soft:
             losses = self.model(strong, targets)
         keep_box = bool(self.semi.get("unsup_box_loss", False))
         terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}

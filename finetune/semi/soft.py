@@ -1,0 +1,112 @@
+"""Soft Teacher's background weighting of the pseudo-labeled RoI classification loss.
+
+With few labels the teacher finds only part of the objects on an unlabeled image (chess, 20
+labeled images: pseudo-label recall about 50% at precision 80%), and every object it misses is
+trained as background. Soft Teacher (Xu et al., "End-to-End Semi-Supervised Object Detection with
+Soft Teacher", ICCV 2021) weights each background RoI of the student by the teacher's own
+background probability for that box: a proposal the teacher thinks is probably an object costs
+little as background, one it is sure is background costs fully. Foreground RoIs weight 1 and the
+classification loss is ``sum(w * l) / max(sum(w), 1)``.
+
+The student's sampled proposals live in the coordinates of the student's resized strong view; the
+teacher scores them on its features of the weak view of the same image. The views differ only in
+colour and erasing (:mod:`finetune.semi.views`), so one box is the same object in both, up to the
+two resizes, which :func:`to_frame` undoes.
+
+:func:`teacher_forward` runs the teacher as ``GeneralizedRCNN.forward`` does in eval mode and keeps
+its features; :func:`soft_background` installs the weighting on the student's RoI head for one
+forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.models.detection import FasterRCNN
+
+from finetune.semi.focal import FocalRoIHeads
+
+
+@dataclass
+class TeacherPass:
+    """The teacher's detections (original image coordinates) and what scoring more boxes needs."""
+
+    detections: list[dict[str, torch.Tensor]]
+    features: dict[str, torch.Tensor]
+    image_sizes: list[tuple[int, int]]  # after the teacher's resize, before padding
+
+
+@torch.no_grad()
+def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor]) -> TeacherPass:
+    """The teacher's eval-mode detections of ``images``, with its FPN features kept.
+
+    The same steps as torchvision's ``GeneralizedRCNN.forward`` in eval mode (resize and normalise,
+    backbone, RPN, RoI heads, boxes back to the input size), so the detections are the ones
+    ``teacher(images)`` returns.
+    """
+    if teacher.training:
+        raise ValueError("the teacher must be in eval mode (its detections are the eval-mode ones)")
+    original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    batch, _ = teacher.transform(list(images))
+    features = teacher.backbone(batch.tensors)
+    proposals, _ = teacher.rpn(batch, features)
+    dets, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
+    dets = teacher.transform.postprocess(dets, batch.image_sizes, original)
+    return TeacherPass(dets, features, [(int(h), int(w)) for h, w in batch.image_sizes])
+
+
+def to_frame(boxes: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
+             target_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Boxes (x1, y1, x2, y2) of images resized to ``sizes``, expressed for the same images resized
+    to ``target_sizes`` (per image, x scales by the width ratio and y by the height ratio)."""
+    if len(boxes) != len(sizes) or len(sizes) != len(target_sizes):
+        raise ValueError(f"{len(boxes)} box sets for {len(sizes)} and {len(target_sizes)} image sizes")
+    out = []
+    for b, (h, w), (th, tw) in zip(boxes, sizes, target_sizes):
+        scale = b.new_tensor([tw / w, th / h, tw / w, th / h])
+        out.append(b * scale)
+    return out
+
+
+@torch.no_grad()
+def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],
+                           box_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The teacher's background probability (softmax class 0 of its RoI classifier) for each box.
+
+    Args:
+        teacher: the eval-mode teacher that produced ``tpass``.
+        tpass: :func:`teacher_forward`'s result for the images the boxes belong to.
+        boxes: per image, (N_i, 4) boxes in the coordinates of that image resized to ``box_sizes[i]``.
+        box_sizes: the (height, width) the boxes' images were resized to (the student's).
+
+    Returns:
+        (sum N_i,) float32 probabilities in [0, 1], in the order of ``boxes``.
+    """
+    heads = teacher.roi_heads
+    rois = to_frame([b.detach().float() for b in boxes], box_sizes, tpass.image_sizes)
+    pooled = heads.box_roi_pool(tpass.features, rois, tpass.image_sizes)
+    logits, _ = heads.box_predictor(heads.box_head(pooled))
+    return logits.float().softmax(-1)[:, 0]
+
+
+@contextlib.contextmanager
+def soft_background(student: FasterRCNN, teacher: FasterRCNN, tpass: TeacherPass) -> Iterator[None]:
+    """Within the block, the student's RoI classification loss weights its background RoIs by the
+    teacher's background probability (the student's head must be a :class:`FocalRoIHeads`; gamma 0
+    is plain cross-entropy)."""
+    heads = student.roi_heads
+    if not isinstance(heads, FocalRoIHeads):
+        raise TypeError("soft background weighting needs the student's RoI head to be a FocalRoIHeads "
+                        f"(use_focal_roi_heads), got {type(heads).__name__}")
+
+    def weights(proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        return background_probability(teacher, tpass, proposals, image_shapes)
+
+    heads.background_weights = weights
+    try:
+        yield
+    finally:
+        heads.background_weights = None
