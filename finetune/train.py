@@ -205,6 +205,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"trainer.max_epochs={epochs} must be >= 1 (or set trainer.max_steps)")
     if semi_mode(cfg) != "none" and float(cfg.semi.get("unsup_weight", 0.0)) < 0:
         raise ValueError(f"semi.unsup_weight={cfg.semi.unsup_weight} must be >= 0")
+    if cfg.get("semi") is not None and bool(cfg.semi.get("soft_background", False)) and (
+            semi_mode(cfg) not in ("unbiased_teacher", "mean_teacher") or cfg.detector.name != "fasterrcnn"):
+        raise ValueError("semi.soft_background=true weights Faster R-CNN's pseudo-labeled RoI loss by the teacher: "
+                         "it needs detector=fasterrcnn and semi=unbiased_teacher or mean_teacher, got "
+                         f"detector={cfg.detector.name} semi.mode={semi_mode(cfg)}")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -221,6 +226,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     if semi_mode(cfg) == "self_training":
+        check_config(cfg)
         from finetune.semi.self_training import self_train
 
         return self_train(cfg, run_dir)

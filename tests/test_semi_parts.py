@@ -177,6 +177,10 @@ def test_to_frame_by_hand():
     boxes = [torch.tensor([[10.0, 20, 30, 40]]), torch.zeros(0, 4)]
     out = to_frame(boxes, [(100, 200), (50, 50)], [(50, 100), (100, 100)])
     assert out[0].tolist() == [[5.0, 10, 15, 20]] and out[1].shape == (0, 4)
+    # Height and width scale apart: x by the width ratio (50/200), y by the height ratio (50/100).
+    assert to_frame(boxes[:1], [(100, 200)], [(50, 50)])[0].tolist() == [[2.5, 10, 7.5, 20]]
+    with pytest.raises(ValueError, match="box sets"):
+        to_frame(boxes, [(100, 200)], [(50, 50)])
 
 
 def test_background_probability_follows_the_boxes_across_resizes():
@@ -195,40 +199,54 @@ def test_background_probability_follows_the_boxes_across_resizes():
     torch.testing.assert_close(background_probability(teacher, tpass, [boxes], [(64, 64)]), torch.ones(3))
 
 
-@pytest.mark.parametrize("teacher_bias", [30.0, -30.0])
+@pytest.mark.parametrize("teacher_bias", [None, 30.0, -30.0])
 def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, teacher_bias):
-    student = tiny_frcnn()
+    # The student resizes to 128 px, the teacher to 64: its proposals must be mapped to be scored.
+    torch.manual_seed(1)
+    student = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, min_size=128,
+                             max_size=128, trainable_layers=5, representation_size=64)
     use_focal_roi_heads(student, 0.0)  # cross-entropy: the weighted mean is easy to state
     teacher = tiny_frcnn().eval()
-    with torch.no_grad():
-        teacher.roi_heads.box_predictor.cls_score.bias[0] = teacher_bias
+    if teacher_bias is not None:
+        with torch.no_grad():
+            teacher.roi_heads.box_predictor.cls_score.bias[0] = teacher_bias
     captured = {}
     sampler = student.roi_heads.select_training_samples
 
     def grab_samples(*a, **kw):
         out = sampler(*a, **kw)
+        captured["proposals"] = [p.detach().clone() for p in out[0]]
         captured["labels"] = torch.cat(out[2])
         return out
 
     monkeypatch.setattr(student.roi_heads, "select_training_samples", grab_samples)
+    student.roi_heads.register_forward_pre_hook(lambda m, args: captured.__setitem__("shapes", list(args[2])))
     student.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o[0]))
-    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([2])},
-               {"boxes": torch.tensor([[30.0, 20, 60, 50]]), "labels": torch.tensor([1])}]
+               {"boxes": torch.tensor([[30.0, 10, 60, 40]]), "labels": torch.tensor([1])}]
     student.train()
-    with soft_background(student, teacher, teacher_forward(teacher, images)):
+    tpass = teacher_forward(teacher, images)
+    with soft_background(student, teacher, tpass):
         losses = student(images, targets)
     assert student.roi_heads.background_weights is None  # only for that pass
+    assert captured["shapes"] == [(128, 128), (96, 128)] and tpass.image_sizes == [(64, 64), (48, 64)]
     ce = F.cross_entropy(captured["logits"], captured["labels"], reduction="none")
     fg = captured["labels"] > 0
     assert 0 < int(fg.sum()) < len(fg)
-    if teacher_bias > 0:  # background probability 1: every RoI weighs 1, the plain mean
+    if teacher_bias is None:  # the teacher's own probabilities for the proposals, mapped to its frame
+        p_bg = background_probability(teacher, tpass, captured["proposals"], captured["shapes"])
+        assert float(p_bg.std()) > 1e-3
+        w = torch.where(fg, torch.ones_like(p_bg), p_bg)
+        torch.testing.assert_close(losses["loss_classifier"], (w * ce).sum() / w.sum().clamp(min=1))
+        assert not torch.isclose(losses["loss_classifier"], ce.mean())
+    elif teacher_bias > 0:  # background probability 1: every RoI weighs 1, the plain mean
         torch.testing.assert_close(losses["loss_classifier"], ce.mean())
     else:  # probability ~0: background RoIs drop out, the mean over the foreground RoIs (sum / max(n, 1))
         torch.testing.assert_close(losses["loss_classifier"], ce[fg].sum() / max(1.0, float(fg.sum())))
     sum(losses.values()).backward()
-    with pytest.raises(TypeError, match="FocalRoIHeads"), soft_background(tiny_frcnn(), teacher,
-                                                                         teacher_forward(teacher, images)):
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(TypeError, match="FocalRoIHeads"), soft_background(tiny_frcnn(), teacher, tpass):
         pass
 
 

@@ -114,29 +114,40 @@ def test_mean_teacher_retinanet_gmm_run(synthetic_data, tmp_path):
 
 
 def test_soft_background_run_weights_the_pseudo_labeled_rois(synthetic_data, tmp_path, monkeypatch):
-    from finetune.semi import soft
+    from finetune.semi import focal, soft
 
-    scored = []
-    real = soft.background_probability
+    scored, weighted = [], []
+    real_probability, real_loss = soft.background_probability, focal.softmax_focal_loss
 
-    def spy(teacher, tpass, boxes, sizes):
-        p = real(teacher, tpass, boxes, sizes)
-        scored.append(p)
-        return p
+    def spy_probability(teacher, tpass, boxes, sizes):
+        scored.append(real_probability(teacher, tpass, boxes, sizes))
+        return scored[-1]
 
-    monkeypatch.setattr(soft, "background_probability", spy)
-    m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.soft_background=true", *FAST),
-              run_dir=tmp_path)
+    def spy_loss(logits, labels, gamma=1.5, weights=None):
+        if weights is not None:
+            weighted.append((labels.clone(), weights.clone()))
+        return real_loss(logits, labels, gamma, weights)
+
+    monkeypatch.setattr(soft, "background_probability", spy_probability)
+    monkeypatch.setattr(focal, "softmax_focal_loss", spy_loss)
+    cfg = smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.soft_background=true", *FAST)
+    m = train(cfg, run_dir=tmp_path)
     assert m["semi"]["settings"]["soft_background"] is True
-    # Every step after burn-in scored the student's sampled RoIs with the teacher, and only those steps.
-    steps_after_burn_in = m["global_step"] - 1
-    assert len(scored) == steps_after_burn_in > 0
+    # Every student step after burn-in scored its sampled RoIs with the teacher and weighted its
+    # pseudo-labeled RoI loss with them (background RoIs: the teacher's probability, foreground: 1);
+    # the labeled pass and the burn-in steps were never weighted.
+    burn_in = int(cfg.semi.burn_in)
+    assert len(scored) == len(weighted) == m["global_step"] - burn_in > 0
+    for p_bg, (labels, w) in zip(scored, weighted):
+        torch.testing.assert_close(w, torch.where(labels > 0, torch.ones_like(p_bg), p_bg))
     probs = torch.cat(scored)
-    assert probs.numel() > 0 and bool(((probs >= 0) & (probs <= 1)).all()) and float(probs.std()) > 0
+    assert bool(((probs >= 0) & (probs <= 1)).all()) and float(probs.min()) < float(probs.max())
     assert m["history"][-1]["unsup_loss"] > 0
     with pytest.raises(ValueError, match="soft_background"):
         train(smoke_cfg(synthetic_data["root"], "semi=mean_teacher", "detector=retinanet",
                         "semi.soft_background=true", *FAST), run_dir=tmp_path / "retina")
+    with pytest.raises(ValueError, match="soft_background"):
+        train(smoke_cfg(synthetic_data["root"], "semi.soft_background=true"), run_dir=tmp_path / "none")
 
 
 def test_consistency_retinanet_run(synthetic_data, tmp_path):

@@ -1,12 +1,13 @@
 """Soft Teacher's background weighting of the pseudo-labeled RoI classification loss.
 
 With few labels the teacher finds only part of the objects on an unlabeled image (chess, 20
-labeled images: pseudo-label recall about 50% at precision 80%), and every object it misses is
-trained as background. Soft Teacher (Xu et al., "End-to-End Semi-Supervised Object Detection with
-Soft Teacher", ICCV 2021) weights each background RoI of the student by the teacher's own
-background probability for that box: a proposal the teacher thinks is probably an object costs
-little as background, one it is sure is background costs fully. Foreground RoIs weight 1 and the
-classification loss is ``sum(w * l) / max(sum(w), 1)``.
+labeled images, threshold 0.5: pseudo-label recall 48% at precision 80%, BENCHMARKS.md's semi
+probes), and every object it misses is trained as background. Soft Teacher (Xu et al.,
+"End-to-End Semi-Supervised Object Detection with Soft Teacher", ICCV 2021) weights each
+background RoI of the student by the teacher's own background probability for that box: a
+proposal the teacher thinks is probably an object costs little as background, one it is sure is
+background costs fully. Foreground RoIs weight 1 and the classification loss is
+``sum(w * l) / max(sum(w), 1)``.
 
 The student's sampled proposals live in the coordinates of the student's resized strong view; the
 teacher scores them on its features of the weak view of the same image. The views differ only in
@@ -21,6 +22,7 @@ forward pass.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,8 @@ def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor]) -> Teac
     original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     batch, _ = teacher.transform(list(images))
     features = teacher.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):  # a backbone without FPN, as GeneralizedRCNN wraps it
+        features = OrderedDict([("0", features)])
     proposals, _ = teacher.rpn(batch, features)
     dets, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
     dets = teacher.transform.postprocess(dets, batch.image_sizes, original)
@@ -71,7 +75,7 @@ def to_frame(boxes: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
     return out
 
 
-@torch.no_grad()
+@torch.no_grad()  # called inside the student's forward: nothing of the teacher's may enter its graph
 def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],
                            box_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The teacher's background probability (softmax class 0 of its RoI classifier) for each box.
