@@ -34,7 +34,9 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[s
             semi = any(o.startswith("semi.unlabeled=") for o in overrides)
             (run_dir / "metrics.json").write_text(json.dumps({
                 "coco": {"AP": 0.1, "AP50": 0.2}, "global_step": 50, "precision": "32",
-                "semi": {"pseudo_labels": {"precision": 0.5, "recall": 0.25}} if semi else None}))
+                "semi": {"pseudo_labels": {"precision": 0.5, "recall": 0.25}} if semi else None,
+                "history": [{"val_student_AP": 0.3, "val_student_AP50": 0.6}, {"val_student_AP": None}]
+                if semi else [{"val_AP": 0.1}]}))
         return run_dir
 
     monkeypatch.setattr(ba, "run_stage", run_stage)
@@ -73,6 +75,11 @@ def test_each_arm_gets_its_ingredients_and_a_rerun_skips_what_is_done(monkeypatc
     split = json.loads((tmp_path / "runs" / "split_f0.1_seed1" / "labeled.json").read_text())
     assert len(split["images"]) == 2  # 10% of 20
 
+    # Semi runs keep their student's last validation beside the deployed teacher's AP.
+    ledger = ba.load_ledger(tmp_path / "ledger.json")["runs"]
+    assert ledger["ssl_semi/seed1"]["student_AP"] == 0.3 and ledger["ssl_semi/seed1"]["student_AP50"] == 0.6
+    assert ledger["ssl/seed1"]["student_AP"] is None
+
     calls.clear()
     ba.run(ba.parse(argv))
     assert calls == []  # everything is in the ledger
@@ -95,7 +102,8 @@ def test_table_means_paired_differences_and_goals() -> None:
     for s, (r, s_, rs, ss, f) in {1: (0.10, 0.20, 0.12, 0.30, 0.32), 2: (0.12, 0.24, 0.12, 0.30, 0.34),
                                   3: (0.14, 0.22, 0.12, 0.30, 0.30)}.items():
         runs.update({f"random/seed{s}": entry(r), f"ssl/seed{s}": entry(s_),
-                     f"random_semi/seed{s}": entry(rs, pseudo_precision=0.8, pseudo_recall=0.4),
+                     f"random_semi/seed{s}": entry(rs, pseudo_precision=0.8, pseudo_recall=0.4,
+                                                   student_AP=0.1 + s / 100, student_AP50=0.2),
                      f"ssl_semi/seed{s}": entry(ss, pseudo_precision=0.9, pseudo_recall=0.5),
                      f"full/seed{s}": entry(f)})
     text = ba.table({"runs": runs}, "chess", [1, 2, 3], 0.1, "CMD", {"fine-tuning": "A"})
@@ -110,6 +118,9 @@ def test_table_means_paired_differences_and_goals() -> None:
     # random + semi: +0 on average against a spread of 2: not a win; ahead in seed 1 only (12 > 10).
     assert "- random init + semi does not beat it by more than the spread: AP50 +0.0" in text
     assert "ahead in 1 of 3 seeds" in text.split("- random init + semi")[1].splitlines()[0]
+    assert ("random init + semi deploys the EMA teacher (the row above); its student at the last validation: "
+            "AP 12.0 +- 1.0 / AP50 20.0 +- 0.0 (3 seeds)") in text
+    assert "SSL + semi deploys" not in text  # no student figures in those entries
     assert "CMD" in text and "`A`" in text
 
 
