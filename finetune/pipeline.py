@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -41,27 +42,73 @@ def stage_done(stage: str, run_dir: Path) -> bool:
     return stage != "pretrain" or (run_dir / BACKBONE_FILE).exists()
 
 
+def stage_command(stage: str, run_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", stage, f"hydra.run.dir={quote(run_dir)}", *overrides]
+
+
+def thread_env(threads: int | None) -> dict[str, str] | None:
+    """The environment of a stage limited to ``threads`` CPU threads (None: inherit everything).
+
+    torch sizes its intra-op pool from OMP_NUM_THREADS at start-up; MKL and OpenBLAS follow theirs.
+    """
+    if threads is None:
+        return None
+    n = str(max(1, int(threads)))
+    return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+def start_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), force: bool = False,
+                threads: int | None = None, log_file: str | Path | None = None) -> subprocess.Popen | None:
+    """Start ``python -m <stage>`` in ``run_dir`` without waiting; None when it is already done.
+
+    ``threads`` limits its CPU threads (two stages side by side on a small CPU); ``log_file``
+    takes its stdout and stderr (so that two progress bars do not share one terminal).
+    """
+    run_dir = Path(run_dir).resolve()
+    if stage_done(stage, run_dir) and not force:
+        log.info("%s already done in %s: skipped (remove metrics.json to redo)", stage, run_dir)
+        print(f"[pipeline] {stage}: already done in {run_dir}, skipped", flush=True)
+        return None
+    cmd = stage_command(stage, run_dir, overrides)
+    where = ""
+    out = None
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")  # noqa: SIM115 (closed by wait_stage)
+        where = f" (output in {log_file})"
+    limit = f" [{threads} thread{'s' if threads != 1 else ''}]" if threads is not None else ""
+    print(f"[pipeline] {stage}{limit}: {' '.join(cmd[1:])}{where}", flush=True)
+    proc = subprocess.Popen(cmd, env=thread_env(threads), stdout=out, stderr=subprocess.STDOUT if out else None)
+    proc.log_handle = out  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_stage(proc: subprocess.Popen | None, stage: str, run_dir: str | Path) -> Path:
+    """Wait for a stage started by :func:`start_stage`; StageFailed when it exits non-zero."""
+    run_dir = Path(run_dir).resolve()
+    if proc is None:
+        return run_dir
+    try:
+        code = proc.wait()
+    finally:
+        if getattr(proc, "log_handle", None) is not None:
+            proc.log_handle.close()
+    if code != 0:
+        raise StageFailed(
+            f"{stage} failed (exit {code}) in {run_dir}; see its log there. "
+            "Fix the cause and re-run the same command: finished stages are skipped and "
+            "the failed one resumes from its last checkpoint."
+        )
+    return run_dir
+
+
 def run_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), force: bool = False) -> Path:
     """Run ``python -m <stage>`` in ``run_dir`` with Hydra ``overrides``.
 
     A finished stage is skipped (``force`` re-runs it); an interrupted one resumes
     from its ``last.ckpt`` because the stage itself resumes in a run dir it finds one in.
     """
-    run_dir = Path(run_dir).resolve()
-    if stage_done(stage, run_dir) and not force:
-        log.info("%s already done in %s: skipped (remove metrics.json to redo)", stage, run_dir)
-        print(f"[pipeline] {stage}: already done in {run_dir}, skipped", flush=True)
-        return run_dir
-    cmd = [sys.executable, "-m", stage, f"hydra.run.dir={quote(run_dir)}", *overrides]
-    print(f"[pipeline] {stage}: {' '.join(cmd[1:])}", flush=True)
-    result = subprocess.run(cmd, check=False)
-    if result.returncode != 0:
-        raise StageFailed(
-            f"{stage} failed (exit {result.returncode}) in {run_dir}; see its log there. "
-            "Fix the cause and re-run the same command: finished stages are skipped and "
-            "the failed one resumes from its last checkpoint."
-        )
-    return run_dir
+    return wait_stage(start_stage(stage, run_dir, overrides, force=force), stage, run_dir)
 
 
 def backbone_of(pretrain_dir: str | Path) -> Path:
@@ -93,6 +140,7 @@ def run_pipeline(
     skip_pretrain: bool = False,
     semi: Sequence[str] | None = None,
     semi_from: Sequence[str] = ("finetune",),
+    parallel_threads: int | None = None,
 ) -> dict[str, Path]:
     """pretrain -> finetune from its backbone (-> the same finetune from random init) (-> semi).
 
@@ -101,15 +149,33 @@ def run_pipeline(
     such as ``["semi=unbiased_teacher"]``), a teacher-student run that starts from each fine-tuned
     detector named in ``semi_from`` (``init_from=<its best.ckpt>``, so its burn-in is that
     fine-tuning): ``semi`` after ``finetune``, ``baseline_semi`` after ``baseline``.
+
+    ``parallel_threads`` (a CPU's thread count, 2 or more) runs the random-init baseline, which
+    needs no backbone, side by side with pretraining, each on half the threads, its output in
+    ``baseline/stage.log``; the later stages get all of them. On a small CPU two half-size
+    processes get more done than one after the other: a Faster R-CNN step at 128 px takes 1.0 s
+    on one thread of a 2-core EPYC against 0.73 s on two (scripts/demo.py's recipe).
     """
     out = Path(out_dir).resolve()
     dirs: dict[str, Path] = {}
+    random_init = [*finetune, "backbone.checkpoint=null"]
+    side_by_side = parallel_threads is not None and parallel_threads >= 2 and baseline and not skip_pretrain
     if not skip_pretrain:
-        dirs["pretrain"] = run_stage("pretrain", out / "pretrain", pretrain)
+        if side_by_side:
+            half = parallel_threads // 2
+            side = start_stage("finetune", out / "baseline", random_init, threads=half,
+                               log_file=out / "baseline" / "stage.log")
+            try:
+                main = start_stage("pretrain", out / "pretrain", pretrain, threads=parallel_threads - half)
+                dirs["pretrain"] = wait_stage(main, "pretrain", out / "pretrain")
+            finally:  # a failed pretraining still lets the baseline finish (no work lost)
+                dirs["baseline"] = wait_stage(side, "finetune", out / "baseline")
+        else:
+            dirs["pretrain"] = run_stage("pretrain", out / "pretrain", pretrain)
         ckpt = [f"backbone.checkpoint={quote(backbone_of(dirs['pretrain']))}"]
         dirs["finetune"] = run_stage("finetune", out / "finetune", [*finetune, *ckpt])
-    if baseline or skip_pretrain:
-        dirs["baseline"] = run_stage("finetune", out / "baseline", [*finetune, "backbone.checkpoint=null"])
+    if (baseline or skip_pretrain) and "baseline" not in dirs:
+        dirs["baseline"] = run_stage("finetune", out / "baseline", random_init)
     if semi is not None:
         for src in semi_from:
             if src not in dirs:

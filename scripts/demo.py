@@ -17,13 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import time
 from pathlib import Path
 
+import torch
+
 from finetune.pipeline import run_pipeline
 from finetune.plots import plot_predictions
 from finetune.report import compare
+
+
+def cpu_threads() -> int:
+    """The CPU threads this process may use (its affinity on Linux, the CPU count elsewhere)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pretraining_health(pretrain: dict) -> str:
@@ -99,7 +107,11 @@ def main() -> None:
     p.add_argument("--finetune", default="", help="extra Hydra overrides for both fine-tunings")
     p.add_argument("--semi", default=None, help="Hydra overrides of the semi arm (default: SEMI_ARM)")
     p.add_argument("--no-semi", action="store_true", help="leave out the semi-supervised arm")
+    p.add_argument("--sequential", action="store_true",
+                   help="one stage at a time (default on a CPU: the random-init fine-tune runs beside "
+                        "pretraining, each on half the threads)")
     a = p.parse_args()
+    threads = None if a.sequential or torch.cuda.is_available() else cpu_threads()
     exp = "experiment=smoke" if a.smoke else "experiment=demo"
     start = time.time()
     dirs = run_pipeline(
@@ -109,6 +121,7 @@ def main() -> None:
         baseline=True,
         semi=None if a.no_semi else (shlex.split(a.semi) if a.semi is not None
                                      else SEMI_ARM_SMOKE if a.smoke else SEMI_ARM),
+        parallel_threads=threads,
     )
     pre = json.loads((dirs["finetune"] / "metrics.json").read_text())
     base = json.loads((dirs["baseline"] / "metrics.json").read_text())

@@ -33,6 +33,14 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
     assert Path(pre["backbone"]["checkpoint"]).resolve() == backbone.resolve()
     assert pre["backbone"]["method"] == "swav"
     assert not base["backbone"].get("checkpoint")
+    # On a CPU the baseline ran beside pretraining, each on half the threads, its output in its own log;
+    # the SSL fine-tune after them had all the threads.
+    threads = len(os.sched_getaffinity(0))
+    if threads >= 2:
+        assert base["hardware"]["torch_threads"] == threads // 2
+        assert json.loads((out / "pretrain" / "metrics.json").read_text())["hardware"]["torch_threads"] == threads - threads // 2
+        assert pre["hardware"]["torch_threads"] == threads
+        assert "run dir:" in (out / "baseline" / "stage.log").read_text()
     summary = (out / "summary.txt").read_text()
     assert "SwAV-pretrained" in summary and "random init" in summary and "difference" in summary
     assert ("helped" in summary) != ("did NOT help" in summary)

@@ -43,7 +43,7 @@ class HardwareChoice:
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "precision": self.precision, "channels_last": self.channels_last,
-                "reason": self.reason}
+                "reason": self.reason, "torch_threads": torch.get_num_threads()}
 
 
 @cache
