@@ -70,17 +70,14 @@ def start_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), 
         print(f"[pipeline] {stage}: already done in {run_dir}, skipped", flush=True)
         return None
     cmd = stage_command(stage, run_dir, overrides)
-    where = ""
-    out = None
-    if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_file, "ab")  # noqa: SIM115 (closed by wait_stage)
-        where = f" (output in {log_file})"
     limit = f" [{threads} thread{'s' if threads != 1 else ''}]" if threads is not None else ""
+    where = f" (output in {log_file})" if log_file is not None else ""
     print(f"[pipeline] {stage}{limit}: {' '.join(cmd[1:])}{where}", flush=True)
-    proc = subprocess.Popen(cmd, env=thread_env(threads), stdout=out, stderr=subprocess.STDOUT if out else None)
-    proc.log_handle = out  # type: ignore[attr-defined]
-    return proc
+    if log_file is None:
+        return subprocess.Popen(cmd, env=thread_env(threads))
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:  # the child keeps its own copy of the handle
+        return subprocess.Popen(cmd, env=thread_env(threads), stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_stage(proc: subprocess.Popen | None, stage: str, run_dir: str | Path) -> Path:
@@ -88,11 +85,7 @@ def wait_stage(proc: subprocess.Popen | None, stage: str, run_dir: str | Path) -
     run_dir = Path(run_dir).resolve()
     if proc is None:
         return run_dir
-    try:
-        code = proc.wait()
-    finally:
-        if getattr(proc, "log_handle", None) is not None:
-            proc.log_handle.close()
+    code = proc.wait()
     if code != 0:
         raise StageFailed(
             f"{stage} failed (exit {code}) in {run_dir}; see its log there. "
@@ -150,7 +143,7 @@ def run_pipeline(
     detector named in ``semi_from`` (``init_from=<its best.ckpt>``, so its burn-in is that
     fine-tuning): ``semi`` after ``finetune``, ``baseline_semi`` after ``baseline``.
 
-    ``parallel_threads`` (a CPU's thread count, 2 or more) runs the random-init baseline, which
+    ``parallel_threads`` (the threads the pipeline may use, 2 or more) runs the random-init baseline, which
     needs no backbone, side by side with pretraining, each on half the threads, its output in
     ``baseline/stage.log``; the later stages get all of them. On a small CPU two half-size
     processes get more done than one after the other: a Faster R-CNN step at 128 px takes 1.0 s
@@ -159,14 +152,14 @@ def run_pipeline(
     out = Path(out_dir).resolve()
     dirs: dict[str, Path] = {}
     random_init = [*finetune, "backbone.checkpoint=null"]
-    side_by_side = parallel_threads is not None and parallel_threads >= 2 and baseline and not skip_pretrain
+    threads = parallel_threads or 1
     if not skip_pretrain:
-        if side_by_side:
-            half = parallel_threads // 2
+        if threads >= 2 and baseline:
+            half = threads // 2
             side = start_stage("finetune", out / "baseline", random_init, threads=half,
                                log_file=out / "baseline" / "stage.log")
             try:
-                main = start_stage("pretrain", out / "pretrain", pretrain, threads=parallel_threads - half)
+                main = start_stage("pretrain", out / "pretrain", pretrain, threads=threads - half)
                 dirs["pretrain"] = wait_stage(main, "pretrain", out / "pretrain")
             finally:  # a failed pretraining still lets the baseline finish (no work lost)
                 dirs["baseline"] = wait_stage(side, "finetune", out / "baseline")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import time
 from pathlib import Path
@@ -27,11 +26,6 @@ import torch
 from finetune.pipeline import run_pipeline
 from finetune.plots import plot_predictions
 from finetune.report import compare
-
-
-def cpu_threads() -> int:
-    """The CPU threads this process may use (its affinity on Linux, the CPU count elsewhere)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pretraining_health(pretrain: dict) -> str:
@@ -109,9 +103,9 @@ def main() -> None:
     p.add_argument("--no-semi", action="store_true", help="leave out the semi-supervised arm")
     p.add_argument("--sequential", action="store_true",
                    help="one stage at a time (default on a CPU: the random-init fine-tune runs beside "
-                        "pretraining, each on half the threads)")
+                        "pretraining, each on half of torch's threads, OMP_NUM_THREADS or the cores)")
     a = p.parse_args()
-    threads = None if a.sequential or torch.cuda.is_available() else cpu_threads()
+    threads = None if a.sequential or torch.cuda.is_available() else torch.get_num_threads()
     exp = "experiment=smoke" if a.smoke else "experiment=demo"
     start = time.time()
     dirs = run_pipeline(
