@@ -1,8 +1,8 @@
 """The whole pipeline on the built-in synthetic data, on a CPU, in minutes.
 
-SwAV pretraining on the unlabeled scenes, Faster R-CNN fine-tuning from that backbone,
-the same fine-tuning from random init, then Unbiased Teacher (semi-supervised) starting from
-the SSL fine-tune with the unlabeled scenes; COCO evaluation of all three arms on the same
+SimCLR pretraining on the unlabeled scenes (``--method`` for another), Faster R-CNN fine-tuning
+from that backbone, the same fine-tuning from random init, then Unbiased Teacher
+(semi-supervised) starting from the SSL fine-tune with the unlabeled scenes; COCO evaluation of all three arms on the same
 validation images, a side-by-side table, a PNG of predictions against ground truth, and a
 plain verdict with the pseudo-label health.
 
@@ -28,11 +28,19 @@ from finetune.plots import plot_predictions
 from finetune.report import compare
 
 
+METHOD_NAMES = {"swav": "SwAV", "simclr": "SimCLR", "moco": "MoCo v2", "vicreg": "VICReg"}
+
+
 def pretraining_health(pretrain: dict) -> str:
-    """One clause on how SwAV's pretraining went, from its metrics.json (empty when unknown)."""
+    """One clause on how pretraining went, from its metrics.json (empty when unknown)."""
     loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
-    if loss is None or not k:
+    if loss is None:
         return ""
+    if not k:  # not SwAV: its loss and the kNN probe
+        knn = pretrain.get("knn_top1")
+        knn_part = f", kNN top-1 on the validation boxes {knn:.3f}" if knn is not None else ""
+        return (f"{METHOD_NAMES.get(pretrain.get('method'), pretrain.get('method'))}'s loss ended at "
+                f"{loss:.3f}{knn_part} after {pretrain.get('global_step')} steps")
     diag = pretrain.get("diagnostics") or {}
     cos, entropy, knn = diag.get("swav_embedding_cos"), diag.get("swav_code_entropy"), pretrain.get("knn_top1")
     parts = [f"SwAV's loss ended at {loss:.3f} against ln(num_prototypes) = {math.log(k):.3f}"]
@@ -65,12 +73,13 @@ def verdict(pre: dict, base: dict, pretrain: dict) -> str:
             f"from random init ({delta:+.1f} points). " + why)
 
 
-# The semi arm: Unbiased Teacher from the SSL fine-tune's best checkpoint (its burn-in), for a
-# few epochs of the labeled set with as many unlabeled images per step. On this short run the
-# paper's keep rate 0.9996 would leave the teacher where it started, hence 0.99; the fine-tuned
-# detector's scores are low after minutes of training, hence a threshold of 0.6 instead of 0.7.
+# The semi arm: Unbiased Teacher from the SSL fine-tune's best checkpoint (its burn-in), for 6
+# epochs of the 100 labeled images (78 steps) with as many unlabeled images per step. On this short
+# run the paper's keep rate 0.9996 would leave the teacher where it started, hence 0.99; the
+# fine-tuned detector's scores are low after minutes of training, hence a threshold of 0.6, not 0.7;
+# it continues a trained detector, hence AdamW at 1e-4 (1e-3 took the demo's AP from 16.3 to 9.6, 1e-4 to 16.9).
 SEMI_ARM = ["semi=unbiased_teacher", "semi.burn_in=0", "semi.ema_decay=0.99", "semi.threshold=0.6",
-            "trainer.max_epochs=2", "scheduler.warmup_steps=0"]
+            "trainer.max_epochs=6", "scheduler.warmup_steps=0", "optimizer.lr=0.0001"]
 SEMI_ARM_SMOKE = ["semi=unbiased_teacher", "semi.burn_in=0", "semi.ema_decay=0.9", "semi.threshold=0.0",
                   "trainer.max_epochs=1"]
 
@@ -97,6 +106,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="folder of the demo's run directories")
     p.add_argument("--smoke", action="store_true", help="tiny settings (experiment=smoke), seconds")
+    p.add_argument("--method", default="simclr", choices=sorted(METHOD_NAMES),
+                   help="pretraining method (default simclr: what learns in the demo's budget, README)")
     p.add_argument("--pretrain", default="", help="extra Hydra overrides for pretraining")
     p.add_argument("--finetune", default="", help="extra Hydra overrides for both fine-tunings")
     p.add_argument("--semi", default=None, help="Hydra overrides of the semi arm (default: SEMI_ARM)")
@@ -110,7 +121,7 @@ def main() -> None:
     start = time.time()
     dirs = run_pipeline(
         a.out,
-        pretrain=["method=swav", exp, *shlex.split(a.pretrain)],
+        pretrain=[f"method={a.method}", exp, *shlex.split(a.pretrain)],
         finetune=["detector=fasterrcnn", exp, *shlex.split(a.finetune)],
         baseline=True,
         semi=None if a.no_semi else (shlex.split(a.semi) if a.semi is not None
@@ -120,13 +131,14 @@ def main() -> None:
     pre = json.loads((dirs["finetune"] / "metrics.json").read_text())
     base = json.loads((dirs["baseline"] / "metrics.json").read_text())
     pretrain_metrics = json.loads((dirs["pretrain"] / "metrics.json").read_text())
-    runs = {"SwAV-pretrained": pre, "random init": base}
-    arms = [("SwAV-pretrained", dirs["finetune"]), ("random init", dirs["baseline"])]
+    name = METHOD_NAMES[a.method]
+    runs = {f"{name}-pretrained": pre, "random init": base}
+    arms = [(f"{name}-pretrained", dirs["finetune"]), ("random init", dirs["baseline"])]
     semi = None
     if "semi" in dirs:
         semi = json.loads((dirs["semi"] / "metrics.json").read_text())
-        runs = {"SwAV + Unbiased Teacher": semi, **runs}
-        arms.insert(0, ("SwAV + Unbiased Teacher", dirs["semi"]))
+        runs = {f"{name} + Unbiased Teacher": semi, **runs}
+        arms.insert(0, (f"{name} + Unbiased Teacher", dirs["semi"]))
     table = compare(runs)
     png = plot_predictions(
         pre["ann_file"],

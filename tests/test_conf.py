@@ -30,9 +30,14 @@ def test_both_stages_read_one_synthetic_set(experiment):
     fine = composed("finetune", *experiment)["data"]
     assert fine["root"] == pre["synthetic_dir"]
     assert fine["synthetic"] == pre["synthetic"]
-    tiny = experiment == ["experiment=smoke"]
-    assert pre["synthetic_dir"] == ("data/synthetic_smoke" if tiny else "data/synthetic")
+    tiny, demo = experiment == ["experiment=smoke"], experiment == ["experiment=demo"]
+    assert pre["synthetic_dir"] == ("data/synthetic_smoke" if tiny else "data/synthetic_demo" if demo
+                                    else "data/synthetic")
     assert pre["synthetic"]["num_unlabeled"] == (32 if tiny else 1000)
+    # The demo's regime: few labeled images, many unlabeled, no small objects at 128 px.
+    assert pre["synthetic"]["num_train"] == (8 if tiny else 100 if demo else 300)
+    assert pre["synthetic"].get("scales", ["small", "medium", "large"]) == (
+        ["medium", "large"] if demo else ["small", "medium", "large"])
 
 
 def test_backbone_depth_is_one_override_in_both_stages():

@@ -33,7 +33,7 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
     base = json.loads((out / "baseline" / "metrics.json").read_text())
     # The fine-tune was given the exported file explicitly; the baseline had none.
     assert Path(pre["backbone"]["checkpoint"]).resolve() == backbone.resolve()
-    assert pre["backbone"]["method"] == "swav"
+    assert pre["backbone"]["method"] == "simclr"  # the demo's default method
     assert not base["backbone"].get("checkpoint")
     # On a CPU the baseline ran beside pretraining, each on one of the two threads, its output in its
     # own log; the SSL fine-tune after them had both.
@@ -43,17 +43,17 @@ def test_demo_smoke_chains_the_backbone_and_compares(tmp_path):
         assert pre["hardware"]["torch_threads"] == 2
         assert "run dir:" in (out / "baseline" / "stage.log").read_text()
     summary = (out / "summary.txt").read_text()
-    assert "SwAV-pretrained" in summary and "random init" in summary and "difference" in summary
+    assert "SimCLR-pretrained" in summary and "random init" in summary and "difference" in summary
     assert ("helped" in summary) != ("did NOT help" in summary)
     assert (out / "predictions_vs_ground_truth.png").stat().st_size > 10_000
-    assert "SwAV-pretrained" in result.stdout
+    assert "SimCLR-pretrained" in result.stdout
     # The semi arm started from the SSL fine-tune's best checkpoint and reports its pseudo-labels.
     semi = json.loads((out / "semi" / "metrics.json").read_text())
     assert semi["semi"]["mode"] == "unbiased_teacher" and semi["semi"]["deployed"] == "teacher"
     cfg = (out / "semi" / "config.yaml").read_text()
     assert f"init_from: {pre['best_checkpoint']}" in cfg
     assert semi["semi"]["pseudo_labels"]["precision"] is not None
-    assert "SwAV + Unbiased Teacher" in summary and "hidden ground truth" in summary
+    assert "SimCLR + Unbiased Teacher" in summary and "hidden ground truth" in summary
 
     # Re-running skips the finished stages.
     again = _run([str(REPO / "scripts" / "demo.py"), "--smoke", "--out", str(out)], cwd=REPO)
@@ -118,6 +118,11 @@ def test_demo_verdict_says_whether_and_why():
     assert "SwAV collapsed" in text and "mean cosine 0.91" in text and "100% of the maximum entropy" in text
     assert "after 150 steps" in text
     assert "collapsed" not in verdict(worse, better, {"final_loss": 2.1, "num_prototypes": 32})
+    # A method without prototypes (the demo's SimCLR): its loss and kNN, never a collapse verdict.
+    simclr = {"method": "simclr", "final_loss": 4.43, "knn_top1": 0.357, "global_step": 300}
+    text = verdict(better, worse, simclr)
+    assert "SimCLR's loss ended at 4.430, kNN top-1 on the validation boxes 0.357 after 300 steps" in text
+    assert "collapsed" not in verdict(worse, better, simclr)
 
 
 def test_sweep_entry_adds_the_finetune_callback_and_keeps_user_settings():
