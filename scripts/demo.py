@@ -2,8 +2,8 @@
 
 SimCLR pretraining on the unlabeled scenes (``--method`` for another), Faster R-CNN fine-tuning
 from that backbone, the same fine-tuning from random init, then Unbiased Teacher
-(semi-supervised) starting from the SSL fine-tune with the unlabeled scenes; COCO evaluation of all three arms on the same
-validation images, a side-by-side table, a PNG of predictions against ground truth, and a
+(semi-supervised) starting from the SSL fine-tune with the unlabeled scenes; COCO evaluation of
+all three arms on the same validation images, a side-by-side table, a PNG of predictions against ground truth, and a
 plain verdict with the pseudo-label health.
 
     python scripts/demo.py                 # what `make demo` runs (experiment=demo)
@@ -26,7 +26,6 @@ import torch
 from finetune.pipeline import run_pipeline
 from finetune.plots import plot_predictions
 from finetune.report import compare
-
 
 METHOD_NAMES = {"swav": "SwAV", "simclr": "SimCLR", "moco": "MoCo v2", "vicreg": "VICReg"}
 
