@@ -158,7 +158,8 @@ DATASETS = {
     "bccd": Dataset(_bccd, f"{FINETUNE_BASE} {FAST_RCNN} detector.min_size=320 detector.max_size=428 "
                            "trainer.max_epochs=30 trainer.check_val_every_n_epoch=10",
                     f"{PRETRAIN_PHOTOS} data.batch_size=64 trainer.max_epochs=100", f"{SEMI} semi.burn_in_epochs=15"),
-    # make demo's scenes (128 px, medium and large objects) and recipes.
+    # make demo's scenes (128 px, medium and large objects) and fine-tuning recipe; pretraining is
+    # SwAV's demo recipe, which stays at ln K on these scenes (README's demo section).
     "synthetic": Dataset(_synthetic, "experiment=demo eval.plots=false trainer.enable_progress_bar=false "
                                      "trainer.max_epochs=30 trainer.check_val_every_n_epoch=10",
                          "method=swav experiment=demo trainer.enable_progress_bar=false",
