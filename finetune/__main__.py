@@ -5,13 +5,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from pretrain.core.configs import config_dir
 
-@hydra.main(config_path="../conf/finetune", config_name="finetune", version_base="1.3")
+
+@hydra.main(config_path=config_dir("finetune"), config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Run :func:`finetune.train.train`; returns val AP so Hydra sweepers can optimise it."""
-    from finetune.train import train  # imported here so `--help` / `--cfg job` stay fast
+    """Run :func:`finetune.run.run` (fine-tuning, or the semi stage); returns val AP so Hydra sweepers
+    can optimise it."""
+    from finetune.run import run  # imported here so `--help` / `--cfg job` stay fast
 
-    metrics = train(cfg)
+    metrics = run(cfg)
     coco = metrics.get("coco") or {}
     return coco.get("AP")
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torchvision
+from omegaconf import DictConfig
 from torch import nn
 
 from finetune.backbone_read import IGNORED, read_weights
@@ -34,6 +35,10 @@ from pretrain.core.resnet import ARCHS, NORMS, build_resnet, infer_arch, infer_n
 __all__ = ["BackboneMismatchError", "LoadReport", "load_backbone", "read_weights"]
 
 log = logging.getLogger(__name__)
+DEFAULT_ARCH = "resnet50"  # backbone.arch=auto without a checkpoint
+# torchvision's defaults, used when the backbone file does not say how it normalised inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Norms whose weights carry BN running statistics; any of them can be loaded into any other.
 BN_FAMILY = ("bn", "frozen_bn", "syncbn")
@@ -244,3 +249,27 @@ def _preview(keys: list[str], n: int = 5) -> str:
         return "0"
     head = ", ".join(keys[:n])
     return f"{len(keys)} ({head}{', ...' if len(keys) > n else ''})"
+
+
+def backbone_info_of(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the configured backbone; return it with the plain-dict description the checkpoint keeps."""
+    bb = cfg.backbone
+    arch = bb.arch
+    if arch == "auto" and not bb.checkpoint:
+        arch = DEFAULT_ARCH
+    resnet, report = load_backbone(bb.checkpoint or None, arch, bb.norm, gn_groups=bb.gn_groups,
+                                   strict=bb.get("strict", True))
+    print(report, flush=True)
+    if report.format == "random":
+        log.warning("no backbone.checkpoint: the ResNet starts from random weights (a from-scratch baseline)%s",
+                    "; frozen stages stay random and frozen_bn does not normalise: consider "
+                    "backbone.trainable_layers=5 backbone.norm=gn or bn" if bb.norm == "frozen_bn" else "")
+    summary = {**report.summary(), "arch": report.meta.get("arch") or arch, "norm": bb.norm,
+               "pretrain_norm": report.meta.get("norm"), "trainable_layers": int(bb.trainable_layers)}
+    info = {
+        "arch": summary["arch"],
+        "image_mean": [float(v) for v in (report.image_mean or IMAGENET_MEAN)],
+        "image_std": [float(v) for v in (report.image_std or IMAGENET_STD)],
+        "summary": summary,
+    }
+    return resnet, info

@@ -137,8 +137,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
-                        help="teacher-student checkpoints: which detector (auto: the one the run deployed)")
+    parser.add_argument("--weights", default="auto",
+                        help="which of the checkpoint's weight sets: auto (the one the run deployed), student, "
+                             "or teacher (teacher-student runs)")
     parser.add_argument("--missing", choices=("error", "skip"), default="error",
                         help="images whose files are missing: fail, or leave them out of the evaluation")
     add_inference_args(parser)

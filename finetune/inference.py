@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.detectors import capabilities_of
 from pretrain.core.precision import choose
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -63,26 +64,20 @@ def set_test_budget(model: nn.Module, proposals: int | None = None,
                     pre_nms: int | None = None) -> dict[str, int | None]:
     """Set the test-time proposal budget in place (None keeps the model's); returns what is now in force.
 
+    What the budget is depends on the detector (its registered ``set_test_budget``): Faster R-CNN's
+    RPN proposals, RetinaNet's candidates per level.
+
     Raises:
         ValueError: a budget below 1.
+        TypeError: the detector has no test-time budget.
     """
     for name, v in (("proposals", proposals), ("pre_nms", pre_nms)):
         if v is not None and v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")
-    rpn = getattr(model, "rpn", None)
-    if rpn is not None:  # Faster R-CNN
-        if proposals is not None:
-            rpn._post_nms_top_n["testing"] = proposals
-            rpn._pre_nms_top_n["testing"] = pre_nms or proposals
-        elif pre_nms is not None:
-            rpn._pre_nms_top_n["testing"] = pre_nms
-        return {"rpn_pre_nms_top_n_test": rpn._pre_nms_top_n["testing"],
-                "rpn_post_nms_top_n_test": rpn._post_nms_top_n["testing"]}
-    if hasattr(model, "topk_candidates"):  # RetinaNet
-        if proposals is not None or pre_nms is not None:
-            setattr(model, "topk_candidates", pre_nms or proposals)  # noqa: B010 (a plain int attribute)
-        return {"topk_candidates": int(getattr(model, "topk_candidates"))}  # noqa: B009
-    raise TypeError(f"{type(model).__name__}: no test-time proposal budget to set")
+    setter = capabilities_of(model).set_test_budget
+    if setter is None:
+        raise TypeError(f"{type(model).__name__}: no test-time proposal budget to set")
+    return dict(setter(model, proposals, pre_nms))
 
 
 def prepare(model: nn.Module, device: str | torch.device = "cpu", precision: str = "auto",

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
+from finetune.backbone import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
 from finetune.coco_eval import detections_to_coco, evaluate_coco
 from finetune.detectors import build_detector
 from finetune.optim import freeze_parts, param_groups
@@ -32,9 +33,6 @@ from pretrain.core.schedule import ResumableLambdaLR, lr_factor
 
 log = logging.getLogger(__name__)
 
-# torchvision's defaults, used when the backbone file does not say how it normalised inputs.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Detector keys of the config that are build_detector arguments (the rest: name, kwargs).
 _DETECTOR_ARGS = ("box_head", "box_loss", "min_size", "max_size", "anchor_sizes", "score_thresh",
                   "detections_per_img")
@@ -104,10 +102,23 @@ class DetectionModule(pl.LightningModule):
         # Set by load_detection_checkpoint: where the weights came from.
         self.checkpoint_epoch: int | None = None
         self.checkpoint_step: int | None = None
-        self.deployed_weights = "student"  # or "teacher": which detector of a semi checkpoint was loaded
+        self.deployed_weights = "student"  # which of a checkpoint's named weight sets was loaded
         # Labeled images the dataset could not decode and replaced (CocoDetection bad_images="skip"):
         # reason strings naming the files, counted here in the main process, kept across resumes.
         self.skipped_images: dict[str, None] = {}
+
+    # What kind of run trained this module: a checkpoint of another kind is not resumed by it.
+    run_kind = "finetune"
+
+    def weight_sets(self) -> dict[str, Any]:
+        """The detectors a checkpoint of this module holds and which one it deploys.
+
+        ``{"deploy": name, "prefixes": {name: state_dict key prefix}}``; plain fine-tuning has one,
+        ``student`` under ``model.``. A subclass that trains more than one detector (a layer on top of
+        fine-tuning) names its own, and :func:`load_detection_checkpoint` loads them by name without
+        knowing what they are.
+        """
+        return {"deploy": "student", "prefixes": {"student": "model."}}
 
     @property
     def class_names(self) -> list[str]:
@@ -176,7 +187,7 @@ class DetectionModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
         images, targets = batch
-        self._val_predictions.update(self.predict_coco(images, targets, _ground_truth(self.trainer.val_dataloaders)))
+        self._val_predictions.update(self.predict_coco(images, targets, self.val_ground_truth()))
 
     @torch.no_grad()
     def predict_coco(self, images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]],
@@ -192,6 +203,10 @@ class DetectionModule(pl.LightningModule):
             for image, out, t in zip(images, outputs, targets)
         }
 
+    def val_ground_truth(self) -> Any:
+        """The validation set's COCO ground truth (its dataset's ``.coco``)."""
+        return _ground_truth(self.trainer.val_dataloaders)
+
     def evaluate_predictions(self, by_image: dict[int, list[dict[str, Any]]]) -> tuple[Any, list[int], list[Any]]:
         """COCO-evaluate val predictions per image id, gathered over DDP ranks: (result, ids, predictions)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -204,7 +219,7 @@ class DetectionModule(pl.LightningModule):
                     by_image.setdefault(iid, dets)
         ids = sorted(by_image)
         preds = [p for iid in ids for p in by_image[iid]]
-        coco = _ground_truth(self.trainer.val_dataloaders)
+        coco = self.val_ground_truth()
         backend = (self.cfg.get("eval") or {}).get("backend", "pycocotools")
         result = evaluate_coco(coco, preds, image_ids=ids, backend=backend,
                                class_names=dict(zip(self.label_map.cat_ids, self.label_map.class_names)))
@@ -232,6 +247,8 @@ class DetectionModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_kind"] = self.run_kind
+        checkpoint["weight_sets"] = self.weight_sets()
         checkpoint["history"] = list(self.history)
         checkpoint["skipped_images"] = list(self.skipped_images)
         # The running epoch's loss, so a mid-epoch resume reports the whole epoch's mean.
@@ -264,16 +281,16 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
     """Rebuild a trained detector from its Lightning checkpoint alone (``weights_only=True``).
 
     Args:
-        path: a ``.ckpt`` written by ``python -m finetune`` (any ``semi`` mode).
+        path: a ``.ckpt`` written by ``python -m finetune``, by any stage.
         map_location: where to load the tensors.
-        weights: for a teacher-student checkpoint, which of its two detectors: ``teacher``,
-            ``student``, or ``auto`` (the one the run deployed: the teacher once it exists, as
-            the EMA teacher is usually the better model). Plain fine-tuning checkpoints have
-            only the student.
+        weights: which of the checkpoint's named weight sets (``checkpoint["weight_sets"]``, see
+            :meth:`DetectionModule.weight_sets`): ``auto`` (the one the run deployed) or a name it
+            holds (plain fine-tuning checkpoints hold only ``student``; a stage that trains more
+            than one detector names its own).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a fine-tuning checkpoint of this package, or no teacher in it.
+        ValueError: not a fine-tuning checkpoint of this package, or no weight set of that name in it.
     """
     p = Path(path)
     if not p.is_file():
@@ -285,16 +302,14 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
             f"{p} is not a fine-tuning checkpoint (needs hyper_parameters cfg/label_map/backbone_info "
             "and a state_dict); pass a .ckpt written by `python -m finetune`"
         )
-    if weights not in ("auto", "teacher", "student"):
-        raise ValueError(f"weights must be auto, teacher or student, got {weights!r}")
     state = ckpt["state_dict"]
-    has_teacher = any(k.startswith("teacher.") for k in state)
-    deployed = (ckpt.get("semi") or {}).get("deploy", "student")
-    use = deployed if weights == "auto" else weights
-    if use == "teacher" and not has_teacher:
-        raise ValueError(f"{p} has no teacher (not a teacher-student run, or saved before burn-in ended); "
-                         "use weights=student")
-    prefix = "teacher." if use == "teacher" else "model."
+    sets = ckpt.get("weight_sets") or {"deploy": "student", "prefixes": {"student": "model."}}
+    prefixes = {name: prefix for name, prefix in sets["prefixes"].items() if any(k.startswith(prefix) for k in state)}
+    use = sets["deploy"] if weights == "auto" else weights
+    if use not in prefixes:
+        held = ", ".join(sorted(prefixes)) or "none"
+        raise ValueError(f"{p} has no {use!r} weights (it holds: {held}); use weights=auto or one of them")
+    prefix = prefixes[use]
     model_state = {"model." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     module = DetectionModule(cfg=hp["cfg"], label_map=hp["label_map"], backbone_info=hp["backbone_info"],
                              num_classes=hp.get("num_classes"))

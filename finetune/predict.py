@@ -135,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run dir>/predict)")
     parser.add_argument("--score", type=float, default=0.5, help="minimum score of a kept detection")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
-                        help="teacher-student checkpoints: which detector (auto: the one the run deployed)")
+    parser.add_argument("--weights", default="auto",
+                        help="which of the checkpoint's weight sets: auto (the one the run deployed), student, "
+                             "or teacher (teacher-student runs)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--no-draw", action="store_true", help="write predictions.json only")
     add_inference_args(parser)

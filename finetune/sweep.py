@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import hydra
 from omegaconf import DictConfig
 
+from pretrain.core.configs import config_dir
 from pretrain.train import train
 
 CALLBACK = {
@@ -34,7 +35,7 @@ def sweep_argv(argv: Sequence[str]) -> list[str]:
     return [*rest, *(f"+{k}={given.pop(k, v)}" for k, v in CALLBACK.items()), *(f"+{k}={v}" for k, v in given.items())]
 
 
-@hydra.main(config_path="../conf/pretrain", config_name="pretrain", version_base="1.3")
+@hydra.main(config_path=config_dir("pretrain"), config_name="pretrain", version_base="1.3")
 def _pretrain(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from pretrain.core.configs import config_dir
 from pretrain.train import train
 
 
-@hydra.main(config_path="../conf/pretrain", config_name="pretrain", version_base="1.3")
+@hydra.main(config_path=config_dir("pretrain"), config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

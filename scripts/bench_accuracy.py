@@ -45,6 +45,7 @@ from typing import Any
 
 from bench_common import describe, machine_info, mean_std, put_section
 
+from finetune.data.cocofile import merge_coco
 from finetune.data.split import split_coco
 from finetune.pipeline import backbone_of, quote, run_stage
 
@@ -56,16 +57,10 @@ BASELINE = {"ssl": "random", "random_semi": "random", "ssl_semi": "ssl"}
 LABELS = {"random": "random init", "ssl": "SSL (SwAV)", "random_semi": "random init + semi",
           "ssl_semi": "SSL + semi", "full": "100% labels (SSL init)"}
 
-# Fine-tuning at a reduced image size and a fixed budget (epochs of the labeled set): a CPU runs it.
-# Fewer proposals / RoIs than torchvision's defaults and a 128-channel FPN with a 256-wide box head:
-# at these sizes the FPN / RPN convs and the RoI head, not the ResNet-18, dominate a CPU step
-# (fp32, batch 8 at 160 px: 2.70 s per step with 256 channels, 1024-wide head and 128 RoIs per image,
-# 0.77 s with 128 / 256 / 64; measured at 160 px only, the 320 px photographs' speed-up and accuracy
-# cost are not). Every arm uses it, so the comparisons stay matched.
-FAST_RCNN = ("+detector.kwargs.rpn_pre_nms_top_n_train=600 +detector.kwargs.rpn_post_nms_top_n_train=300 "
-             "+detector.kwargs.rpn_pre_nms_top_n_test=300 +detector.kwargs.rpn_post_nms_top_n_test=150 "
-             "+detector.kwargs.box_batch_size_per_image=64 +detector.kwargs.fpn_channels=128 "
-             "+detector.kwargs.representation_size=256")
+# Fine-tuning at a reduced image size and a fixed budget (epochs of the labeled set): a CPU runs it,
+# with the CPU-sized Faster R-CNN (conf/finetune/detector/fasterrcnn_cpu.yaml). Every arm uses it, so
+# the comparisons stay matched.
+FAST_RCNN = "detector=fasterrcnn_cpu"
 FINETUNE_BASE = ("backbone.arch=resnet18 backbone.norm=bn backbone.trainable_layers=5 optimizer.lr=0.01 "
                  "scheduler=cosine scheduler.warmup_steps=20 trainer.gradient_clip_val=10 eval.plots=false "
                  "trainer.enable_progress_bar=false")
@@ -80,14 +75,9 @@ FINETUNE_BASE = ("backbone.arch=resnet18 backbone.norm=bn backbone.trainable_lay
 PRETRAIN_PHOTOS = ("method=swav experiment=demo data.knn_val_json=null data.augment=tensor data.cache_decoded=true "
                    "data.num_workers=0 data.working_size=480 method.transform.crop_min_scales=[0.05] "
                    "method.transform.crop_max_scales=[0.25] trainer.enable_progress_bar=false")
-# Unbiased Teacher with Soft Teacher's background weighting and unsupervised weight 1 (the paper's
-# 4 on COCO): on chess (split seed 2, from the converged labeled-only detector, 50 more steps) weight 4
-# took AP50 from 69 to 60 where plain fine-tuning reached 71, weight 1 with soft background to 67
-# (BENCHMARKS.md's semi probes). EMA 0.98 (a 50-step time constant, a third of chess's 150 semi steps;
-# the paper's 0.9996 is 2500 of 178k): at 0.99 over 75 semi steps the teacher lagged its student by
-# 4-9 AP on chess (2026-12-02) and the teacher is what is deployed.
-SEMI = "semi=unbiased_teacher semi.ema_decay=0.98 semi.threshold=0.5 semi.unsup_weight=1 semi.soft_background=true"
-
+# The semi recipe: conf/finetune/semi/unbiased_teacher_soft.yaml (Unbiased Teacher with Soft Teacher's
+# background weighting, unsupervised weight 1, EMA 0.98; the measurements behind it are in that file).
+SEMI = "semi=unbiased_teacher_soft"
 
 @dataclass(frozen=True)
 class Dataset:
@@ -112,20 +102,6 @@ def _bccd(out: Path) -> tuple[Path, Path]:
 
         write_splits(voc_to_coco(SHARED / "bccd" / "BCCD", coco), coco)
     return coco / "train.json", coco / "val.json"
-
-
-def merge_coco(parts: Sequence[Mapping[str, Any]], image_root: Path) -> dict[str, Any]:
-    """One COCO dict from several with the same categories: image and box ids renumbered so none collide,
-    file_names made absolute (from ``image_root``)."""
-    images: list[dict[str, Any]] = []
-    anns: list[dict[str, Any]] = []
-    for part in parts:
-        new_id = {im["id"]: len(images) + i + 1 for i, im in enumerate(part["images"])}
-        images += [{**im, "id": new_id[im["id"]], "file_name": str(image_root / im["file_name"])}
-                   for im in part["images"]]
-        anns += [{**a, "id": len(anns) + i + 1, "image_id": new_id[a["image_id"]]}
-                 for i, a in enumerate(part.get("annotations", []))]
-    return {"images": images, "annotations": anns, "categories": parts[0]["categories"]}
 
 
 def _synthetic(out: Path) -> tuple[Path, Path]:

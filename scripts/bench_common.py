@@ -10,10 +10,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 from pretrain.core.precision import ENV_CPU_BF16, choose, cpu_flags
@@ -124,3 +126,57 @@ def put_section(md: Path, body: str, kind: str, key: str, heading: str, intro: s
     else:
         new = old.rstrip() + "\n\n" + intro + "\n" + block + "\n"
     md.write_text(new if new.endswith("\n") else new + "\n")
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for the GPU's queued work (a no-op on a CPU), so that a clock reading means what it says."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clocks() -> tuple[float, float]:
+    """(wall, CPU) seconds. CPU time of this process is what a step costs, whatever else runs on the cores."""
+    return time.perf_counter(), time.process_time()
+
+
+def batch_images(batch: Any) -> int:
+    """Images in a training batch: ``(images, targets)``, a list of view tensors, or the semi stage's
+    ``{"labeled": (images, targets), ...}`` (its labeled images)."""
+    if isinstance(batch, dict):
+        batch = batch["labeled"]
+    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+
+
+class StepTimer(pl.Callback):
+    """The one step timer of the benchmarks: wall and CPU time from the start of step ``warmup`` (its
+    batch fetched) to the end of the last step, as the plain loops are timed. The later batches'
+    loading, the callbacks and the logging between steps are inside, as they are in a real run."""
+
+    def __init__(self, warmup: int, device: torch.device | None = None) -> None:
+        self.warmup, self.device = warmup, device
+        self.t0 = self.t1 = (0.0, 0.0)
+        self.steps = self.images = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup and self.steps == 0:
+            sync(self.device)
+            self.t0 = clocks()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step > self.warmup:
+            self.images += batch_images(batch)
+            self.steps += 1
+            sync(self.device)
+            self.t1 = clocks()
+
+    @property
+    def per_step(self) -> float:
+        """Wall seconds per timed step."""
+        if not self.steps:
+            raise RuntimeError(f"no step was timed (the run ended before step {self.warmup + 1})")
+        return (self.t1[0] - self.t0[0]) / self.steps
+
+    @property
+    def rate(self) -> tuple[float, float]:
+        """Images/s by the wall clock and by this process's CPU clock."""
+        return self.images / (self.t1[0] - self.t0[0]), self.images / (self.t1[1] - self.t0[1])

@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import describe, machine_info, median, write_json
+from bench_common import StepTimer, clocks, describe, machine_info, median, sync, write_json
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from finetune.coco_eval import evaluate_coco
@@ -48,40 +47,6 @@ from pretrain.core.schedule import lr_factor
 from pretrain.core.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]  # for conf/finetune
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _clocks() -> tuple[float, float]:
-    """(wall, CPU) seconds. CPU time of this process is what a step costs, whatever else runs on the cores."""
-    return time.perf_counter(), time.process_time()
-
-
-class StepTimer(Callback):
-    """Images/s (wall and CPU clock) from the start of step ``warmup`` to the end of the last step."""
-
-    def __init__(self, warmup: int, device: torch.device) -> None:
-        self.warmup, self.device = warmup, device
-        self.t0 = self.t1 = (0.0, 0.0)
-        self.images = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[override]
-        if trainer.global_step == self.warmup:
-            _sync(self.device)
-            self.t0 = _clocks()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        if trainer.global_step > self.warmup:
-            self.images += len(batch[0])
-            _sync(self.device)
-            self.t1 = _clocks()
-
-    @property
-    def rate(self) -> tuple[float, float]:
-        return self.images / (self.t1[0] - self.t0[0]), self.images / (self.t1[1] - self.t0[1])
 
 
 def compose_cfg(args: argparse.Namespace, data_root: Path) -> Any:
@@ -135,8 +100,8 @@ def bench_plain(cfg: Any, ds: CocoDetection, args: argparse.Namespace, device: t
     while step < total:
         for imgs, targets in make_loader(ds, args):
             if step == args.warmup:
-                _sync(device)
-                t0 = _clocks()
+                sync(device)
+                t0 = clocks()
             imgs = [im.to(device, non_blocking=True) for im in imgs]
             tg = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device), "labels": t["labels"].to(device)}
                   for t in targets]
@@ -152,8 +117,8 @@ def bench_plain(cfg: Any, ds: CocoDetection, args: argparse.Namespace, device: t
                 images += len(imgs)
             if step >= total:
                 break
-    _sync(device)
-    t1 = _clocks()
+    sync(device)
+    t1 = clocks()
     return images / (t1[0] - t0[0]), images / (t1[1] - t0[1])
 
 

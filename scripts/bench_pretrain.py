@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from bench_common import describe, machine_info, median, write_json
+from bench_common import StepTimer, describe, machine_info, median, write_json
 from hydra import compose, initialize_config_dir
 from lightly.loss import SwaVLoss
 from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
@@ -78,23 +78,6 @@ def make_batches(n: int, batch_size: int, sizes: list[int], counts: list[int],
     return batches
 
 
-class _Timer(pl.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start: float | None = None
-        self.end = 0.0
-        self.steps = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        if batch_idx >= self.warmup:
-            self.end = time.perf_counter()
-            self.steps += 1
-
-
 def swav_config(args: argparse.Namespace, sizes: list[int], counts: list[int], *extra: str) -> dict:
     overrides = [
         "method=swav", f"backbone.arch={args.arch}", f"data.batch_size={args.batch_size}",
@@ -109,7 +92,7 @@ def swav_config(args: argparse.Namespace, sizes: list[int], counts: list[int], *
 def bench_ours(args: argparse.Namespace, batches: list[list[torch.Tensor]], sizes: list[int],
                counts: list[int]) -> float:
     model = SwAV(swav_config(args, sizes, counts))
-    timer = _Timer(args.warmup)
+    timer = StepTimer(args.warmup)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision=args.precision, max_steps=len(batches), logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -118,8 +101,7 @@ def bench_ours(args: argparse.Namespace, batches: list[list[torch.Tensor]], size
     # batch_size=None: each dataset item already is a batch.
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(model, loader)
-    assert timer.start is not None
-    return args.batch_size * timer.steps / (timer.end - timer.start)
+    return args.batch_size / timer.per_step
 
 
 class _ExampleSwaV(nn.Module):
@@ -229,7 +211,7 @@ def bench_ours_e2e(args: argparse.Namespace, folder: Path, sizes: list[int], cou
                          f"data.augment={args.augment}", f"data.views_on={args.views_on}",
                          f"data.cache_decoded={args.augment == 'tensor'}")
     model = SwAV(config)
-    timer = _Timer(args.warmup)
+    timer = StepTimer(args.warmup)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -237,8 +219,7 @@ def bench_ours_e2e(args: argparse.Namespace, folder: Path, sizes: list[int], cou
     )
     transform = hydra.utils.instantiate(config["method"]["transform"])
     trainer.fit(model, train_loader(config["data"], transform, config["method"]["transform"]))
-    assert timer.start is not None
-    return args.batch_size * timer.steps / (timer.end - timer.start)
+    return args.batch_size / timer.per_step
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

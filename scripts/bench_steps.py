@@ -29,52 +29,15 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import describe, machine_info, run_mode_process, write_json
+from bench_common import StepTimer, describe, machine_info, run_mode_process, write_json
 from bench_report import steps_table
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("plain", "finetune", "semi")
-
-
-class StepTimes:
-    """Wall time from the start of step ``warmup`` (its batch fetched) to the end of the last step, as
-    ``bench_finetune.bench_plain`` times the plain loop: the later batches' loading, the callbacks and
-    logging between steps are inside, as they are in a real run (Lightning callback)."""
-
-    def __init__(self, device: torch.device, warmup: int) -> None:
-        import pytorch_lightning as pl
-
-        self.device, self.warmup = device, warmup
-        self.t0 = self.t1 = 0.0
-        self.steps = 0
-        outer = self
-
-        class _Callback(pl.Callback):
-            def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
-                if trainer.global_step == outer.warmup:
-                    outer._sync()
-                    outer.t0 = time.perf_counter()
-
-            def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
-                if trainer.global_step > outer.warmup:
-                    outer._sync()
-                    outer.t1 = time.perf_counter()
-                    outer.steps += 1
-
-        self.callback = _Callback()
-
-    @property
-    def per_step(self) -> float:
-        return (self.t1 - self.t0) / self.steps
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -122,19 +85,13 @@ def one_mode(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     from hydra import compose, initialize_config_dir
 
-    import finetune.train as ft
+    from finetune.run import run
 
-    times = StepTimes(device, args.warmup)
-    build = ft.build_trainer
-
-    def build_timed(*a: Any, callbacks: Any = (), **kw: Any) -> Any:
-        return build(*a, callbacks=[*callbacks, times.callback], **kw)
-
-    ft.build_trainer = build_timed  # type: ignore[assignment]
+    times = StepTimer(args.warmup, device)
     with initialize_config_dir(config_dir=str(REPO / "conf" / "finetune"), version_base="1.3"):
         cfg = compose("finetune", overrides=overrides(args, data, args.one))
     with contextlib.redirect_stderr(io.StringIO()):
-        metrics = ft.train(cfg, tmp / "run")
+        metrics = run(cfg, tmp / "run", callbacks=[times])
     step = times.per_step
     return {"s_per_step": round(step, 4), "labeled_images_per_s": round(args.batch_size / step, 3),
             "steps_timed": times.steps, "precision": metrics.get("precision"), **peak_memory_mb(device)}

@@ -51,17 +51,34 @@ def pretraining_health(pretrain: dict) -> str:
     return ", ".join(parts) + f" after {pretrain.get('global_step')} steps"
 
 
-def verdict(pre: dict, base: dict, pretrain: dict) -> str:
+# Random init's seed-to-seed spread at the demo's recipe: AP 17.4 / 19.6 / 17.5 for fine-tuning seeds
+# 0 / 1 / 2 (max - min 2.2 AP; bf16 on the 2-core Xeon with AMX, 2026-12-05). A single-seed gain below
+# it is reported as within the spread, not as a gain.
+RANDOM_INIT_SPREAD_AP = 2.2
+# The longer pretraining measured to beat random init (issue 30, same Xeon): SimCLR 8x longer (2010 steps,
+# kNN 0.39 -> 0.58), fine-tuned as the demo does: AP 24.0 against random init's 17.4 (one seed).
+LONGER_BUDGET = 'make demo ARGS="--pretrain trainer.max_epochs=134 --out outputs/demo_long"'
+
+
+def verdict(pre: dict, base: dict, pretrain: dict, spread: float = RANDOM_INIT_SPREAD_AP) -> str:
+    """The plain-words comparison of the pretrained and the random-init fine-tune (AP points)."""
     ap_p, ap_b = pre["coco"]["AP"], base["coco"]["AP"]
     delta = (ap_p - ap_b) * 100
     health = pretraining_health(pretrain)
     health_note = f" Pretraining: {health}." if health else ""
-    if delta > 0:
-        rel = f" ({ap_p / ap_b:.2f}x)" if ap_b > 0 else ""
+    rel = f" ({ap_p / ap_b:.2f}x)" if ap_b > 0 else ""
+    if delta > spread:
         return (f"The pretrained backbone helped: AP {ap_p * 100:.1f} against {ap_b * 100:.1f} "
-                f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning.{health_note}")
+                f"from random init, {delta:+.1f} points{rel}, with identical fine-tuning, more than "
+                f"random init's seed-to-seed spread at this recipe ({spread:.1f} AP).{health_note}")
+    if delta > 0:
+        return (f"The pretrained backbone is ahead but within the seed-to-seed spread: AP {ap_p * 100:.1f} "
+                f"against {ap_b * 100:.1f} from random init, {delta:+.1f} points{rel}, where random init "
+                f"alone varies by {spread:.1f} AP over seeds at this recipe; one seed does not show a gain. "
+                f"Longer pretraining does (README): {LONGER_BUDGET}.{health_note}")
     why = ("With this little pretraining the features are not yet better than what fine-tuning "
-           f"learns from scratch; pretrain longer (trainer.max_epochs) or on more unlabeled images.{health_note}")
+           f"learns from scratch; pretrain longer (README: {LONGER_BUDGET}) or on more unlabeled "
+           f"images.{health_note}")
     loss, k = pretrain.get("final_loss"), pretrain.get("num_prototypes")
     if loss is not None and k and abs(loss - math.log(k)) < 0.05:
         why = (f"SwAV collapsed: {health}, so the backbone learned little that transfers. The loss at "
@@ -72,15 +89,12 @@ def verdict(pre: dict, base: dict, pretrain: dict) -> str:
             f"from random init ({delta:+.1f} points). " + why)
 
 
-# The semi arm: Unbiased Teacher from the SSL fine-tune's best checkpoint (its burn-in), for 6
-# epochs of the 100 labeled images (78 steps) with as many unlabeled images per step. On this short
-# run the paper's keep rate 0.9996 would leave the teacher where it started, hence 0.99; the
-# fine-tuned detector's scores are low after minutes of training, hence a threshold of 0.6, not 0.7;
-# it continues a trained detector, hence AdamW at 1e-4 (1e-3 took the demo's AP from 16.3 to 9.6, 1e-4 to 16.9).
-SEMI_ARM = ["semi=unbiased_teacher", "semi.burn_in=0", "semi.ema_decay=0.99", "semi.threshold=0.6",
-            "trainer.max_epochs=6", "scheduler.warmup_steps=0", "optimizer.lr=0.0001"]
-SEMI_ARM_SMOKE = ["semi=unbiased_teacher", "semi.burn_in=0", "semi.ema_decay=0.9", "semi.threshold=0.0",
-                  "trainer.max_epochs=1"]
+# The semi arm: Unbiased Teacher from the SSL fine-tune's best checkpoint (its burn-in) with the demo's
+# semi recipe (conf/finetune/semi/demo.yaml), for 6 epochs of the 100 labeled images (78 steps) with as
+# many unlabeled images per step. It continues a trained detector, hence AdamW at 1e-4 (1e-3 took the
+# demo's AP from 16.3 to 9.6, 1e-4 to 16.9).
+SEMI_ARM = ["semi=demo", "trainer.max_epochs=6", "scheduler.warmup_steps=0", "optimizer.lr=0.0001"]
+SEMI_ARM_SMOKE = ["semi=demo", "semi.ema_decay=0.9", "semi.threshold=0.0", "trainer.max_epochs=1"]
 
 
 def semi_note(semi: dict, ssl: dict) -> str:
@@ -121,7 +135,7 @@ def main() -> None:
     dirs = run_pipeline(
         a.out,
         pretrain=[f"method={a.method}", exp, *shlex.split(a.pretrain)],
-        finetune=["detector=fasterrcnn", exp, *shlex.split(a.finetune)],
+        finetune=[exp, *shlex.split(a.finetune)],
         baseline=True,
         semi=None if a.no_semi else (shlex.split(a.semi) if a.semi is not None
                                      else SEMI_ARM_SMOKE if a.smoke else SEMI_ARM),

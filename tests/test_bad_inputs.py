@@ -25,7 +25,7 @@ from test_pretrain_train import smoke_cfg as pretrain_cfg
 from test_semi_train import smoke_cfg
 
 from finetune.data.convert import ConversionError, voc_to_coco, yolo_to_coco
-from finetune.train import train as finetune_train
+from finetune.run import run as finetune_train
 from pretrain.core.coco import CocoDetection
 from pretrain.core.images import ImageError
 from pretrain.core.unlabeled import UnlabeledImages

@@ -51,7 +51,9 @@ def test_backbone_depth_is_one_override_in_both_stages():
 @pytest.mark.parametrize("experiment", ["smoke", "demo"])
 @pytest.mark.parametrize("detector", ["fasterrcnn", "retinanet"])
 def test_presets_give_each_detector_only_its_own_arguments(experiment, detector):
-    cfg = composed("finetune", f"experiment={experiment}", f"detector={detector}")
+    # The demo's Faster R-CNN is the CPU-sized one its preset selects (detector=fasterrcnn would be torchvision's).
+    choice = "fasterrcnn_cpu" if (experiment, detector) == ("demo", "fasterrcnn") else detector
+    cfg = composed("finetune", f"experiment={experiment}", f"detector={choice}")
     assert "smoke_detector_kwargs" not in cfg
     # torchvision's RetinaNet passes unknown arguments to its transform, which drops them silently:
     # a Faster R-CNN setting in a RetinaNet run would look applied and do nothing.
@@ -68,7 +70,7 @@ def test_presets_give_each_detector_only_its_own_arguments(experiment, detector)
 
 
 def test_demo_detector_is_the_narrow_one_and_builds():
-    # make demo's CPU-sized Faster R-CNN (conf/finetune/experiment_detector/demo_fasterrcnn.yaml):
+    # make demo's CPU-sized Faster R-CNN (conf/finetune/detector/fasterrcnn_cpu.yaml):
     # its 128-channel FPN and 256-wide head must reach the model that build_model makes.
     from finetune.module import build_model
 

@@ -215,7 +215,7 @@ def test_retinanet_smoke_run_with_layerwise_lr(synthetic_data, tmp_path):
 
 
 def test_data_paths_errors(tmp_path):
-    from finetune.train import resolve_data_paths
+    from finetune.data.labeled import resolve_data_paths
 
     with pytest.raises(FileNotFoundError, match="no training annotations"):
         resolve_data_paths({"root": str(tmp_path), "train_json": None, "val_json": None})

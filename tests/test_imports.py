@@ -1,4 +1,5 @@
-"""Dependencies run one way, as the data flows: pretrain.core <- pretrain <- finetune.
+"""Dependencies run one way, as the data flows: pretrain.core <- pretrain <- finetune <- finetune.semi
+<- the entry points (finetune.run, ``python -m finetune``) <- scripts; and no import circle anywhere.
 
 Every import is read from the source (module level and inside functions alike, since a
 function-level import is still a dependency), and so are the ``_target_`` strings of each
@@ -13,10 +14,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Layers, upstream first: a module may import its own layer and the ones before it.
-LAYERS = ("pretrain.core", "pretrain", "finetune")
+LAYERS = ("pretrain.core", "pretrain", "finetune", "finetune.semi", "finetune.run", "scripts")
+# Modules that belong to a later layer than their package: the entry points that may dispatch to the
+# semi stage (most specific prefix wins, as for pretrain.core).
+ENTRY = {"finetune.__main__": "finetune.run"}
+PACKAGES = ("pretrain", "finetune", "scripts")
 
 
 def layer_of(module: str) -> int | None:
+    module = ENTRY.get(module, module)
+    if module.split(".")[0] in ("bench_common",):  # scripts' own helper, imported by its bare name
+        return LAYERS.index("scripts")
     for i in reversed(range(len(LAYERS))):  # most specific prefix first: pretrain.core before pretrain
         name = LAYERS[i]
         if module == name or module.startswith(name + "."):
@@ -43,7 +51,7 @@ def imports_of(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
 
 def violations(root: Path = REPO) -> list[str]:
     bad = []
-    for pkg in ("pretrain", "finetune"):
+    for pkg in PACKAGES:
         for path in sorted((root / pkg).rglob("*.py")):
             own = layer_of(".".join(path.relative_to(root).with_suffix("").parts))
             for line, target in imports_of(path, root):
@@ -59,8 +67,94 @@ def violations(root: Path = REPO) -> list[str]:
     return bad
 
 
+def module_of(path: Path, root: Path = REPO) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``from pkg import sub`` counts as importing ``pkg.sub``
+    when that is a module; scripts import each other by bare name)."""
+    files = {module_of(p, root): p for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))}
+    bare = {m.split(".", 1)[1]: m for m in files if m.startswith("scripts.")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                base = node.module or ""
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            for t in targets:
+                t = bare.get(t, t)
+                while t and t not in files and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in files and t != module:
+                    graph[module].add(t)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each a circle of imports."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def test_imports_run_one_way() -> None:
     assert violations() == []
+
+
+def test_no_import_circle() -> None:
+    graph = import_graph()
+    assert {"finetune.train", "finetune.semi.plan", "scripts.demo"} <= set(graph)
+    assert "finetune.train" in graph["finetune.semi.plan"]  # the semi stage is a layer on fine-tuning
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_scan_finds_a_circle(tmp_path: Path) -> None:
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "__init__.py").write_text("")
+    (tmp_path / "finetune" / "a.py").write_text("from finetune.b import x\n")
+    (tmp_path / "finetune" / "b.py").write_text("def f():\n    from finetune import a\n")
+    (tmp_path / "finetune" / "c.py").write_text("import finetune.a\n")
+    assert import_cycles(import_graph(tmp_path)) == [["finetune.a", "finetune.b"]]
+
+
+def test_fine_tuning_knows_nothing_of_the_semi_stage() -> None:
+    """finetune.train, the fine-tuning module and what they build on never name the semi stage."""
+    for name in ("train.py", "module.py", "finish.py"):
+        text = (REPO / "finetune" / name).read_text()
+        assert "semi" not in text.lower() and "teacher" not in text.lower(), name
 
 
 def test_the_scan_catches_a_backwards_import(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from test_pretrain_train import smoke_cfg as pretrain_cfg
 from test_semi_train import FAST, smoke_cfg
 
-from finetune.train import train as finetune_train
+from finetune.run import run as finetune_train
 from pretrain.train import train as pretrain_train
 
 

@@ -25,8 +25,8 @@ from test_semi_train import smoke_cfg
 
 from finetune.backbone import load_backbone
 from finetune.module import DetectionModule
+from finetune.run import run as finetune_train
 from finetune.semi.module import SemiDetectionModule
-from finetune.train import train as finetune_train
 from pretrain.core.runtime import AtomicCheckpointIO, NonFiniteLossError, last_checkpoint
 from pretrain.core.safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_torch_file
 from pretrain.methods.swav import SwAV

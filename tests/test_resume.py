@@ -14,8 +14,8 @@ from test_semi_train import smoke_cfg
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.module import DetectionModule
+from finetune.run import run as finetune_train
 from finetune.semi.module import SemiDetectionModule
-from finetune.train import train as finetune_train
 from pretrain.core.resume import EpochSampler, SeededSamples, mix
 from pretrain.core.safe_load import load_torch_file
 from pretrain.methods.swav import SwAV

@@ -372,7 +372,7 @@ def test_consistency_on_real_detectors_has_gradients(name):
 def test_strong_view_pass_leaves_bn_running_statistics_alone():
     """The student's pass over strong views normalises with batch statistics but must not move the running
     ones that validation and the teacher use; the supervised pass (outside the context) still does."""
-    from finetune.semi.module import running_stats_frozen
+    from finetune.semi.teacher_student import running_stats_frozen
 
     torch.manual_seed(0)
     model = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, trainable_layers=5,

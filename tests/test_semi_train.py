@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from finetune.module import load_detection_checkpoint
+from finetune.run import run as train
 from finetune.semi.data import UnlabeledDetectionImages
-from finetune.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
 
@@ -260,3 +260,60 @@ def test_teacher_updates_every_n_steps_with_the_compounded_decay(synthetic_data,
     train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST, "semi.burn_in=0",
                     "semi.teacher_update_every=2", "semi.ema_decay=0.9", "eval.plots=false"), run_dir=tmp_path)
     assert [c[0] for c in calls] == [2] and calls[0][1] == pytest.approx(0.81)  # 3 steps: after the 2nd only
+
+
+def test_a_new_semi_mode_is_one_registered_class(synthetic_data, tmp_path):
+    """A mode registered here (no other file edited) trains inside fine-tuning's loop: its loss is
+    added at its weight from the first step, its logs reach the CSV, metrics.json names it."""
+    from finetune.detectors import capabilities_of
+    from finetune.semi import SEMI_MODES, SemiMode, UnsupOutput, register_semi_mode
+
+    steps: list[int] = []
+
+    @register_semi_mode("toy_entropy")
+    class ToyEntropy(SemiMode):
+        """Entropy minimisation of the per-anchor objectness on the weak views (no teacher)."""
+
+        requires = ("anchor_outputs",)
+        after_burn_in = False
+
+        def loss(self, module, unlabeled):  # type: ignore[no-untyped-def]
+            batch, _ = module.model.transform([im.to(module.device) for im in unlabeled["weak"]])
+            logits = capabilities_of(module.model).anchor_outputs(module.model, batch.tensors)[0]
+            p = torch.sigmoid(logits.float()).clamp(1e-6, 1 - 1e-6)
+            entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+            steps.append(int(module.global_step))
+            return UnsupOutput(entropy, {"train/toy_entropy": entropy.detach()})
+
+    try:
+        assert ToyEntropy.name == "toy_entropy" and SEMI_MODES["toy_entropy"] is ToyEntropy
+        m = train(smoke_cfg(synthetic_data["root"], "semi.mode=toy_entropy", "semi.unsup_weight=2.0",
+                            "trainer.max_epochs=1", "trainer.max_steps=2", "eval.plots=false"), run_dir=tmp_path)
+        assert steps == [0, 1] and m["global_step"] == 2
+        assert m["semi"]["mode"] == "toy_entropy" and m["semi"]["deployed"] == "student"
+        with open(tmp_path / "logs" / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/toy_entropy")]
+        assert len(rows) == 2
+        for r in rows:  # loss = sup + weight * the mode's loss
+            total = float(r["train/sup_loss"]) + 2.0 * float(r["train/toy_entropy"])
+            assert float(r["train/loss_step"]) == pytest.approx(total, rel=1e-4)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_semi_mode("toy_entropy")(ToyEntropy)
+    finally:
+        SEMI_MODES.pop("toy_entropy")
+    with pytest.raises(ValueError, match="unknown semi.mode 'toy_entropy'"):
+        train(smoke_cfg(synthetic_data["root"], "semi.mode=toy_entropy"), run_dir=tmp_path / "gone")
+
+
+def test_a_mode_is_refused_by_the_capability_its_detector_lacks():
+    from finetune.detectors import CAPABILITIES, DetectorCapabilities, require
+
+    CAPABILITIES["test_only_plain"] = DetectorCapabilities(model_type=torch.nn.Identity, roi_heads=False,
+                                                           sigmoid_classes=False)
+    try:
+        with pytest.raises(ValueError, match=r"semi=consistency needs a detector with anchor_outputs; "
+                                             r"detector=test_only_plain has not \(use detector=fasterrcnn or retinanet\)"):
+            require("test_only_plain", ("anchor_outputs",), "semi=consistency")
+        require("retinanet", ("anchor_outputs", "sigmoid_classes"), "x")  # has both: no error
+    finally:
+        CAPABILITIES.pop("test_only_plain")

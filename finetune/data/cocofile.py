@@ -1,4 +1,5 @@
-"""Writing converted labels as COCO JSON, shared by the VOC and YOLO converters and the splitter.
+"""Writing converted labels as COCO JSON, shared by the VOC and YOLO converters and the splitter, and
+merging COCO sets (self-training's labeled + pseudo-labeled images, a benchmark's pool).
 
 Where the images are: the images are not copied. Each written JSON stores image ``file_name``s
 relative to the JSON's own folder (``os.path.relpath``), which is ``CocoDetection``'s default
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,35 @@ def write_splits(cocos: dict[str, dict[str, Any]], out_dir: str | os.PathLike[st
     print(f"image file_names are relative to {os.path.abspath(out_dir)} (the JSONs' folder, CocoDetection's "
           "default image_root); re-run the converter if the images or the JSONs move")
     return written
+
+
+def merge_coco(parts: Sequence[Mapping[str, Any]],
+               image_roots: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """One COCO dict from several with the same categories.
+
+    Image and box ids are renumbered from 1 so that none collide, each box staying on its image;
+    ``file_name``s become absolute (joined to the part's image root: one root for every part or one
+    per part; an absolute name stays as it is); a box's ``score`` (pseudo-labels) is dropped. Other
+    top-level keys (``info``, ``categories``, ...) come from the first part.
+
+    Raises:
+        ValueError: no parts, a root per part of the wrong length, or parts with other categories.
+    """
+    if not parts:
+        raise ValueError("merge_coco needs at least one COCO set")
+    roots = ([Path(image_roots)] * len(parts) if isinstance(image_roots, (str, os.PathLike))
+             else [Path(r) for r in image_roots])
+    if len(roots) != len(parts):
+        raise ValueError(f"{len(roots)} image roots for {len(parts)} COCO sets")
+    cats = sorted((int(c["id"]), c["name"]) for c in parts[0]["categories"])
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    for k, (part, root) in enumerate(zip(parts, roots)):
+        if sorted((int(c["id"]), c["name"]) for c in part["categories"]) != cats:
+            raise ValueError(f"COCO set {k} has other categories than the first: cannot merge")
+        new_id = {im["id"]: len(images) + i + 1 for i, im in enumerate(part["images"])}
+        images += [{**im, "id": new_id[im["id"]], "file_name": str(root / im["file_name"])} for im in part["images"]]
+        anns += [{**{key: v for key, v in a.items() if key != "score"}, "id": len(anns) + i + 1,
+                  "image_id": new_id[a["image_id"]]} for i, a in enumerate(part.get("annotations", []))]
+    rest = {key: v for key, v in parts[0].items() if key not in ("images", "annotations")}
+    return {**rest, "images": images, "annotations": anns}

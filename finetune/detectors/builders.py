@@ -1,8 +1,10 @@
 """Detector builders: the torchvision class plus our backbone wrapping, one registered builder each.
 
-Adding a detector is one function decorated with ``@register_detector("name")`` and one yaml in
+Adding a detector is one file with a function decorated with ``@register_detector("name",
+capabilities)`` (imported by ``finetune/detectors/__init__.py``) and one yaml in
 ``conf/finetune/detector/`` naming it; :func:`build_detector` does the shared part (arguments,
-anchors, frozen stages) and dispatches.
+anchors, frozen stages) and dispatches. Faster R-CNN is :mod:`finetune.detectors.fasterrcnn`,
+RetinaNet :mod:`finetune.detectors.retinanet`.
 """
 
 from __future__ import annotations
@@ -15,20 +17,14 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from finetune.detectors.capabilities import DetectorCapabilities, register_capabilities
 from finetune.detectors.freezing import freeze_stages
 from finetune.detectors.heads import (
     FPN_CHANNELS,
-    ROI_SIZE,
-    SmoothL1RegressionHead,
-    build_box_head,
     norm_factory,
 )
 from finetune.detectors.registry import registrar
@@ -62,8 +58,24 @@ OPTIONS = {"head_norm": None, "fpn_norm": None, "fpn_channels": FPN_CHANNELS, "a
            "representation_size": 1024, "retinanet_p6p7_from": "c5", "smooth_l1_beta": 0.1, "roi_sampling_ratio": 2}
 
 
-# ``@register_detector("name")`` adds ``fn(spec) -> nn.Module`` as the builder of ``detector.name=<name>``.
-register_detector = registrar(DETECTORS, "detector")
+_register_builder = registrar(DETECTORS, "detector")
+
+
+def register_detector(name: str, capabilities: DetectorCapabilities | None = None) -> Callable[[Builder], Builder]:
+    """``@register_detector("name", capabilities)`` adds ``fn(spec) -> nn.Module`` as the builder of
+    ``detector.name=<name>``, with what the detector can do (:mod:`finetune.detectors.capabilities`).
+
+    Without ``capabilities`` the built model is known by its class (e.g. a builder that returns a
+    torchvision FasterRCNN has Faster R-CNN's capabilities), and name-based config checks refuse it.
+    """
+
+    def add(fn: Builder) -> Builder:
+        _register_builder(name)(fn)
+        if capabilities is not None:
+            register_capabilities(name, capabilities)
+        return fn
+
+    return add
 
 
 def build_detector(
@@ -214,99 +226,7 @@ def fpn_backbone(
     )
 
 
-@register_detector("fasterrcnn")
-def build_fasterrcnn(spec: DetectorSpec) -> nn.Module:
-    """Faster R-CNN with a P2-P6 FPN, an RPN and the chosen RoI box head (softmax over K + 1)."""
-    if spec.box_loss != "smooth_l1":
-        raise ValueError(
-            f"Faster R-CNN uses torchvision's smooth-L1 RPN/RoI box loss; box_loss={spec.box_loss!r} is "
-            "available for retinanet only"
-        )
-    o = spec.options
-    anchors = _anchor_generator(spec, octaves=False)
-    channels = int(o["fpn_channels"])
-    body = fpn_backbone(spec.backbone, returned_layers=(1, 2, 3, 4),
-                        fpn_norm=o["fpn_norm"], out_channels=channels)
-    size = int(o["representation_size"])
-    # RoIAlign's bilinear samples per bin side (torchvision: 2). Its CPU backward scales with
-    # RoIs x channels x samples and dominates a CPU training step on small images: 1 is 4x cheaper.
-    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], ROI_SIZE, sampling_ratio=int(o["roi_sampling_ratio"]))
-    return FasterRCNN(
-        body,
-        num_classes=None,
-        rpn_anchor_generator=anchors,
-        box_roi_pool=pool,
-        box_head=build_box_head(spec.box_head, size, o["head_norm"], in_channels=channels),
-        box_predictor=FastRCNNPredictor(size, spec.num_classes + 1),
-        box_score_thresh=spec.score_thresh,
-        box_detections_per_img=spec.detections_per_img,
-        **spec.transform,
-        **spec.extra,
-    )
-
-
-@register_detector("retinanet")
-def build_retinanet(spec: DetectorSpec) -> nn.Module:
-    """RetinaNet with a P3-P7 FPN and K sigmoid classifiers (:class:`KClassRetinaNet`)."""
-    o = spec.options
-    if spec.box_head != "mlp":
-        raise ValueError(
-            f"box_head={spec.box_head!r} is a Faster R-CNN RoI head; RetinaNet keeps its own conv head "
-            "(leave box_head=mlp; head_norm=gn gives the GroupNorm head of torchvision's v2)"
-        )
-    if spec.box_loss not in RETINANET_BOX_LOSSES:
-        raise ValueError(f"unknown box_loss {spec.box_loss!r}; RetinaNet supports {RETINANET_BOX_LOSSES}")
-    p6p7_from = o["retinanet_p6p7_from"]
-    if p6p7_from not in ("c5", "p5"):
-        raise ValueError(f"retinanet_p6p7_from must be 'c5' or 'p5', got {p6p7_from!r}")
-    anchors = _anchor_generator(spec, octaves=True)
-    c5 = spec.backbone.inplanes  # channels of layer4's output, whatever the depth
-    channels = int(o["fpn_channels"])
-    extra = LastLevelP6P7(c5 if p6p7_from == "c5" else channels, channels)
-    # torchvision reads P5 whenever the two widths are equal, which a 512-channel FPN on a ResNet-18
-    # (C5 has 512) would make true: the choice is ours, not a coincidence of widths.
-    extra.use_P5 = p6p7_from == "p5"
-    body = fpn_backbone(spec.backbone, returned_layers=(2, 3, 4),
-                        fpn_norm=o["fpn_norm"], extra_blocks=extra, out_channels=channels)
-    num_anchors = anchors.num_anchors_per_location()[0]
-    head_norm = norm_factory(o["head_norm"] or "none")
-    head = RetinaNetHead(channels, num_anchors, spec.num_classes, norm_layer=head_norm)
-    if spec.box_loss == "smooth_l1":
-        head.regression_head = SmoothL1RegressionHead(channels, num_anchors, float(o["smooth_l1_beta"]),
-                                                      norm_layer=head_norm)
-    else:
-        head.regression_head._loss_type = spec.box_loss
-    return KClassRetinaNet(
-        body,
-        num_classes=spec.num_classes,
-        anchor_generator=anchors,
-        head=head,
-        score_thresh=spec.score_thresh,
-        detections_per_img=spec.detections_per_img,
-        **spec.transform,
-        **spec.extra,
-    )
-
-
-class KClassRetinaNet(RetinaNet):
-    """RetinaNet with exactly K sigmoid classifiers, speaking the 1..K labels of the rest of the code.
-
-    A sigmoid classifier has no background class: built for K+1 classes, index 0 would be a class
-    with no positives that still adds focal-loss terms to every anchor and, at a low score
-    threshold (0.001 for mAP), is emitted as a detection of no category. So the head has K
-    outputs, training labels go in as 0..K-1 and detections come out as 1..K.
-    """
-
-    def forward(self, images, targets=None):  # type: ignore[no-untyped-def, override]
-        if targets is not None:
-            targets = [{**t, "labels": t["labels"] - 1} for t in targets]
-        out = super().forward(images, targets)
-        if isinstance(out, list):  # detections (eval mode)
-            out = [{**d, "labels": d["labels"] + 1} for d in out]
-        return out
-
-
-def _anchor_generator(spec: DetectorSpec, octaves: bool) -> AnchorGenerator:
+def anchor_generator(spec: DetectorSpec, octaves: bool) -> AnchorGenerator:
     min_sizes = spec.transform["min_size"]
     sizes = _anchor_sizes(spec.anchor_sizes, max(min_sizes), octaves=octaves)
     return AnchorGenerator(sizes, (spec.aspect_ratios,) * len(sizes))

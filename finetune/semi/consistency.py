@@ -11,16 +11,23 @@ two views' class probabilities (RetinaNet: one Bernoulli per class; RPN: objectn
 of the box deltas with B's dx negated. Background elimination (CSD): only anchors whose highest
 class probability in view A reaches ``background_threshold`` count; the mask is detached.
 Gradients flow through both views, as in CSD. The weight ramps up as exp(-5 (1 - t)^2).
+
+``semi=consistency`` (:class:`Consistency`) trains it alone, without a teacher, from the first step;
+``semi.consistency_weight > 0`` adds it to a teacher-student mode's step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from finetune.detectors import capabilities_of
+from finetune.semi.base import SemiMode, SemiStep, UnsupOutput, register_semi_mode
 
 
 def mirror_index(grid_sizes: Sequence[tuple[int, int]], num_anchors: int, device=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -111,18 +118,33 @@ class ConsistencyLoss(nn.Module):
 
 
 def _anchor_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], int]:
-    """Per-anchor class logits (N, anchors, K) and deltas (N, anchors, 4), grid sizes, anchors per location."""
-    features = list(model.backbone(x).values())  # type: ignore[operator]
-    grid = [tuple(f.shape[-2:]) for f in features]
-    if hasattr(model, "head") and hasattr(model, "anchor_generator"):  # RetinaNet
-        out = model.head(features)  # type: ignore[operator]
-        a = model.anchor_generator.num_anchors_per_location()[0]  # type: ignore[operator, union-attr]
-        return out["cls_logits"], out["bbox_regression"], grid, a  # type: ignore[return-value]
-    if hasattr(model, "rpn"):  # Faster R-CNN: the RPN's objectness and deltas
-        objectness, deltas = model.rpn.head(features)  # type: ignore[operator, union-attr]
-        n = x.shape[0]
-        a = objectness[0].shape[1]
-        cls = torch.cat([o.permute(0, 2, 3, 1).reshape(n, -1, 1) for o in objectness], 1)
-        box = torch.cat([d.view(n, a, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for d in deltas], 1)
-        return cls, box, grid, a  # type: ignore[return-value]
-    raise TypeError(f"consistency needs a RetinaNet or a Faster R-CNN, got {type(model).__name__}")
+    """Per-anchor class logits (N, anchors, C) and deltas (N, anchors, 4), grid sizes, anchors per location,
+    from the detector's registered ``anchor_outputs`` (RetinaNet's head, Faster R-CNN's RPN)."""
+    outputs = capabilities_of(model).anchor_outputs
+    if outputs is None:
+        raise TypeError(f"consistency needs per-anchor outputs, which {type(model).__name__} does not register")
+    return outputs(model, x)
+
+
+@register_semi_mode("consistency")
+class Consistency(SemiMode):
+    """CSD on the weak views of the unlabeled images; no teacher, no pseudo-labels, no burn-in wait."""
+
+    requires: ClassVar[tuple[str, ...]] = ("anchor_outputs",)
+    after_burn_in: ClassVar[bool] = False
+    weight_key: ClassVar[str] = "consistency_weight"
+    combinable: ClassVar[bool] = True
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        self.criterion = ConsistencyLoss(**dict(self.settings.get("consistency") or {}))
+
+    def weight(self) -> float:
+        return float(self.settings.get(self.weight_key) or 1.0)  # semi=consistency alone: 1 unless set
+
+    def loss(self, module: SemiStep, unlabeled: Mapping[str, Any]) -> UnsupOutput:
+        c = self.criterion(module.model, [im.to(module.device) for im in unlabeled["weak"]], int(module.global_step))
+        logs = {"train/consistency_cls": c["consistency_cls"].detach(),
+                "train/consistency_box": c["consistency_box"].detach(),
+                "train/consistency_rampup": c["consistency_weight"].detach()}
+        return UnsupOutput(c["consistency_cls"] + c["consistency_box"], logs)

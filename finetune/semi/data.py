@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
 from pretrain.core.images import DEFAULT_MAX_PIXELS
@@ -133,3 +134,17 @@ def _hidden_ground_truth(ann_file: Path, cat_id_to_label: dict[int, int],
              ann_file, len(out), "" if flagged else " (never trained on)",
              f"; {unknown} annotations of categories the labeled set lacks are left out" if unknown else "")
     return out
+
+
+def unlabeled_source(cfg: DictConfig) -> Path:
+    """``semi.unlabeled`` as an existing path, with a clear error otherwise."""
+    src = cfg.semi.get("unlabeled")
+    if not src:
+        raise ValueError(
+            f"semi={cfg.semi.mode} needs unlabeled images: semi.unlabeled=PATH (a folder of images, a COCO JSON "
+            "whose annotations are ignored, or the splitter's unlabeled.json)"
+        )
+    path = Path(str(src)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"semi.unlabeled={path} does not exist")
+    return path

@@ -1,23 +1,18 @@
-"""Teacher-student detection training: Unbiased Teacher, Mean Teacher and consistency, in one module.
+"""The Lightning module of the semi stage: what every semi mode shares.
 
 :class:`SemiDetectionModule` extends the fine-tuning module. Each training batch holds labeled
-images with their boxes and unlabeled images (a weak and a strong view of each, see
-:mod:`finetune.semi.data`). The step:
+images with their boxes and unlabeled images (a weak view of each and, for modes that ask for it,
+a strong one, see :mod:`finetune.semi.data`). The step:
 
 1. supervised loss of the student on the labeled images (every mode, every step);
-2. burn-in: for ``semi.burn_in`` steps (or ``semi.burn_in_epochs`` epochs of the labeled set)
-   nothing else; then the teacher becomes an exact copy of the student;
-3. teacher-student modes: the teacher (eval mode, no gradients) predicts on the weak views, the
-   threshold (fixed or GMM, :mod:`finetune.semi.thresholds`) keeps its confident boxes as
-   pseudo-labels, and the student trains on the strong views against them. Unbiased Teacher
-   (``semi.unsup_box_loss=false``) keeps only the classification terms (RPN objectness and RoI
-   classification; RetinaNet classification), Mean Teacher all of them;
-   ``loss = sup + unsup_weight * unsup``; with ``semi.soft_background`` (Faster R-CNN) the student's
-   background RoIs on pseudo-labeled images are weighted by the teacher's background probability
-   (Soft Teacher, :mod:`finetune.semi.soft`);
-4. consistency (``semi=consistency`` or ``semi.consistency_weight > 0``): CSD consistency between
-   two perturbed views of the unlabeled images, one flipped (:mod:`finetune.semi.consistency`);
-5. after the optimizer step, the EMA update of the teacher (every ``teacher_update_every`` steps).
+2. burn-in: for ``semi.burn_in`` steps (or ``semi.burn_in_epochs`` epochs of the labeled set) only
+   the modes that do not wait for it (CSD consistency); then the teacher, for modes that need one,
+   becomes an exact copy of the student;
+3. each mode's unsupervised loss (:mod:`finetune.semi.base`; the mode of ``semi.mode`` plus any
+   combinable mode whose weight is set), ``loss = sup + sum(weight * unsup)``; the teacher-student
+   modes make their pseudo-labels through :meth:`SemiDetectionModule.pseudo_labels`, which applies
+   the threshold and records the pseudo-label health;
+4. after the optimizer step, the EMA update of the teacher (every ``teacher_update_every`` steps).
 
 Validation scores the student and the teacher; ``val/AP`` (which picks the best checkpoint) is
 the deployed model's: the teacher once it exists. Pseudo-label health (boxes per image, per class,
@@ -27,9 +22,8 @@ each validation and kept in the history that ends up in metrics.json.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,37 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.module import DetectionModule
-from finetune.semi.consistency import ConsistencyLoss
+from finetune.semi.base import modes_of
 from finetune.semi.ema import copy_weights, ema_update, freeze_teacher, make_teacher
-from finetune.semi.focal import use_focal_roi_heads
 from finetune.semi.health import LossWatch, PseudoLabelHealth
-from finetune.semi.soft import soft_background, teacher_forward
 from finetune.semi.thresholds import build_threshold
 
 log = logging.getLogger(__name__)
-
-TEACHER_MODES = ("unbiased_teacher", "mean_teacher")
-SEMI_MODES = ("none", *TEACHER_MODES, "consistency", "self_training")
-# Box-regression terms of torchvision's loss dicts (left out of the unsupervised loss when
-# semi.unsup_box_loss is false, as Unbiased Teacher does: pseudo-boxes are poor regression targets).
-BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
-
-
-@contextlib.contextmanager
-def running_stats_frozen(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers normalise with the batch's statistics but leave their running statistics as
-    they are (momentum 0), for the student's pass over the strong views: colour-jittered, grayscale
-    and erased images are not the distribution the model is evaluated on, and with trainable BN
-    their statistics would otherwise drift into the running ones that validation and the teacher use."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 class SemiDetectionModule(DetectionModule):
@@ -78,6 +47,20 @@ class SemiDetectionModule(DetectionModule):
     the reference the pseudo-box counts are logged against.
     """
 
+    @property
+    def run_kind(self) -> str:  # type: ignore[override]
+        return f"semi:{self.mode}"
+
+    def weight_sets(self) -> dict[str, Any]:
+        """The student under ``model.``, the EMA teacher under ``teacher.``; the teacher is deployed once
+        it exists (it is usually the better model)."""
+        sets: dict[str, Any] = {"deploy": "student", "prefixes": {"student": "model."}}
+        if self.teacher is not None:
+            sets["prefixes"]["teacher"] = "teacher."
+            if self.teacher_started:
+                sets["deploy"] = "teacher"
+        return sets
+
     def __init__(self, cfg: dict[str, Any], label_map: dict[str, Any], backbone_info: dict[str, Any],
                  num_classes: int | None = None, resnet: nn.Module | None = None,
                  labeled_boxes_per_image: float | None = None) -> None:
@@ -85,29 +68,18 @@ class SemiDetectionModule(DetectionModule):
         s = dict(cfg["semi"])
         self.semi = s
         self.mode = str(s["mode"])
-        if self.mode not in SEMI_MODES or self.mode in ("none", "self_training"):
-            raise ValueError(f"SemiDetectionModule runs semi.mode in {TEACHER_MODES + ('consistency',)}, "
-                             f"got {self.mode!r}")
-        self.detector = str(cfg["detector"]["name"])
-        self.soft_background = bool(s.get("soft_background", False))
-        if self.soft_background and (self.detector != "fasterrcnn" or self.mode not in TEACHER_MODES):
-            raise ValueError("semi.soft_background=true weights Faster R-CNN's pseudo-labeled RoI loss by the "
-                             f"teacher: it needs detector=fasterrcnn and a teacher mode {TEACHER_MODES}, got "
-                             f"detector={self.detector} semi.mode={self.mode}")
-        gamma = s.get("roi_focal_gamma")
-        if self.soft_background and gamma is None:
-            gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
-        if gamma is not None and self.detector == "fasterrcnn":
-            use_focal_roi_heads(self.model, float(gamma))  # type: ignore[arg-type]
-        self.teacher: nn.Module | None = make_teacher(self.model) if self.mode in TEACHER_MODES else None
+        self.modes = modes_of(s)  # semi.mode's, then any combinable one with a weight
+        if not self.modes[0].in_loop:
+            raise ValueError(f"semi.mode={self.mode} does not train in a Lightning loop (it runs whole fine-tuning "
+                             "runs): run it with `python -m finetune semi=...` or finetune.run.run")
+        for m in self.modes:
+            m.setup(self)
+        self.teacher: nn.Module | None = (make_teacher(self.model) if any(m.needs_teacher for m in self.modes)
+                                          else None)
         k = self.label_map.num_classes
         self.threshold = build_threshold(s["threshold"], k)
         self.health = PseudoLabelHealth(k, self.class_names)
         self.watch = LossWatch(patience=int(s.get("warn_patience", 50)))
-        cw = float(s.get("consistency_weight", 0.0))
-        self.consistency_weight = cw if self.mode != "consistency" else (cw or 1.0)
-        self.consistency = (ConsistencyLoss(**dict(s.get("consistency") or {}))
-                            if self.consistency_weight > 0 else None)
         self.labeled_boxes_per_image = labeled_boxes_per_image
         self.teacher_started = False
         self.burn_in_steps: int | None = None
@@ -134,7 +106,7 @@ class SemiDetectionModule(DetectionModule):
                 self.burn_in_steps = int(self.semi.get("burn_in", 0))
             log.info("semi %s: burn-in %d steps, then %s", self.mode, self.burn_in_steps,
                      "the teacher starts as a copy of the student" if self.teacher is not None
-                     else "consistency on the unlabeled images")
+                     else "the unsupervised loss on the unlabeled images")
         return self.burn_in_steps
 
     def start_teacher(self) -> None:
@@ -168,22 +140,20 @@ class SemiDetectionModule(DetectionModule):
         n = len(images)
         logs: dict[str, Any] = {f"train/{k}": v.detach() for k, v in sup_losses.items()}
         loss = sup
-        unsup = torch.zeros((), device=sup.device)
+        unsup = torch.zeros((), device=sup.device)  # the pseudo-label modes' loss (unweighted)
         num_pseudo = -1
         burn_in = self.global_step < self.resolve_burn_in()
-        if self.teacher is not None and not burn_in:
-            if not self.teacher_started:
+        for mode in self.modes:
+            if mode.after_burn_in and burn_in:
+                continue
+            if mode.needs_teacher and not self.teacher_started:
                 self.start_teacher()
-            unsup, num_pseudo, unsup_logs = self.teacher_student_loss(unl)
-            logs.update(unsup_logs)
-            loss = loss + float(self.semi["unsup_weight"]) * unsup
-        if self.consistency is not None:
-            c = self.consistency(self.model, [im.to(self.device) for im in unl["weak"]], int(self.global_step))
-            closs = c["consistency_cls"] + c["consistency_box"]
-            loss = loss + self.consistency_weight * closs
-            logs.update({"train/consistency_cls": c["consistency_cls"].detach(),
-                         "train/consistency_box": c["consistency_box"].detach(),
-                         "train/consistency_rampup": c["consistency_weight"].detach()})
+            out = mode.loss(self, unl)
+            logs.update(out.logs)
+            loss = loss + mode.weight() * out.loss
+            if out.num_pseudo is not None:
+                unsup = unsup + out.loss
+                num_pseudo = max(num_pseudo, 0) + out.num_pseudo
         logs["train/sup_loss"] = sup.detach()
         logs["train/unsup_loss"] = unsup.detach()
         self.log_dict(logs, on_step=True, batch_size=n)
@@ -200,44 +170,17 @@ class SemiDetectionModule(DetectionModule):
                 log.warning("semi (step %d): %s", self.global_step, msg)
         return loss  # type: ignore[return-value]
 
-    def teacher_student_loss(self, unl: Mapping[str, Sequence[Any]]) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        """Pseudo-labels from the teacher on the weak views; the student's loss on the strong views."""
-        assert self.teacher is not None
-        weak = [im.to(self.device) for im in unl["weak"]]
-        strong = [im.to(self.device) for im in unl["strong"]]
-        self.teacher.eval()
-        tpass = None
-        if self.soft_background:  # the teacher's features are kept to score the student's proposals
-            tpass = teacher_forward(self.teacher, weak)  # type: ignore[arg-type]
-            dets = tpass.detections
-        else:
-            with torch.no_grad():
-                dets = self.teacher(weak)
-        dets = [{k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in d.items()} for d in dets]
-        self.threshold.update(dets)
-        pseudo = self.threshold.filter(dets)
-        gts = unl.get("ground_truth")
+    def pseudo_labels(self, detections: list[dict[str, torch.Tensor]],
+                      ground_truth: Sequence[Mapping[str, torch.Tensor] | None] | None = None
+                      ) -> list[dict[str, torch.Tensor]]:
+        """The teacher's detections kept by the threshold (which first sees them all, for GMM), with
+        the pseudo-label health updated against the hidden ground truth where there is one."""
+        self.threshold.update(detections)
+        pseudo = self.threshold.filter(detections)
+        gts = ground_truth
         self.health.update(pseudo, [g if g is None else {k: v.to(self.device) for k, v in g.items()} for g in gts]
                            if gts is not None and any(g is not None for g in gts) else None)
-        targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
-        soft = (soft_background(self.model, self.teacher, tpass)  # type: ignore[arg-type]
-                if tpass is not None else contextlib.nullcontext())
-        with running_stats_frozen(self.model), soft:
-            losses = self.model(strong, targets)
-        keep_box = bool(self.semi.get("unsup_box_loss", False))
-        terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}
-        unsup = sum(terms.values())
-        with_boxes = sum(int(t["boxes"].shape[0] > 0) for t in targets)
-        num_pseudo = sum(int(t["boxes"].shape[0]) for t in targets)
-        if self.detector == "retinanet" and with_boxes < len(targets) / 2:
-            # torchvision's RetinaNet divides each image's loss by max(1, foreground anchors): an image
-            # without pseudo-boxes adds its whole summed focal loss. Consistent Teacher scales the
-            # unsupervised loss by 0.01 when fewer than half the batch has pseudo-boxes.
-            unsup = unsup * float(self.semi.get("empty_batch_weight", 0.01))
-        logs = {f"train/unsup_{k}": v.detach() for k, v in terms.items()}
-        logs["semi/pseudo_boxes_per_image"] = torch.tensor(num_pseudo / max(1, len(targets)))
-        logs["semi/images_with_pseudo"] = torch.tensor(with_boxes / max(1, len(targets)))
-        return unsup, num_pseudo, logs  # type: ignore[return-value]
+        return pseudo
 
     # --------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -251,14 +194,9 @@ class SemiDetectionModule(DetectionModule):
             student = self.model
             try:
                 self.model = self.teacher  # predict_coco runs self.model
-                self._val_teacher.update(self.predict_coco(images, targets, self._coco()))
+                self._val_teacher.update(self.predict_coco(images, targets, self.val_ground_truth()))
             finally:
                 self.model = student
-
-    def _coco(self) -> Any:
-        from finetune.module import _ground_truth
-
-        return _ground_truth(self.trainer.val_dataloaders)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -339,13 +277,4 @@ class SemiDetectionModule(DetectionModule):
             self.health.load_state_dict(s["health"])
         if self.teacher_started and self.teacher is not None:
             log.info("resumed with the teacher of step %s", checkpoint.get("global_step"))
-
-
-def pseudo_label_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The last epoch's pseudo-label health with its step, for metrics.json."""
-    for entry in reversed(history):
-        if entry.get("pseudo_labels"):
-            return {"epoch": entry.get("epoch"), "step": entry.get("step"), **entry["pseudo_labels"]}
-    return None
-
 

@@ -17,29 +17,41 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as TF
 
+from finetune.data.cocofile import merge_coco
+from finetune.data.labeled import resolve_data_paths
 from finetune.module import DetectionModule, load_detection_checkpoint
-from finetune.semi.data import UnlabeledDetectionImages
+from finetune.semi.base import SemiMode, register_semi_mode
+from finetune.semi.data import UnlabeledDetectionImages, unlabeled_source
 from finetune.semi.health import PseudoLabelHealth
 from finetune.semi.thresholds import build_threshold
 from finetune.semi.views import flip_boxes
+from finetune.train import train
 from pretrain.core.precision import resolve_device
 from pretrain.core.runtime import save_config, write_json
 
 log = logging.getLogger(__name__)
 
 
+@register_semi_mode("self_training")
+class SelfTraining(SemiMode):
+    """Rounds of whole fine-tuning runs, each on the labeled set plus the previous round's pseudo-labels."""
+
+    in_loop: ClassVar[bool] = False
+
+    @classmethod
+    def run(cls, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+        return self_train(cfg, run_dir)
+
+
 def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) every round; write the run's metrics.json with the per-round pseudo-label health."""
-    from finetune.semi.train import unlabeled_source
-    from finetune.train import resolve_data_paths, train
-
     save_config(cfg, run_dir)
     rounds = int(cfg.semi.rounds)
     if rounds < 1:
@@ -65,7 +77,10 @@ def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             write_json(health_file, health)
             write_json(pseudo_file, pseudo)  # last: its presence marks the round's labels as done
         health = json.loads(health_file.read_text())
-        merged = merge_coco(paths.train_json, paths.train_images, pseudo_file, rdir / "train_plus_pseudo.json")
+        merged = rdir / "train_plus_pseudo.json"
+        labeled_root = (paths.train_images or paths.train_json.parent).resolve()
+        write_json(merged, merge_coco([json.loads(paths.train_json.read_text()), json.loads(pseudo_file.read_text())],
+                                      [labeled_root, labeled_root]))
         rcfg = round_cfg.copy()
         rcfg.data.train_json = str(merged)
         rcfg.data.train_images = None
@@ -171,26 +186,3 @@ def pseudo_label(module: DetectionModule, source: Path, cfg: DictConfig, image_r
                      "thresholds": [float(t) for t in threshold.thresholds()]},
             "images": images, "annotations": annotations, "categories": categories}
     return coco, summary
-
-
-def merge_coco(labeled_json: Path, labeled_images: Path | None, pseudo_json: Path, out: Path) -> Path:
-    """The labeled set plus the pseudo-labeled images in one COCO file (absolute file names, new ids)."""
-    lab = json.loads(Path(labeled_json).read_text())
-    pseudo = json.loads(Path(pseudo_json).read_text())
-    root = Path(labeled_images) if labeled_images is not None else Path(labeled_json).parent
-    images = [{**im, "file_name": str((root / im["file_name"]).resolve())} for im in lab["images"]]
-    annotations = [dict(a) for a in lab.get("annotations", [])]
-    next_img = max((int(im["id"]) for im in images), default=0) + 1
-    next_ann = max((int(a["id"]) for a in annotations), default=0) + 1
-    remap = {}
-    for im in pseudo["images"]:
-        remap[im["id"]] = next_img
-        images.append({**im, "id": next_img})
-        next_img += 1
-    for a in pseudo["annotations"]:
-        annotations.append({k: v for k, v in a.items() if k != "score"} | {"id": next_ann,
-                                                                         "image_id": remap[a["image_id"]]})
-        next_ann += 1
-    write_json(out, {**{k: v for k, v in lab.items() if k not in ("images", "annotations")},
-                     "images": images, "annotations": annotations})
-    return out

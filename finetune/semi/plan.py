@@ -1,0 +1,127 @@
+"""The semi stage as a layer on fine-tuning: its config checks, its fit plan and its runner.
+
+``python -m finetune semi=<mode>`` dispatches here (:func:`run`). A mode that trains in fine-tuning's
+loop runs :func:`finetune.train.train` with :func:`semi_plan` (a :class:`SemiDetectionModule` on
+labeled + unlabeled batches, and the ``semi`` section of metrics.json) and :func:`check_config`; a
+mode with a runner of its own (self-training) runs that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from finetune.data.labeled import boxes_per_image
+from finetune.semi.base import mode_class, modes_of
+from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, unlabeled_source
+from finetune.semi.module import SemiDetectionModule
+from finetune.train import FitContext, FitPlan, train
+from pretrain.core.coco import CocoDetection
+from pretrain.core.resume import EpochSampler, seeded_loader_parts
+
+log = logging.getLogger(__name__)
+
+
+def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, loader_kw: Mapping[str, Any],
+                strong: bool = True) -> tuple[CombinedLoader, tuple[EpochSampler, int]]:
+    """Labeled and unlabeled batches together: ``{"labeled": (images, targets), "unlabeled": {...}}``,
+    and the unlabeled loader's ``(sampler, batch size)`` for :class:`~pretrain.core.resume.DeterministicResume`.
+
+    The labeled loader sets the epoch; the unlabeled one gives ``round(batch_size *
+    semi.unlabeled_ratio)`` images per step for as many steps (under DDP, per process: each rank
+    gets both kinds). ``strong``: each unlabeled item also has a strong view.
+    """
+    s = cfg.semi
+    ds = UnlabeledDetectionImages(unlabeled_source(cfg), cat_id_to_label=train_ds.cat_id_to_label,
+                                  strong=strong, max_pixels=cfg.data.get("max_pixels"),
+                                  image_root=s.get("image_root"))
+    ratio = float(s.unlabeled_ratio)
+    if ratio <= 0:
+        raise ValueError(f"semi.unlabeled_ratio must be > 0 (unlabeled images per labeled image), got {ratio}")
+    batch = max(1, round(int(cfg.data.batch_size) * ratio))
+    # As many batches as the labeled loader has, whether the unlabeled set is larger or smaller:
+    # back-to-back permutations, seeded apart from the labeled order.
+    samples, sampler = seeded_loader_parts(ds, int(cfg.seed) + 1, num_samples=len(labeled) * batch)
+    kw = {**loader_kw, "collate_fn": collate_unlabeled}
+    unlabeled = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=False, **kw)
+    log.info("semi %s: %d labeled images (batch %d) + %d unlabeled from %s (batch %d)%s", s.mode, len(train_ds),
+             labeled.batch_size, len(ds), ds.images.source, batch,
+             "; its annotations serve as hidden ground truth for the health figures" if ds.hidden_ground_truth else "")
+    return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="min_size"), (sampler, batch)
+
+
+def semi_metrics(cfg: DictConfig, history: Sequence[Mapping[str, Any]], best: Any) -> dict[str, Any]:
+    """metrics.json's ``semi`` section: settings, the deployed detector, teacher and student AP, health."""
+    best_entry = next((h for h in history if h.get("epoch") == best.checkpoint_epoch), None)
+    last_health = next((h for h in reversed(history) if h.get("pseudo_labels")), None)
+    settings: dict[str, Any] = OmegaConf.to_container(cfg.semi, resolve=True)  # type: ignore[assignment]
+    return {
+        "mode": str(cfg.semi.mode),
+        "settings": settings,
+        "deployed": best.deployed_weights,
+        "best_epoch_AP": None if best_entry is None else {
+            "teacher": best_entry.get("val_teacher_AP"), "student": best_entry.get("val_student_AP"),
+            "teacher_AP50": best_entry.get("val_teacher_AP50"), "student_AP50": best_entry.get("val_student_AP50"),
+        },
+        "pseudo_labels": None if last_health is None else {
+            "epoch": last_health.get("epoch"), "step": last_health.get("step"), **last_health["pseudo_labels"]},
+        "sup_loss": None if last_health is None else last_health.get("sup_loss"),
+        "unsup_loss": None if last_health is None else last_health.get("unsup_loss"),
+        "warnings": None if not history else history[-1].get("warnings"),
+    }
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The semi settings, and every mode the step will run, checked before any data is read."""
+    if float(cfg.semi.get("unsup_weight", 0.0)) < 0:
+        raise ValueError(f"semi.unsup_weight={cfg.semi.unsup_weight} must be >= 0")
+    settings: dict[str, Any] = OmegaConf.to_container(cfg.semi, resolve=True)  # type: ignore[assignment]
+    for mode in modes_of(settings):
+        type(mode).check(cfg)
+
+
+def check_unused(cfg: DictConfig) -> None:
+    """With ``semi=none`` (plain fine-tuning), refuse semi settings that would silently do nothing."""
+    semi = cfg.get("semi")
+    if semi is not None and bool(semi.get("soft_background", False)):
+        raise ValueError("semi.soft_background=true weights a teacher-student mode's pseudo-labeled RoI loss: "
+                         "it needs semi=unbiased_teacher or semi=mean_teacher (and detector=fasterrcnn), "
+                         "got semi=none")
+
+
+def semi_plan(ctx: FitContext) -> FitPlan:
+    """A :class:`SemiDetectionModule` on labeled + unlabeled batches, with the ``semi`` metrics section."""
+    cfg = ctx.cfg
+    module = SemiDetectionModule(cfg=ctx.plain_cfg, label_map=ctx.train_ds.label_map.to_json(),
+                                 backbone_info=ctx.backbone_info, num_classes=ctx.train_ds.num_classes,
+                                 resnet=ctx.resnet, labeled_boxes_per_image=boxes_per_image(ctx.train_ds))
+    loader, unlabeled = semi_loader(cfg, ctx.labeled, ctx.train_ds, ctx.loader_kw,
+                                    strong=any(m.strong_view for m in module.modes))
+
+    def metrics(history: Sequence[Mapping[str, Any]], best: Any) -> tuple[str, dict[str, Any]]:
+        return "semi", semi_metrics(cfg, history, best)
+
+    return FitPlan(module=module, train_loader=loader,
+                   samplers={"labeled": (ctx.labeled_sampler, int(cfg.data.batch_size)), "unlabeled": unlabeled},
+                   extra_metrics=metrics)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """``python -m finetune semi=<mode>``: the mode's own runner, or fine-tuning's loop with the semi plan
+    (``callbacks`` added to its trainer's)."""
+    from pretrain.core.runtime import hydra_run_dir
+
+    mode = mode_class(str(cfg.semi.mode))
+    if not mode.in_loop:
+        check_config(cfg)
+        out = Path(run_dir) if run_dir is not None else hydra_run_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        return mode.run(cfg, out)
+    return train(cfg, run_dir, plan=semi_plan, checks=(check_config,), callbacks=callbacks)
