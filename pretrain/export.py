@@ -35,9 +35,13 @@ def method_settings(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def backbone_meta(
     config: Mapping[str, Any], images_seen: int, epochs: int, global_step: int | None = None,
-    source: str | None = None,
+    source: str | None = None, resolved: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``backbone.json`` content (without ``format_version``, which the writer adds)."""
+    """The ``backbone.json`` content (without ``format_version``, which the writer adds).
+
+    ``resolved``: settings the run derived from ``auto`` config values (e.g. MoCo's queue length),
+    added to ``method_settings``.
+    """
     bcfg, mcfg, dcfg = config["backbone"], config["method"], config["data"]
     norm = bcfg.get("norm", "bn")
     meta: dict[str, Any] = {
@@ -48,7 +52,7 @@ def backbone_meta(
         "feature_dim": FEATURE_DIMS[bcfg["arch"]],
         "method": mcfg["name"],
         "num_prototypes": mcfg.get("num_prototypes"),
-        "method_settings": method_settings(mcfg),
+        "method_settings": {**method_settings(mcfg), **dict(resolved or {})},
         "epochs": int(epochs),
         "global_step": None if global_step is None else int(global_step),
         "images_seen": int(images_seen),
@@ -91,10 +95,11 @@ def write_backbone(
     epochs: int,
     global_step: int | None = None,
     source: str | None = None,
+    resolved: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``backbone.safetensors`` + ``backbone.json`` for a module's full state dict."""
     weights = backbone_state(state_dict, config)
-    meta = backbone_meta(config, images_seen, epochs, global_step, source)
+    meta = backbone_meta(config, images_seen, epochs, global_step, source, resolved)
     return save_backbone_file(weights, out_dir, meta)
 
 

@@ -109,7 +109,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
     weights = write_backbone(
         model.state_dict(), config, run_dir, int(model.images_seen), int(model.epochs_done),
-        trainer.global_step, source=str(run_dir.resolve()),
+        trainer.global_step, source=str(run_dir.resolve()), resolved=model.resolved_settings(),
     )
     previous = _previous_metrics(run_dir)
     knn = trainer.callback_metrics.get("knn_top1")
@@ -121,6 +121,8 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         "norm": config["backbone"].get("norm", "bn"),
         "epochs": int(model.epochs_done),
         "num_prototypes": config["method"].get("num_prototypes"),
+        # What `auto` settings came to for this data (MoCo/DenseCL: queue_length).
+        "resolved_settings": model.resolved_settings() or previous.get("resolved_settings", {}),
         "final_loss": final_loss,
         "knn_top1": float(knn) if knn is not None else previous.get("knn_top1"),
         # The method's own last logged health figures (SwAV: embedding cosine, code entropy).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
@@ -16,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pretrain.methods.base import SSLMethod, plain_config
+from pretrain.methods.moco import auto_queue_size, resize_queue
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "pretrain")
 METHODS = ("swav", "vicreg", "moco", "simclr")
@@ -141,18 +143,59 @@ def test_swav_queue_switches_on_at_its_start_epoch():
     assert "queue" in model.state_dict() and "queue_count" in model.state_dict()
 
 
-def test_moco_queue_survives_a_checkpoint_round_trip():
-    config = smoke_config("moco")
+@pytest.mark.parametrize("queue_size", ["auto", "24"])
+def test_moco_queue_survives_a_checkpoint_round_trip(queue_size):
+    config = smoke_config("moco", f"method.queue_size={queue_size}")
     model = build(config)
     bank = model.criterion.memory_bank
+    if queue_size == "auto":  # as sized by on_train_start for the data of the run that saved it
+        resize_queue(bank, 24)
     bank.bank.normal_()
     bank.bank_ptr.fill_(5)
     ckpt: dict = {}
     model.on_save_checkpoint(ckpt)
     other = build(config)
+    assert other.criterion.memory_bank.bank.shape[0] == (8 if queue_size == "auto" else 24)  # auto: one batch
     other.on_load_checkpoint(ckpt)
-    assert torch.equal(other.criterion.memory_bank.bank, bank.bank)
+    # A resumed auto queue keeps the length it was given when the run started (and its keys).
+    assert torch.equal(other.criterion.memory_bank.bank, bank.bank) and other.resolved_settings() == {
+        "queue_length": 24}
     assert int(other.criterion.memory_bank.bank_ptr) == 5
+
+
+@pytest.mark.parametrize("num_images, keys_per_step, expected", [
+    (1000, 64, 64),            # 10% = 100 -> one global batch
+    (10000, 64, 960),          # 1000 rounded down to 15 batches
+    (1_281_167, 256, 65536),   # ImageNet: the paper's 65536 (the cap)
+    (1_000_000, 96, 65472),    # the cap, rounded down to a multiple of the batch
+    (32, 8, 8),                # fewer images than ten batches: one batch
+])
+def test_auto_queue_is_a_tenth_of_the_images_in_whole_batches(num_images, keys_per_step, expected):
+    assert auto_queue_size(num_images, keys_per_step) == expected
+    with pytest.raises(ValueError, match="positive"):
+        auto_queue_size(0, keys_per_step)
+
+
+def test_moco_auto_queue_is_sized_to_the_data_when_training_starts(caplog):
+    config = smoke_config("moco", "data.batch_size=4")
+    assert config["method"]["queue_size"] == "auto"  # the default
+    model = build(config)
+    assert model.criterion.memory_bank.bank.shape == (4, 32)  # one batch until the data is known
+    with caplog.at_level(logging.INFO, logger="pretrain.methods.moco"):
+        fit(model, loader(config, n=80), max_steps=1)
+    assert model.criterion.memory_bank.bank.shape == (8, 32)  # 10% of 80 images, two batches of 4
+    assert "moco queue: 8 keys (method.queue_size=auto: 10% of 80 images" in caplog.text
+    assert model.resolved_settings() == {"queue_length": 8}
+
+
+def test_moco_explicit_queue_is_honoured_and_a_queue_longer_than_the_data_warned_about():
+    config = smoke_config("moco", "method.queue_size=24")
+    model = build(config)
+    with pytest.warns(UserWarning, match="longer than the 16 training images.*method.queue_size=auto"):
+        fit(model, loader(config, n=16), max_steps=1)
+    assert model.criterion.memory_bank.bank.shape == (24, 32)
+    with pytest.raises(ValueError, match="method.queue_size='many'"):
+        build(smoke_config("moco", "method.queue_size=many"))
 
 
 def test_moco_momentum_encoder_follows_the_online_one():

@@ -92,6 +92,11 @@ class SSLMethod(pl.LightningModule):
         """Callbacks the method wants (collapse warnings); none by default."""
         return []
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """Settings derived at run time from ``auto`` config values (recorded in metrics.json and
+        backbone.json's ``method_settings``); none by default."""
+        return {}
+
     # ---------------------------------------------------------------------------------- helpers
     def prepare_input(self, x: Tensor) -> Tensor:
         """Put an image batch into the memory format the backbone runs in."""
