@@ -36,6 +36,8 @@ from pretrain.methods.base import SSLMethod, plain_config
 
 log = logging.getLogger(__name__)
 PRETRAIN_NORMS = ("bn", "gn", "syncbn")
+# Objectives built for detection transfer (dense / region-level contrast), suggested when kNN does not move.
+DETECTION_AWARE = ("densecl", "detcon")
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -113,6 +115,11 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     )
     previous = _previous_metrics(run_dir)
     knn = trainer.callback_metrics.get("knn_top1")
+    if model.knn_history:  # the probe's own value (the logged one is float32)
+        knn = model.knn_history[-1]["knn_top1"]
+    knn_final = float(knn) if knn is not None else previous.get("knn_top1")
+    # From the checkpoint on a resume; metrics.json keeps it for checkpoints that predate it.
+    knn_random = model.knn_step0 if model.knn_step0 is not None else previous.get("knn_top1_random")
     final_loss = model.last_epoch_loss if model.last_epoch_loss is not None else previous.get("final_loss")
     metrics = {
         "stage": "pretrain",
@@ -124,7 +131,12 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         # What `auto` settings came to for this data (MoCo/DenseCL: queue_length).
         "resolved_settings": model.resolved_settings() or previous.get("resolved_settings", {}),
         "final_loss": final_loss,
-        "knn_top1": float(knn) if knn is not None else previous.get("knn_top1"),
+        "knn_top1": knn_final,
+        # The same probe on the backbone at step 0 (random init): what "learned something" is read against.
+        "knn_top1_random": knn_random,
+        "knn_gain_over_random": (None if knn_final is None or knn_random is None
+                                 else round(knn_final - knn_random, 6)),
+        "knn_history": list(model.knn_history) or previous.get("knn_history", []),
         # The method's own last logged health figures (SwAV: embedding cosine, code entropy).
         "diagnostics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())
                         if k.startswith(f"{config['method']['name']}_") and not k.endswith("_queue_used")}
@@ -143,12 +155,34 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         metrics["final_loss"] = None
     write_json(run_dir / "metrics.json", metrics)
     log.info("backbone written to %s", weights)
+    warn_if_no_knn_gain(knn_final, knn_random, config["method"]["name"])
     try:  # plots are a convenience: a plotting failure must not lose the exported backbone
-        plot_pretrain_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots")
+        plot_pretrain_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots", knn_reference=knn_random)
         log_images(trainer, sorted((run_dir / "plots").glob("*.png")))
     except Exception as e:  # noqa: BLE001
         log.warning("plots failed: %s", e)
     return metrics
+
+
+def warn_if_no_knn_gain(knn_final: float | None, knn_random: float | None, method: str) -> bool:
+    """Log a WARNING when the final kNN top-1 is not above the random-init backbone's (step 0).
+
+    Random convolutional features already separate simple objects well above chance, so a kNN
+    figure means little on its own: a backbone that does not beat its own initialisation has not
+    learned features the detector could use, whatever its loss did. Returns whether it warned.
+    """
+    if knn_final is None or knn_random is None or knn_final > knn_random + 1e-6:
+        return False
+    others = " or ".join(f"method={m}" for m in DETECTION_AWARE if m != method)
+    log.warning(
+        "kNN top-1 %.4f is not above the random-init backbone's %.4f (step 0; %.4f below it): %s pretraining "
+        "has not yet learned features that tell these objects apart better than random ones. Try a longer run "
+        "(trainer.max_epochs), another learning rate (optimizer.base_lr), views that share objects (larger "
+        "crops: method.transform.min_scale; grayscale when colour is a shortcut), or a detection-aware "
+        "objective (%s).",
+        knn_final, knn_random, knn_random - knn_final, method, others,
+    )
+    return True
 
 
 def _previous_metrics(run_dir: Path) -> dict[str, Any]:

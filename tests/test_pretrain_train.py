@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
@@ -11,16 +12,20 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from safetensors.torch import load_file
 
 from pretrain.callbacks import LossNearValueWarning, MetricBelowWarning
 from pretrain.core.runtime import NonFiniteLossError
+from pretrain.methods.base import SSLMethod, plain_config
+from pretrain.methods.moco import MoCoV2
 from pretrain.methods.swav import SwAV
-from pretrain.train import train
+from pretrain.train import train, warn_if_no_knn_gain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf" / "pretrain")
@@ -58,6 +63,11 @@ def test_smoke_run_writes_every_output(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert any(r.get("train_loss") for r in rows) and any(r.get("knn_top1") for r in rows)
     assert any(k.startswith("lr-") for k in rows[0])
+    # The random-init reference: the same probe at step 0, logged and kept beside the history.
+    step0 = [(r["step"], float(r["knn_top1_step0"])) for r in rows if r.get("knn_top1_step0")]
+    assert step0 == [("0", pytest.approx(saved["knn_top1_random"]))] and 0 <= saved["knn_top1_random"] <= 1
+    assert saved["knn_history"] == [{"step": 4, "epoch": 0, "knn_top1": pytest.approx(saved["knn_top1"])}]
+    assert saved["knn_gain_over_random"] == pytest.approx(saved["knn_top1"] - saved["knn_top1_random"], abs=1e-6)
     # The curves as PNGs: loss and LR per step, the kNN probe per epoch.
     for name in ("loss.png", "lr.png", "knn.png"):
         with Image.open(tmp_path / "plots" / name) as im:
@@ -92,6 +102,73 @@ def test_rerun_in_the_same_directory_resumes(tmp_path, monkeypatch):
     assert loss_steps == list(range(8))
     lrs = [float(r["lr-LARS/decay"]) for r in rows if r.get("lr-LARS/decay")]
     assert len(lrs) == 8 and lrs[4] > lrs[3] and lrs[4] > lrs[-1] > 0
+
+
+def test_step0_knn_is_measured_before_any_update_and_kept_by_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    probes = []
+    probe = SSLMethod.knn_probe
+
+    def recording(self, loader):
+        probes.append((self.global_step, {k: v.clone() for k, v in self.backbone.state_dict().items()}))
+        return probe(self, loader)
+
+    monkeypatch.setattr(SSLMethod, "knn_probe", recording)
+    cfg = smoke_cfg("method=moco")
+    first = train(cfg)
+    # One extra pass, at step 0, on the weights the run was initialised with.
+    assert len(probes) == 1 and probes[0][0] == 0
+    pl.seed_everything(0)
+    init = MoCoV2(plain_config(cfg)).backbone.state_dict()
+    assert all(torch.equal(probes[0][1][k], init[k]) for k in init)
+    assert not torch.equal(init["conv1.weight"], load_file(tmp_path / "backbone.safetensors")["conv1.weight"])
+    random_knn = first["knn_top1_random"]
+    assert random_knn is not None and first["resolved_settings"] == {"queue_length": 8}  # auto: 32 images
+
+    # A resume keeps the checkpoint's reference: no new probe on the trained weights.
+    second = train(smoke_cfg("method=moco", "trainer.max_epochs=2"))
+    assert len(probes) == 1 and second["knn_top1_random"] == random_knn
+    assert [h["step"] for h in second["knn_history"]] == [4, 8]
+    assert second["resolved_settings"] == {"queue_length": 8}  # the auto queue of the first start
+    assert json.loads((tmp_path / "backbone.json").read_text())["method_settings"]["queue_length"] == 8
+    # A checkpoint from before the reference existed: metrics.json's value is kept, nothing re-measured.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    del ckpt["knn"]
+    torch.save(ckpt, tmp_path / "checkpoints" / "last.ckpt")
+    third = train(smoke_cfg("method=moco", "trainer.max_epochs=3"))
+    assert len(probes) == 1 and third["knn_top1_random"] == random_knn and third["global_step"] == 12
+
+
+def test_knn_plot_draws_the_random_init_reference(tmp_path):
+    from pretrain.core.curves import plot_pretrain_curves
+
+    def reference_pixels(png: Path) -> int:  # the dashed line's colour, matplotlib's tab:red
+        rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        return int(((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+
+    rows = ["epoch,knn_top1,step,train_loss", "0,,0,3.0", "0,0.3,4,", "1,0.4,9,"]
+    (tmp_path / "plain.csv").write_text("\n".join(rows) + "\n")
+    # What base.py logs at step 0 (no epoch column): the reference comes from the CSV itself.
+    (tmp_path / "step0.csv").write_text("\n".join([rows[0] + ",knn_top1_step0", ",,0,,0.25",
+                                                   *(r + "," for r in rows[1:])]) + "\n")
+    plot_pretrain_curves(tmp_path / "plain.csv", tmp_path / "plain")
+    plot_pretrain_curves(tmp_path / "step0.csv", tmp_path / "step0")
+    plot_pretrain_curves(tmp_path / "plain.csv", tmp_path / "given", knn_reference=0.25)
+    assert reference_pixels(tmp_path / "plain" / "knn.png") == 0
+    assert reference_pixels(tmp_path / "step0" / "knn.png") > 200
+    assert reference_pixels(tmp_path / "given" / "knn.png") > 200
+
+
+def test_a_final_knn_not_above_the_random_init_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="pretrain.train"):
+        assert warn_if_no_knn_gain(0.30, 0.35, "simclr")
+    assert "kNN top-1 0.3000 is not above the random-init backbone's 0.3500 (step 0; 0.0500 below it)" in caplog.text
+    assert "trainer.max_epochs" in caplog.text and "method=densecl" in caplog.text
+    caplog.clear()
+    assert warn_if_no_knn_gain(0.35, 0.35, "simclr")  # equal is not above
+    assert warn_if_no_knn_gain(0.1818181872367859, 2 / 11, "simclr")  # nor equal up to float32 rounding
+    assert not warn_if_no_knn_gain(0.36, 0.35, "simclr") and not warn_if_no_knn_gain(None, 0.35, "simclr")
+    assert not warn_if_no_knn_gain(0.3, None, "simclr")
 
 
 @pytest.mark.slow  # test_reliability kills a real run; test_rerun_in_the_same_directory_resumes stays fast

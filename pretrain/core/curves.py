@@ -11,6 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# The kNN probe of the backbone before training, as pretraining logs it (pretrain/methods/base.py).
+KNN_STEP0 = "knn_top1_step0"
+# The colour of reference lines (the random-init kNN): apart from the default colour cycle's first lines.
+REFERENCE_COLOR = "tab:red"
+
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
     """Rows of Lightning's CSVLogger ``metrics.csv`` with the empty cells left out."""
@@ -92,17 +97,27 @@ def plot_training_curves(
     return written
 
 
-def plot_pretrain_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
+def plot_pretrain_curves(metrics_csv: str | Path, out_dir: str | Path,
+                         knn_reference: float | None = None) -> list[Path]:
     """Pretraining's ``loss.png`` (per step), ``lr.png`` and ``knn.png`` (the box-crop kNN probe
-    per epoch, when it ran) from its ``logs/metrics.csv`` into ``out_dir``."""
+    per epoch, when it ran) from its ``logs/metrics.csv`` into ``out_dir``.
+
+    ``knn.png`` draws the random-init backbone's kNN (``knn_reference``, else the CSV's
+    ``knn_top1_step0``) as a dashed line: the level a trained backbone has to beat.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_metrics_csv(metrics_csv) if Path(metrics_csv).is_file() else []
     keys = sorted({k for r in rows for k in r})
     written = _curves_png(rows, [k for k in keys if k == "train_loss"], out / "loss.png", "pretraining loss", "loss")
     written += _lr_png(rows, keys, out / "lr.png")
-    written += _curves_png(rows, [k for k in keys if k.startswith("knn")], out / "knn.png",
-                           "kNN top-1 on labeled box crops", "accuracy", x="epoch", marker="o")
+    if knn_reference is None:
+        step0 = [r[KNN_STEP0] for r in rows if KNN_STEP0 in r and math.isfinite(r[KNN_STEP0])]
+        knn_reference = step0[-1] if step0 else None
+    references = {"random init (step 0)": knn_reference} if knn_reference is not None else {}
+    written += _curves_png(rows, [k for k in keys if k.startswith("knn") and k != KNN_STEP0], out / "knn.png",
+                           "kNN top-1 on labeled box crops", "accuracy", x="epoch", marker="o",
+                           references=references)
     return written
 
 
@@ -117,8 +132,12 @@ def _curves_png(
     marker: str | None = None,
     label: Any = str,
     bold: Any = lambda k: True,
+    references: Mapping[str, float] | None = None,
 ) -> list[Path]:
-    """One PNG with a line per key of ``rows`` against ``x``; nothing when no key has points."""
+    """One PNG with a line per key of ``rows`` against ``x``; nothing when no key has points.
+
+    ``references`` are horizontal dashed lines (label: value) drawn beside the curves.
+    """
     series = {k: _series(rows, k, x) for k in keys}
     series = {k: v for k, v in series.items() if v[0]}
     if not series:
@@ -131,6 +150,8 @@ def _curves_png(
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label(k), lw=2 if bold(k) else 1, marker=marker)
+    for name, value in (references or {}).items():
+        ax.axhline(value, color=REFERENCE_COLOR, ls="--", lw=1.5, label=f"{name}: {value:.3g}")
     if log_y and any(v > 0 for _, ys in series.values() for v in ys):
         ax.set_yscale("log")
     ax.set(xlabel=x, ylabel=ylabel, title=title)

@@ -73,6 +73,10 @@ class SSLMethod(pl.LightningModule):
         self._val_features: list[Tensor] = []
         self._val_labels: list[Tensor] = []
         self._val_index: list[Tensor] = []
+        # The kNN probe of the backbone as initialised (the random-features reference every trained
+        # figure is read against) and the probe after each validation; both go into checkpoints.
+        self.knn_step0: float | None = None
+        self.knn_history: list[dict[str, float]] = []
         self._epoch_loss_sum = 0.0
         self._epoch_loss_n = 0
         self.last_epoch_loss: float | None = None
@@ -211,6 +215,54 @@ class SSLMethod(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------- kNN probe (val)
+    def on_train_start(self) -> None:
+        # The random-features reference: the probe on the backbone before its first update. Only on
+        # a fresh run; a resumed one has it from its checkpoint (its weights are no longer random).
+        if self.knn_step0 is None and self.global_step == 0:
+            loader = self._knn_val_loader()
+            if loader is not None:
+                self.knn_step0 = self.knn_probe(loader)
+                if self.trainer.is_global_zero:
+                    log.info("kNN top-1 of the backbone at step 0 (random init): %.4f", self.knn_step0)
+                for logger in self.loggers:  # (Lightning's loggers write on rank zero only)
+                    logger.log_metrics({"knn_top1_step0": self.knn_step0}, step=0)
+
+    def _knn_val_loader(self) -> Any:
+        """The trainer's validation (kNN probe) loader, or None when the run has none.
+
+        Lightning sets it up before ``on_train_start`` when validation is due in the first epoch
+        (the default ``trainer.check_val_every_n_epoch=1``); otherwise there is no step-0 reference.
+        """
+        loaders = self.trainer.val_dataloaders
+        if loaders is None and self.config.get("data", {}).get("knn_val_json"):
+            log.info("no step-0 kNN reference: validation is not due in the first epoch "
+                     "(trainer.check_val_every_n_epoch=1 measures it)")
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        return loaders
+
+    @torch.no_grad()
+    def knn_probe(self, loader: Any) -> float:
+        """The kNN top-1 of the current backbone on ``loader``'s crops, outside a validation loop.
+
+        The network runs in eval mode under the trainer's precision, as in validation; every
+        module's train/eval mode is restored afterwards. Under DDP every process must call it.
+        """
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            feats, labels, index = [], [], []
+            with self.trainer.precision_plugin.val_step_context():
+                for images, y, i in loader:
+                    # Moved by hand: the transfer hooks would make training views of a training-time batch.
+                    feats.append(self.forward(images.to(self.device)).float())
+                    labels.append(y.to(self.device))
+                    index.append(torch.as_tensor(i, device=self.device))
+            return self._knn_accuracy(torch.cat(feats), torch.cat(labels), torch.cat(index))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def on_validation_epoch_start(self) -> None:
         self._val_features, self._val_labels, self._val_index = [], [], []
 
@@ -223,9 +275,17 @@ class SSLMethod(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_features:
             return
-        feats = torch.cat(self._val_features)
-        labels = torch.cat(self._val_labels)
-        index = torch.cat(self._val_index)
+        acc = self._knn_accuracy(torch.cat(self._val_features), torch.cat(self._val_labels),
+                                 torch.cat(self._val_index))
+        # Every process computed the same value from the gathered set.
+        self.log("knn_top1", acc, prog_bar=True, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.knn_history.append({"step": int(self.global_step), "epoch": int(self.current_epoch),
+                                     "knn_top1": float(acc)})
+        self._val_features, self._val_labels, self._val_index = [], [], []
+
+    def _knn_accuracy(self, feats: Tensor, labels: Tensor, index: Tensor) -> float:
+        """Leave-one-out kNN top-1 over the crops of every process (see :func:`pretrain.knn.knn_top1`)."""
         if self.world_size > 1:
             feats, labels, index = (cast(Tensor, self.all_gather(t)).flatten(0, 1) for t in (feats, labels, index))
             # DistributedSampler pads with repeats; a duplicate would be its own nearest neighbour.
@@ -235,13 +295,10 @@ class SSLMethod(pl.LightningModule):
             keep = order[first]
             feats, labels = feats[keep], labels[keep]
         kcfg = self.config.get("knn", {})
-        acc = knn_top1(
+        return knn_top1(
             feats, labels, k=int(kcfg.get("k", 20)), vote=str(kcfg.get("vote", "weighted")),
             temperature=float(kcfg.get("temperature", 0.07)),
         )
-        # Every process computed the same value from the gathered set.
-        self.log("knn_top1", acc, prog_bar=True, sync_dist=True)
-        self._val_features, self._val_labels, self._val_index = [], [], []
 
     # -------------------------------------------------------------------- resumable side state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -256,11 +313,16 @@ class SSLMethod(pl.LightningModule):
             checkpoint["memory_banks"] = banks
         # The running epoch's loss average, so a mid-epoch resume reports the whole epoch's.
         checkpoint["epoch_loss"] = {"sum": self._epoch_loss_sum, "n": self._epoch_loss_n}
+        # The step-0 reference cannot be measured again after a resume: it travels with the weights.
+        checkpoint["knn"] = {"step0": self.knn_step0, "history": [dict(h) for h in self.knn_history]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         running = checkpoint.get("epoch_loss") or {}
         # (An epoch-end checkpoint: on_train_epoch_start resets them for the next epoch.)
         self._epoch_loss_sum, self._epoch_loss_n = float(running.get("sum", 0.0)), int(running.get("n", 0))
+        knn = checkpoint.get("knn") or {}
+        self.knn_step0 = None if knn.get("step0") is None else float(knn["step0"])
+        self.knn_history = [dict(h) for h in knn.get("history", [])]
         saved = checkpoint.get("memory_banks", {})
         for name, m in self.named_modules():
             if isinstance(m, MemoryBankModule) and name in saved:
