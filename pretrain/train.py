@@ -115,9 +115,9 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     )
     previous = _previous_metrics(run_dir)
     knn = trainer.callback_metrics.get("knn_top1")
-    if model.knn_history:  # the probe's own value (the logged one is float32)
-        knn = model.knn_history[-1]["knn_top1"]
     knn_final = float(knn) if knn is not None else previous.get("knn_top1")
+    if model.knn_history:  # the probe's own value (the logged one is float32)
+        knn_final = float(model.knn_history[-1]["knn_top1"])
     # From the checkpoint on a resume; metrics.json keeps it for checkpoints that predate it.
     knn_random = model.knn_step0 if model.knn_step0 is not None else previous.get("knn_top1_random")
     final_loss = model.last_epoch_loss if model.last_epoch_loss is not None else previous.get("final_loss")
