@@ -38,6 +38,7 @@ TWO_VIEW_TRANSFORMS = (
     "lightly.transforms.SimCLRTransform",
     "lightly.transforms.MoCoV1Transform",
     "lightly.transforms.MoCoV2Transform",
+    "lightly.transforms.DenseCLTransform",  # MoCoV2Transform under another name
     "lightly.transforms.VICRegTransform",
 )
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale (and PIL's convert("L")).

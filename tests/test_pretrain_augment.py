@@ -58,7 +58,7 @@ def random_views(n: int = 12, size: int = 24, seed: int = 0) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- config and shapes
-@pytest.mark.parametrize("method", ["swav", "vicreg", "simclr", "moco"])
+@pytest.mark.parametrize("method", ["swav", "vicreg", "simclr", "moco", "densecl"])
 def test_views_match_the_pil_transform_in_count_and_shape(method):
     cfg = method_cfg(f"method={method}")
     pil_transform = hydra.utils.instantiate(cfg["method"]["transform"])

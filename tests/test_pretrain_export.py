@@ -38,7 +38,7 @@ def _perturb_bn(model: nn.Module) -> None:
             m.running_var.uniform_(0.5, 1.5, generator=g)
 
 
-@pytest.mark.parametrize("method", ["swav", "moco"])
+@pytest.mark.parametrize("method", ["swav", "moco", "densecl", "detcon"])
 def test_round_trip_into_a_fresh_torchvision_resnet(tmp_path, method):
     config = smoke_config(method)
     model = build(config)
@@ -66,7 +66,12 @@ def test_round_trip_into_a_fresh_torchvision_resnet(tmp_path, method):
         assert meta["method_settings"]["queue_length"] == config["method"]["queue_length"]
         assert meta["method_settings"]["views"]["crop_sizes"] == [64, 32]
     else:
-        assert meta["num_prototypes"] is None and meta["method_settings"]["temperature"] == 0.2
+        assert meta["num_prototypes"] is None and meta["method_settings"]["temperature"] == config["method"][
+            "temperature"]
+    if method == "densecl":
+        assert meta["method_settings"]["dense_lambda"] == 0.5
+    if method == "detcon":
+        assert meta["method_settings"]["num_samples"] == 4 and meta["method_settings"]["views"]["grid_size"] == [4, 4]
 
 
 def test_group_norm_backbone_round_trip(tmp_path):

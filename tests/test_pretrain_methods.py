@@ -20,7 +20,7 @@ from pretrain.methods.base import SSLMethod, plain_config
 from pretrain.methods.moco import auto_queue_size, resize_queue
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "pretrain")
-METHODS = ("swav", "vicreg", "moco", "simclr")
+METHODS = ("swav", "vicreg", "moco", "simclr", "densecl", "detcon")
 
 
 def smoke_config(method: str, *overrides: str) -> dict:
@@ -77,10 +77,12 @@ def test_every_trainable_parameter_gets_a_gradient(method):
         if p.requires_grad:
             assert p.grad is not None, f"{method}: {name} got no gradient"
             assert torch.isfinite(p.grad).all(), name
-        else:
-            assert name.startswith(("backbone_momentum.", "projection_head_momentum.")), f"{name} is frozen"
-    if method == "moco":
+        else:  # only the momentum (key) encoders and heads are frozen
+            assert name.split(".")[0].endswith("_momentum"), f"{name} is frozen"
+    if method in ("moco", "densecl"):
         assert any(n.startswith("backbone_momentum.") for n, _ in model.named_parameters())
+    if method == "densecl":
+        assert any(n.startswith("dense_head_momentum.") for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -57,6 +57,7 @@ KNOWN_PARTS = frozenset({
     "target_projector", "online_projector", "online_predictor", "teacher", "student", "local_crops",
     "rpn", "roi_heads",  # a torchvision detector's heads, when one detector seeds the next
     "epochs_done", "images_seen", "queue_count",  # this project's pretraining counters
+    "dense_head", "dense_head_momentum",  # DenseCL's per-location projection (ours and lightly's name)
 })
 # The first key component of a torchvision ResNet's weights (``fc`` is its classifier).
 RESNET_STAGES = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})

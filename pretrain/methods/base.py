@@ -133,6 +133,17 @@ class SSLMethod(pl.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return int(self.config["data"]["batch_size"]) * self.world_size * accumulate
 
+    def feature_maps(self, x: Tensor, backbone: nn.Module | None = None) -> Tensor:
+        """The last stage's ``(B, C, H/32, W/32)`` feature map, before the global pooling.
+
+        Dense and region-level methods (DenseCL, DetCon) contrast locations or mask-pooled regions
+        of this map; ``forward`` is its spatial mean.
+        """
+        net = backbone if backbone is not None else self.backbone
+        x = self.prepare_input(x)
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))  # type: ignore[operator]
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # type: ignore[operator]
+
     # -------------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:
         """Pooled backbone features (what the backbone file exports)."""
