@@ -190,6 +190,19 @@ def test_moco_auto_queue_is_sized_to_the_data_when_training_starts(caplog):
     assert model.resolved_settings() == {"queue_length": 8}
 
 
+def test_moco_auto_queue_without_a_sized_dataset_stays_one_batch_and_says_so():
+    config = smoke_config("moco")
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(NoiseImages(16, hydra.utils.instantiate(config["method"]["transform"])))
+
+    model = build(config)
+    with pytest.warns(UserWarning, match="auto needs a training set of known size.*8 keys"):
+        fit(model, DataLoader(Stream(), batch_size=8), max_steps=1)
+    assert model.criterion.memory_bank.bank.shape == (8, 32)
+
+
 def test_moco_explicit_queue_is_honoured_and_a_queue_longer_than_the_data_warned_about():
     config = smoke_config("moco", "method.queue_size=24")
     model = build(config)

@@ -103,9 +103,17 @@ class MoCoV2(SSLMethod):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        num_images = len(self.trainer.train_dataloader.dataset)  # type: ignore[union-attr, arg-type]
+        try:
+            num_images = len(self.trainer.train_dataloader.dataset)  # type: ignore[union-attr, arg-type]
+        except (AttributeError, TypeError):  # a loader without a sized dataset
+            num_images = 0
         keys_per_step = int(self.config["data"]["batch_size"]) * self.world_size
         name = self.method_cfg["name"]
+        if not num_images:
+            if self.queue_auto and not self._queue_restored:
+                rank_zero_warn(f"{name}: method.queue_size=auto needs a training set of known size; the queue "
+                               f"stays at one batch ({self.queues()[0].size[0]} keys): give an integer")
+            return
         if self.queue_auto and not self._queue_restored:
             length = auto_queue_size(num_images, keys_per_step)
             for bank in self.queues():
