@@ -26,15 +26,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from finetune.coco_eval import (
-    BACKENDS,
-    CocoEvalResult,
-    evaluate_coco,
-    evaluated_ground_truth,
-    write_predictions,
-)
+from finetune.checkpoint import load_detection_checkpoint
+from finetune.coco_eval import BACKENDS, CocoEvalResult, evaluate_coco, evaluated_ground_truth
+from finetune.coco_results import write_predictions
 from finetune.inference import InferenceSetup, add_inference_args, prepare
-from finetune.module import DetectionModule, load_detection_checkpoint
+from finetune.module import DetectionModule
 from finetune.transforms import build_transforms
 from pretrain.core.coco import CocoDetection, collate_fn
 from pretrain.core.precision import resolve_device

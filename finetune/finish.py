@@ -16,11 +16,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from finetune.checkpoint import load_detection_checkpoint
 from finetune.data.labeled import DataPaths
 from finetune.ddp_report import DistributedReport
 from finetune.evaluate import evaluate_module
 from finetune.inference import AUTOCAST_DTYPES, prepare
-from finetune.module import DetectionModule, load_detection_checkpoint
+from finetune.module import DetectionModule
 from pretrain.core import precision
 from pretrain.core.coco import CocoDetection
 from pretrain.core.runtime import CKPT_DIR, last_checkpoint, log_images, skipped_nonfinite_steps, write_json

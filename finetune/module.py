@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import hydra.utils
@@ -23,12 +22,12 @@ from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from finetune.backbone import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
-from finetune.coco_eval import detections_to_coco, evaluate_coco
+from finetune.coco_eval import evaluate_coco
+from finetune.coco_results import detections_to_coco
 from finetune.detectors import build_detector
-from finetune.optim import freeze_parts, param_groups
+from finetune.optim import backbone_norms, freeze_parts, linear_probe_factors, param_groups
 from pretrain.core.coco import LabelMap
 from pretrain.core.resnet import build_resnet
-from pretrain.core.safe_load import load_torch_file
 from pretrain.core.schedule import ResumableLambdaLR, lr_factor
 
 log = logging.getLogger(__name__)
@@ -141,6 +140,19 @@ class DetectionModule(pl.LightningModule):
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_steps = 0
 
+    @property
+    def probe_steps(self) -> int:
+        """``linear_probe_steps``: LP-FT's head-only steps before the backbone trains (0: none)."""
+        return int(self.cfg.get("linear_probe_steps") or 0)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """During LP-FT's probe the backbone's BatchNorm layers keep their statistics (eval mode), so
+        that the heads train on the pretrained features as they are; Lightning sets train mode each epoch."""
+        if self.probe_steps:
+            probing = self.global_step < self.probe_steps
+            for m in backbone_norms(self.model):
+                m.train(not probing)
+
     def count_skipped(self, targets: Sequence[Mapping[str, Any]]) -> None:
         """Record the unreadable images the dataset replaced by the ones in this batch."""
         for t in targets:
@@ -176,7 +188,8 @@ class DetectionModule(pl.LightningModule):
         optimizer = hydra.utils.instantiate(opt_cfg, _convert_="all")(groups)
         sched_cfg = dict(self.cfg["scheduler"])
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = ResumableLambdaLR(optimizer, partial(lr_factor, total_steps=total, **sched_cfg))
+        factors = linear_probe_factors(groups, partial(lr_factor, total_steps=total, **sched_cfg), self.probe_steps)
+        scheduler = ResumableLambdaLR(optimizer, factors)
         log.info("optimizer %s, %d steps, groups: %s", type(optimizer).__name__, total,
                  ", ".join(f"{g['name']}={g['lr']:.3g}" for g in groups))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -274,49 +287,3 @@ def _ground_truth(loaders: Any) -> Any:
     if coco is None:
         raise TypeError("the validation dataloader's dataset needs a `.coco` ground truth (use CocoDetection)")
     return coco
-
-
-def load_detection_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                              weights: str = "auto") -> DetectionModule:
-    """Rebuild a trained detector from its Lightning checkpoint alone (``weights_only=True``).
-
-    Args:
-        path: a ``.ckpt`` written by ``python -m finetune``, by any stage.
-        map_location: where to load the tensors.
-        weights: which of the checkpoint's named weight sets (``checkpoint["weight_sets"]``, see
-            :meth:`DetectionModule.weight_sets`): ``auto`` (the one the run deployed) or a name it
-            holds (plain fine-tuning checkpoints hold only ``student``; a stage that trains more
-            than one detector names its own).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a fine-tuning checkpoint of this package, or no weight set of that name in it.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    ckpt = load_torch_file(p, "detector checkpoint", map_location=map_location)
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
-    if not hp or not {"cfg", "label_map", "backbone_info"} <= set(hp) or "state_dict" not in ckpt:
-        raise ValueError(
-            f"{p} is not a fine-tuning checkpoint (needs hyper_parameters cfg/label_map/backbone_info "
-            "and a state_dict); pass a .ckpt written by `python -m finetune`"
-        )
-    state = ckpt["state_dict"]
-    sets = ckpt.get("weight_sets") or {"deploy": "student", "prefixes": {"student": "model."}}
-    prefixes = {name: prefix for name, prefix in sets["prefixes"].items() if any(k.startswith(prefix) for k in state)}
-    use = sets["deploy"] if weights == "auto" else weights
-    if use not in prefixes:
-        held = ", ".join(sorted(prefixes)) or "none"
-        raise ValueError(f"{p} has no {use!r} weights (it holds: {held}); use weights=auto or one of them")
-    prefix = prefixes[use]
-    model_state = {"model." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    module = DetectionModule(cfg=hp["cfg"], label_map=hp["label_map"], backbone_info=hp["backbone_info"],
-                             num_classes=hp.get("num_classes"))
-    module.load_state_dict(model_state, strict=True)
-    module.history = list(ckpt.get("history", []))
-    module.skipped_images = dict.fromkeys(ckpt.get("skipped_images", []))
-    module.checkpoint_epoch = ckpt.get("epoch")
-    module.checkpoint_step = ckpt.get("global_step")
-    module.deployed_weights = use
-    return module.eval()

@@ -14,7 +14,7 @@ normalisation parameters, as is standard for detection). Frozen parameters are l
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -173,3 +173,24 @@ def part_of(param_name: str) -> str:
         if parts[i] == "backbone" and parts[i + 1] == "fpn":
             return "fpn"
     return "head"
+
+
+def linear_probe_factors(groups: Sequence[Mapping[str, Any]], factor: Callable[[int], float],
+                         probe_steps: int) -> list[Callable[[int], float]]:
+    """Per-group LR factors for LP-FT (Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained
+    Features"): for the first ``probe_steps`` optimizer steps the backbone's groups (stem..layer4)
+    stand still (factor 0) while the FPN and heads train on its features, then every group follows
+    ``factor``. With ``probe_steps`` 0 every group follows ``factor``."""
+    if probe_steps < 0:
+        raise ValueError(f"linear_probe_steps must be >= 0, got {probe_steps}")
+
+    def probed(step: int) -> float:
+        return 0.0 if step < probe_steps else factor(step)
+
+    return [probed if probe_steps and str(g["name"]).split(".")[0] in BACKBONE_PARTS else factor for g in groups]
+
+
+def backbone_norms(model: nn.Module) -> list[nn.Module]:
+    """The trainable BatchNorm layers of the detector's ResNet (``backbone.body``)."""
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and part_of(f"{name}.weight") in BACKBONE_PARTS]

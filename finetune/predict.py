@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from finetune.checkpoint import load_detection_checkpoint
 from finetune.inference import InferenceSetup, add_inference_args, prepare
-from finetune.module import DetectionModule, load_detection_checkpoint
+from finetune.module import DetectionModule
 from finetune.plots import PRED_COLOUR, draw_detections
 from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
 from pretrain.core.precision import resolve_device

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from finetune.coco_eval import format_table
+from finetune.coco_results import format_table
 
 SETTING = ("backbone", "method", "epochs", "prototypes", "detector", "semi", "threshold", "unsup_weight", "labeled")
 METRICS = ("AP", "AP50", "APs", "APm", "APl")

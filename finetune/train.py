@@ -29,10 +29,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from finetune.backbone import backbone_info_of
+from finetune.checkpoint import load_detection_checkpoint
 from finetune.data.labeled import DataPaths, build_datasets, resolve_data_paths
 from finetune.ddp_report import DistributedReport
 from finetune.finish import ExtraMetrics, finish
-from finetune.module import DetectionModule, load_detection_checkpoint
+from finetune.module import DetectionModule
 from pretrain.core import precision
 from pretrain.core.coco import CocoDetection, collate_fn, save_label_map
 from pretrain.core.resume import DeterministicResume, EpochSampler, seeded_loader_parts

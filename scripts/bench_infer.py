@@ -96,7 +96,8 @@ class PartTimer:
 
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """(DetectionModule, CocoDetection or None): the checkpoint's model, or a random-init one."""
-    from finetune.module import DetectionModule, load_detection_checkpoint
+    from finetune.checkpoint import load_detection_checkpoint
+    from finetune.module import DetectionModule
     from finetune.transforms import build_transforms
     from pretrain.core.coco import CocoDetection
 

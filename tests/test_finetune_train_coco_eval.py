@@ -11,7 +11,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from finetune.coco_eval import COCO_STATS, detections_to_coco, evaluate_coco, format_table, write_predictions
+from finetune.coco_eval import COCO_STATS, evaluate_coco
+from finetune.coco_results import detections_to_coco, format_table, write_predictions
 from pretrain.core.schedule import lr_factor
 
 

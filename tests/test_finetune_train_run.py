@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from finetune.checkpoint import load_detection_checkpoint
 from finetune.coco_eval import COCO_STATS, evaluate_coco
-from finetune.module import load_detection_checkpoint
 from finetune.train import train
 from pretrain.core.backbone_file import save_backbone_file
 
@@ -289,3 +289,39 @@ def test_evaluate_and_predict_record_the_fast_path(frcnn_run, synthetic_data, tm
     assert written["inference"]["rpn_post_nms_top_n_test"] == 5
     # At most 5 proposals per image reach the box head: at most 5 x classes detections per image.
     assert all(len(r["detections"]) <= 5 * len(written["classes"]) for r in written["images"])
+
+
+def test_linear_probe_then_fine_tune_holds_the_backbone_for_the_probe(synthetic_data, backbone_file, tmp_path):
+    """LP-FT: during the probe steps the pretrained ResNet (weights and BN statistics) stays exactly as
+    loaded while the heads train; after them it trains too (the smoke run takes 3 steps)."""
+    from finetune.optim import linear_probe_factors
+
+    groups = [{"name": "layer4"}, {"name": "stem.no_decay"}, {"name": "fpn"}, {"name": "head.no_decay"}]
+    factors = linear_probe_factors(groups, lambda step: 0.5, probe_steps=3)
+    assert [f(2) for f in factors] == [0.0, 0.0, 0.5, 0.5] and [f(3) for f in factors] == [0.5] * 4
+    with pytest.raises(ValueError, match="linear_probe_steps"):
+        linear_probe_factors(groups, lambda step: 1.0, probe_steps=-1)
+
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(backbone_file))
+    args = (f"backbone.checkpoint={backbone_file}", "backbone.arch=auto", "backbone.norm=bn",
+            "backbone.trainable_layers=5", "trainer.max_epochs=1", "eval.plots=false", "resume=false")
+
+    def body_and_head(run_dir: Path) -> tuple[dict, dict]:
+        sd = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        body = {k.split("backbone.body.", 1)[1]: v for k, v in sd.items() if ".backbone.body." in k}
+        head = {k: v for k, v in sd.items() if ".roi_heads." in k}
+        return body, head
+
+    probe = tmp_path / "probe"
+    m = train(smoke_cfg(synthetic_data["root"], *args, "linear_probe_steps=100"), run_dir=probe)
+    body, head = body_and_head(probe)
+    assert m["global_step"] == 3 and set(body) <= set(loaded)
+    assert all(torch.equal(body[k], loaded[k]) for k in body if body[k].is_floating_point()), "the probe moved it"
+    after = tmp_path / "after"
+    train(smoke_cfg(synthetic_data["root"], *args, "linear_probe_steps=1"), run_dir=after)
+    body2, head2 = body_and_head(after)
+    assert any(not torch.equal(body2[k], loaded[k]) for k in body2 if k.endswith("weight"))  # trained after step 1
+    assert any(not torch.equal(body2[k], loaded[k]) for k in body2 if k.endswith("running_mean"))
+    assert any(not torch.equal(head[k], head2[k]) for k in head)  # the heads trained in both

@@ -55,7 +55,7 @@ def test_empty_folder_is_an_error(tmp_path):
 
 
 def test_compare_is_the_coco_table_with_a_difference_row():
-    from finetune.coco_eval import format_table
+    from finetune.coco_results import format_table
     from finetune.report import compare
 
     runs = {"ssl": {"coco": {"AP": 0.25, "AP50": 0.5}}, "random": {"coco": {"AP": 0.2, "AP50": -1.0}}}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from finetune.module import load_detection_checkpoint
+from finetune.checkpoint import load_detection_checkpoint
 from finetune.run import run as train
 from finetune.semi.data import UnlabeledDetectionImages
 
@@ -311,8 +311,8 @@ def test_a_mode_is_refused_by_the_capability_its_detector_lacks():
     CAPABILITIES["test_only_plain"] = DetectorCapabilities(model_type=torch.nn.Identity, roi_heads=False,
                                                            sigmoid_classes=False)
     try:
-        with pytest.raises(ValueError, match=r"semi=consistency needs a detector with anchor_outputs; "
-                                             r"detector=test_only_plain has not \(use detector=fasterrcnn or retinanet\)"):
+        with pytest.raises(ValueError, match=r"semi=consistency needs a detector with anchor_outputs; detector="
+                                             r"test_only_plain has not \(use detector=fasterrcnn or retinanet\)"):
             require("test_only_plain", ("anchor_outputs",), "semi=consistency")
         require("retinanet", ("anchor_outputs", "sigmoid_classes"), "x")  # has both: no error
     finally:

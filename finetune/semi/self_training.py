@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as TF
 
+from finetune.checkpoint import load_detection_checkpoint
 from finetune.data.cocofile import merge_coco
 from finetune.data.labeled import resolve_data_paths
-from finetune.module import DetectionModule, load_detection_checkpoint
+from finetune.module import DetectionModule
 from finetune.semi.base import SemiMode, register_semi_mode
 from finetune.semi.data import UnlabeledDetectionImages, unlabeled_source
 from finetune.semi.health import PseudoLabelHealth

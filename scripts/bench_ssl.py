@@ -1,0 +1,261 @@
+"""The SSL benchmark: does self-supervised pretraining beat random init, with few labels?
+
+    python scripts/bench_ssl.py --seeds 0 1 2 3 4                   # every arm, both label counts
+    python scripts/bench_ssl.py --arms random --labels 20 --seeds 0 1   # part of it (resumable)
+    python scripts/bench_ssl.py --report-only --benchmarks BENCHMARKS.md
+
+Protocol (issue 30). The synthetic scenes of ``conf/shared/synthetic/ssl_bench.yaml``: 10k unlabeled
+128 px scenes to pretrain on, 300 validation scenes, 100 labeled ones. Label regimes: all 100 labeled
+scenes, or a seeded subset of ``n`` (the splitter, one split per seed). Arms, each paired over the
+same seeds (a seed is the split's and the fine-tuning's):
+
+- ``random``: Faster R-CNN R18-FPN (``experiment=demo``'s CPU-sized detector and AdamW recipe) from
+  random init, every layer trained (its best regime: it has nothing to keep);
+- ``ssl``: the same from the pretrained backbone (``--pretrain``, run once, resumable);
+- ``ssl_lpft``: LP-FT (Kumar et al., ICLR 2022): the first third of the steps train only FPN and heads
+  on the pretrained features (``linear_probe_steps``), then every layer;
+- ``ssl_frozen``: the pretrained backbone frozen, only FPN and heads trained (what the features carry).
+
+A gate (the issue's): a pretrained backbone whose kNN top-1 on the validation boxes does not beat the
+random-features kNN (step 0 of its own run) by ``--knn-gate`` is reported as such and not fine-tuned.
+Every finished run goes into a ledger (``benchmarks/ssl/synthetic.json``, tracked in git) keyed by
+arm, label count and seed with a fingerprint of its recipe: a run whose fingerprint is there is
+skipped, a changed recipe re-runs; an interrupted run resumes from its last checkpoint. The table:
+AP and AP50 as mean +- std, AP at the first and middle validation (pretraining mostly speeds up early
+convergence), the paired difference to random init over the same seeds, and the kNN of random
+features and of the backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench_accuracy import fingerprint, load_ledger
+from bench_common import describe, machine_info, mean_std, put_section
+
+from finetune.data.split import split_coco
+from finetune.pipeline import backbone_of, quote, run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = "conf/shared/synthetic/ssl_bench.yaml"
+ARMS = ("random", "ssl", "ssl_lpft", "ssl_frozen")
+LABELS = {"random": "random init", "ssl": "SSL, fine-tuned", "ssl_lpft": "SSL, LP-FT",
+          "ssl_frozen": "SSL, backbone frozen"}
+# SimCLR as make demo's recipe (grayscale 64 px views, temperature 0.2, SGD at batch 64), for 24 epochs
+# of the 10k scenes: 3744 steps, 240k view pairs (the issue's >= 200k at 64 px).
+PRETRAIN = ("method=simclr experiment=demo synthetic@data=ssl_bench trainer.max_epochs=24 "
+            "checkpoint_every_n_steps=100 trainer.enable_progress_bar=false")
+# make demo's fine-tuning (detector=fasterrcnn_cpu, AdamW 1e-3, cosine, BN trainable, every stage
+# trained) on the benchmark's labeled scenes (data.train_json: all or a split; data.val_json: its 300
+# validation scenes); the steps per label count are set in STEPS.
+FINETUNE = "experiment=demo synthetic@data=ssl_bench eval.plots=false trainer.enable_progress_bar=false"
+# Optimizer steps per label count at batch 8 (the demo's 390 at 100 labels; 201 at 20, as measured in issue 30).
+STEPS = {100: 390, 20: 201}
+VALIDATIONS = 6  # validations per run (AP over steps)
+
+
+def synthetic_set() -> dict[str, Path]:
+    """The benchmark's synthetic set (generated on first use, like make demo's)."""
+    import yaml
+
+    from pretrain.core.synthetic import ensure_synthetic
+
+    conf = yaml.safe_load((REPO / DATA).read_text())
+    root = (REPO / conf["synthetic_dir"]).resolve()
+    out = ensure_synthetic(root, **conf["synthetic"])
+    return {"train": Path(out["train_json"]).resolve(), "val": Path(out["val_json"]).resolve(), "root": root}
+
+
+def labeled_json(data: Mapping[str, Path], n: int, seed: int, out: Path) -> Path:
+    """All labeled scenes, or a seeded split of ``n`` of them (the rest is not used here)."""
+    num = len(json.loads(data["train"].read_text())["images"])
+    if n >= num:
+        return data["train"]
+    split_dir = out / "splits" / f"n{n}_seed{seed}"
+    if not (split_dir / "labeled.json").is_file():
+        split_coco(data["train"], split_dir, num_labeled=n, seed=seed)
+    return split_dir / "labeled.json"
+
+
+def schedule(n: int, batch: int = 8) -> list[str]:
+    """Epochs for the label count's step budget, and validations spread over the run."""
+    per_epoch = -(-n // batch)
+    steps = STEPS.get(n, 390)
+    epochs = max(1, round(steps / per_epoch))
+    every = max(1, epochs // VALIDATIONS)
+    return [f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}"]
+
+
+def recipe(arm: str, n: int, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    r: dict[str, Any] = {"arm": arm, "labels": n, "seed": seed, "finetune": a.finetune, "schedule": schedule(n)}
+    if arm != "random":
+        r["pretrain"] = a.pretrain
+    return r
+
+
+def overrides(arm: str, n: int, seed: int, train: Path, val: Path, backbone: Path | None,
+              a: argparse.Namespace) -> list[str]:
+    out = [f"data.train_json={quote(train)}", f"data.val_json={quote(val)}", f"seed={seed}",
+           *shlex.split(a.finetune), *schedule(n)]
+    if arm != "random":
+        assert backbone is not None
+        out.append(f"backbone.checkpoint={quote(backbone)}")
+    if arm == "ssl_frozen":
+        out.append("freeze_backbone=true")
+    if arm == "ssl_lpft":
+        out.append(f"linear_probe_steps={STEPS.get(n, 390) // 3}")
+    return out
+
+
+def key(arm: str, n: int, seed: int) -> str:
+    return f"{arm}/n{n}/seed{seed}"
+
+
+def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
+    curve = [(h["step"], h.get("val_AP"), h.get("val_AP50")) for h in metrics.get("history") or []
+             if h.get("val_AP") is not None]
+    return {"fingerprint": fingerprint(rec), "AP": metrics["coco"]["AP"], "AP50": metrics["coco"]["AP50"],
+            "curve": curve, "steps": metrics.get("global_step"), "train_time_s": metrics.get("train_time_s"),
+            "precision": metrics.get("precision"), "machine": describe(machine_info()),
+            "date": dt.date.today().isoformat()}
+
+
+def pretraining(a: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume, or find done) the pretraining; its backbone, kNN and random-features kNN."""
+    run_dir = a.out / f"pretrain_{fingerprint({'pretrain': a.pretrain})}"
+    run_stage("pretrain", run_dir, shlex.split(a.pretrain))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"backbone": backbone_of(run_dir), "knn": m.get("knn_top1"), "knn_random": m.get("knn_top1_random"),
+            "steps": m.get("global_step"), "run_dir": str(run_dir)}
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    ledger = load_ledger(a.ledger)
+    todo = [(arm, n, s) for n in a.labels for s in a.seeds for arm in a.arms
+            if (ledger["runs"].get(key(arm, n, s)) or {}).get("fingerprint") != fingerprint(recipe(arm, n, s, a))]
+    if a.report_only or not todo:
+        return ledger
+    data = synthetic_set()
+    pre = None
+    if any(arm != "random" for arm, *_ in todo):
+        pre = pretraining(a)
+        ledger["pretrain"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in pre.items()}
+        a.ledger.parent.mkdir(parents=True, exist_ok=True)
+        a.ledger.write_text(json.dumps(ledger, indent=1))
+        gap = None if pre["knn"] is None or pre["knn_random"] is None else pre["knn"] - pre["knn_random"]
+        if gap is not None and gap < a.knn_gate:
+            print(f"gate: the backbone's kNN {pre['knn']:.3f} is not above random features' {pre['knn_random']:.3f} "
+                  f"by {a.knn_gate}; its arms are not fine-tuned", flush=True)
+            todo = [t for t in todo if t[0] == "random"]
+    for arm, n, s in todo:
+        rec = recipe(arm, n, s, a)
+        train = labeled_json(data, n, s, a.out)
+        run_dir = a.out / arm / f"n{n}_seed{s}_{fingerprint(rec)}"
+        print(f"== {key(arm, n, s)} -> {run_dir}", flush=True)
+        run_stage("finetune", run_dir, overrides(arm, n, s, train, data["val"],
+                                                 pre["backbone"] if pre else None, a))
+        ledger["runs"][key(arm, n, s)] = entry(json.loads((run_dir / "metrics.json").read_text()), rec)
+        a.ledger.parent.mkdir(parents=True, exist_ok=True)
+        a.ledger.write_text(json.dumps(ledger, indent=1))  # after every run: a killed benchmark loses one run
+    return ledger
+
+
+def _at(curve: Sequence[Sequence[Any]], i: int) -> float | None:
+    return curve[i][1] if len(curve) > i else None
+
+
+def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str:
+    runs = ledger["runs"]
+
+    def vals(arm: str, n: int, pick: Any = lambda e: e["AP"]) -> dict[int, float]:
+        out = {}
+        for s in a.seeds:
+            e = runs.get(key(arm, n, s))
+            if e and e["fingerprint"] == fingerprint(recipe(arm, n, s, a)) and pick(e) is not None:
+                out[s] = pick(e)
+        return out
+
+    pre = ledger.get("pretrain") or {}
+    knn, knn_r = pre.get("knn"), pre.get("knn_random")
+    lines = ["### Synthetic scenes: SSL against random init", "",
+             ("AP and AP50 (COCO, %) on the 300 validation scenes, mean +- std over the seeds; `vs random`: the "
+              "paired AP difference to random init over the same seeds; `first / middle val`: AP at the first and "
+              "middle validation of the run. A gain counts when its mean exceeds the larger std of the two arms."),
+             "", f"    {command}", "",
+             (f"Backbone kNN top-1 on the validation boxes: {knn:.3f} against {knn_r:.3f} for its random init "
+              f"(step 0), after {pre.get('steps')} steps." if knn is not None and knn_r is not None else
+              "Backbone kNN: not measured yet."), "",
+             "| labels | arm | seeds | AP | AP50 | first / middle val AP | vs random (AP) |",
+             "|---|---|---|---|---|---|---|"]
+    for n in a.labels:
+        base = vals("random", n)
+        for arm in ARMS:
+            ap = vals(arm, n)
+            if not ap:
+                lines.append(f"| {n} | {LABELS[arm]} | 0 | - | - | - | - |")
+                continue
+            ap50 = vals(arm, n, lambda e: e["AP50"])
+            first = vals(arm, n, lambda e: _at(e["curve"], 0))
+            mid = vals(arm, n, lambda e: _at(e["curve"], len(e["curve"]) // 2))
+            delta = "-"
+            common = [s for s in ap if s in base]
+            if arm != "random" and common:
+                d = [ap[s] - base[s] for s in common]
+                spread = max(statistics.stdev([ap[s] for s in common]) if len(common) > 1 else 0.0,
+                             statistics.stdev([base[s] for s in common]) if len(common) > 1 else 0.0)
+                verdict = ("gain" if statistics.mean(d) > spread and len(common) > 1 else
+                           "within the spread" if len(common) > 1 else "1 seed")
+                delta = f"{'+' if statistics.mean(d) >= 0 else ''}{mean_std(d)} ({verdict})"
+            lines.append(f"| {n} | {LABELS[arm]} | {len(ap)} | {mean_std(list(ap.values()))} | "
+                         f"{mean_std(list(ap50.values()))} | {mean_std(list(first.values()))} / "
+                         f"{mean_std(list(mid.values()))} | {delta} |")
+    machines = sorted({e["machine"] for e in runs.values()})
+    lines += ["", f"Recipes: pretraining `{a.pretrain}`; fine-tuning `{a.finetune}` with "
+              + ", ".join(f"{n} labels: `{' '.join(schedule(n))}`" for n in a.labels) + ".",
+              "", f"Measured on: {'; '.join(machines) or '-'}."]
+    return "\n".join(lines) + "\n"
+
+
+SSL_HEAD = ("## SSL: pretraining against random init\n\nWritten by `scripts/bench_ssl.py --benchmarks BENCHMARKS.md` "
+            "from the ledger in `benchmarks/ssl/`; see the script's docstring for the protocol.\n")
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labels", type=int, nargs="+", default=[20, 100])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--pretrain", default=PRETRAIN, help="pretraining overrides")
+    p.add_argument("--finetune", default=FINETUNE, help="fine-tuning overrides of every arm")
+    p.add_argument("--knn-gate", type=float, default=0.05, help="kNN margin over random features to fine-tune")
+    p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_ssl")
+    p.add_argument("--ledger", type=Path, default=REPO / "benchmarks" / "ssl" / "synthetic.json")
+    p.add_argument("--benchmarks", type=Path, default=None, help="write the table into this markdown file")
+    p.add_argument("--report-only", action="store_true")
+    a = p.parse_args(argv)
+    a.out = a.out.resolve()
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse(argv)
+    ledger = run(a)
+    command = " ".join(shlex.quote(x) for x in ["python", "scripts/bench_ssl.py",
+                                                 *[x for x in (argv if argv is not None else sys.argv[1:])
+                                                   if x != "--report-only"]])
+    text = table(ledger, a, command)
+    print(text)
+    if a.benchmarks is not None:
+        put_section(a.benchmarks, text, "ssl", "synthetic", "## SSL", SSL_HEAD)
+
+
+if __name__ == "__main__":
+    main()
