@@ -1,7 +1,7 @@
 # Metadata lives in setup.cfg. This file adds one build step: a wheel carries the Hydra configs.
 # conf/ sits beside the packages (the layout the design card fixes), outside any package, so a
 # non-editable install would not find it; build_py copies it into pretrain/_conf/ (symlinks resolved),
-# where pretrain.core.configs.config_dir looks first. Source checkouts and editable installs read conf/.
+# where pretrain.core.run.configs.config_dir looks first. Source checkouts and editable installs read conf/.
 import shutil
 from pathlib import Path
 

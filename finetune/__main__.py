@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pretrain.core.configs import config_dir
+from pretrain.core.run.configs import config_dir
 
 
 @hydra.main(config_path=config_dir("finetune"), config_name="finetune", version_base="1.3")

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from finetune.backbone_read import IGNORED, read_weights
-from pretrain.core.resnet import ARCHS, NORMS, build_resnet, infer_arch, infer_norm
+from pretrain.core.backbone.resnet import ARCHS, NORMS, build_resnet, infer_arch, infer_norm
 
 __all__ = ["BackboneMismatchError", "LoadReport", "load_backbone", "read_weights"]
 
@@ -62,7 +62,7 @@ class LoadReport:
             ``arch`` and ``norm`` filled in from the weights when the file does not say.
         ignored: keys dropped on purpose: ``fc.*`` classifier weights, ``num_batches_tracked``
             counters that FrozenBatchNorm2d has no buffer for, and the heads, queues and momentum
-            copies of SSL checkpoints (see :mod:`pretrain.core.ssl_checkpoints`).
+            copies of SSL checkpoints (see :mod:`pretrain.core.backbone.ssl_checkpoints`).
     """
 
     source: str | None

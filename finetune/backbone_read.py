@@ -3,7 +3,7 @@
 All are read without pickle code execution: the backbone file (``.safetensors`` + ``.json``), a
 bare ``.safetensors``, a Lightning ``.ckpt`` (pretrain's or a fine-tuning run's) and the ``.pth`` /
 ``.pt`` / ``.bin`` / ``.tar`` state dicts of torchvision, timm and the SSL code bases
-(:mod:`pretrain.core.ssl_checkpoints` finds the ResNet in each).
+(:mod:`pretrain.core.backbone.ssl_checkpoints` finds the ResNet in each).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from pretrain.core.backbone_file import WEIGHTS_NAME, extract_backbone, meta_path, read_backbone_file
-from pretrain.core.safe_load import load_torch_file
-from pretrain.core.ssl_checkpoints import split_backbone, unwrap
+from pretrain.core.backbone.backbone_file import WEIGHTS_NAME, extract_backbone, meta_path, read_backbone_file
+from pretrain.core.backbone.ssl_checkpoints import split_backbone, unwrap
+from pretrain.core.run.safe_load import load_torch_file
 
 # Key of read_weights' metadata listing the head / queue / momentum-copy keys it left out.
 IGNORED = "ignored_keys"
@@ -69,7 +69,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
         return weights, {**meta, IGNORED: ignored}, "lightning_ckpt"
     if suffix in TORCH_SUFFIXES:
         # torchvision references save {"model": sd}, MoCo {"state_dict": sd}, DINO {"teacher": sd},
-        # VISSL nested dicts: pretrain.core.ssl_checkpoints knows the layouts of the SSL code bases.
+        # VISSL nested dicts: pretrain.core.backbone.ssl_checkpoints knows the layouts of the SSL code bases.
         try:
             weights, ignored = split_backbone(unwrap(_torch_load(path)))
         except ValueError as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from finetune.module import DetectionModule
-from pretrain.core.safe_load import load_torch_file
+from pretrain.core.run.safe_load import load_torch_file
 
 
 def load_detection_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

@@ -32,9 +32,9 @@ from finetune.coco_results import write_predictions
 from finetune.inference import InferenceSetup, add_inference_args, prepare
 from finetune.module import DetectionModule
 from finetune.transforms import build_transforms
-from pretrain.core.coco import CocoDetection, collate_fn
-from pretrain.core.precision import resolve_device
-from pretrain.core.runtime import run_dir_of, write_json
+from pretrain.core.data.coco import CocoDetection, collate_fn
+from pretrain.core.run.checkpoints import run_dir_of, write_json
+from pretrain.core.run.precision import resolve_device
 
 log = logging.getLogger(__name__)
 GROUND_TRUTH = "ground_truth.json"  # the evaluated (cleaned) ground truth, beside predictions.json
@@ -163,6 +163,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pretrain.core.safe_load import run_cli
+    from pretrain.core.run.safe_load import run_cli
 
     run_cli(main)

@@ -22,9 +22,11 @@ from finetune.ddp_report import DistributedReport
 from finetune.evaluate import evaluate_module
 from finetune.inference import AUTOCAST_DTYPES, prepare
 from finetune.module import DetectionModule
-from pretrain.core import precision
-from pretrain.core.coco import CocoDetection
-from pretrain.core.runtime import CKPT_DIR, last_checkpoint, log_images, skipped_nonfinite_steps, write_json
+from pretrain.core.data.coco import CocoDetection
+from pretrain.core.run import precision
+from pretrain.core.run.checkpoints import CKPT_DIR, last_checkpoint, write_json
+from pretrain.core.run.guards import skipped_nonfinite_steps
+from pretrain.core.run.logs import log_images
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def finish(
         # Plots are a convenience: a plotting failure must not lose a finished run's metrics.
         try:
             from finetune.plots import plot_predictions
-            from pretrain.core.curves import plot_training_curves
+            from pretrain.core.run.curves import plot_training_curves
 
             logs = sorted((run_dir / "logs").glob("metrics*.csv"))
             plot_training_curves(logs, run_dir / "plots", history)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from finetune.detectors import capabilities_of
-from pretrain.core.precision import choose
+from pretrain.core.run.precision import choose
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

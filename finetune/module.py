@@ -26,9 +26,9 @@ from finetune.coco_eval import evaluate_coco
 from finetune.coco_results import detections_to_coco
 from finetune.detectors import build_detector
 from finetune.optim import backbone_norms, freeze_parts, linear_probe_factors, param_groups
-from pretrain.core.coco import LabelMap
-from pretrain.core.resnet import build_resnet
-from pretrain.core.schedule import ResumableLambdaLR, lr_factor
+from pretrain.core.backbone.resnet import build_resnet
+from pretrain.core.data.coco import LabelMap
+from pretrain.core.run.schedule import ResumableLambdaLR, lr_factor
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from finetune.detectors import to_frozen_bn
-from pretrain.core.schedule import no_weight_decay
+from pretrain.core.run.schedule import no_weight_decay
 
 log = logging.getLogger(__name__)
 PARTS = ("head", "fpn", "layer4", "layer3", "layer2", "layer1", "stem")

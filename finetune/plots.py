@@ -1,4 +1,4 @@
-"""Predictions drawn next to ground truth (the curves are in pretrain.core.curves)."""
+"""Predictions drawn next to ground truth (the curves are in pretrain.core.run.curves)."""
 
 from __future__ import annotations
 

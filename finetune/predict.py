@@ -28,10 +28,10 @@ from finetune.checkpoint import load_detection_checkpoint
 from finetune.inference import InferenceSetup, add_inference_args, prepare
 from finetune.module import DetectionModule
 from finetune.plots import PRED_COLOUR, draw_detections
-from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
-from pretrain.core.precision import resolve_device
-from pretrain.core.runtime import run_dir_of, write_json
-from pretrain.core.unlabeled import list_images
+from pretrain.core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
+from pretrain.core.data.unlabeled import list_images
+from pretrain.core.run.checkpoints import run_dir_of, write_json
+from pretrain.core.run.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    from pretrain.core.safe_load import run_cli
+    from pretrain.core.run.safe_load import run_cli
 
     run_cli(main)

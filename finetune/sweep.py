@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import hydra
 from omegaconf import DictConfig
 
-from pretrain.core.configs import config_dir
+from pretrain.core.run.configs import config_dir
 from pretrain.train import train
 
 CALLBACK = {

@@ -34,20 +34,19 @@ from finetune.data.labeled import DataPaths, build_datasets, resolve_data_paths
 from finetune.ddp_report import DistributedReport
 from finetune.finish import ExtraMetrics, finish
 from finetune.module import DetectionModule
-from pretrain.core import precision
-from pretrain.core.coco import CocoDetection, collate_fn, save_label_map
-from pretrain.core.resume import DeterministicResume, EpochSampler, seeded_loader_parts
-from pretrain.core.runtime import (
+from pretrain.core.data.coco import CocoDetection, collate_fn, save_label_map
+from pretrain.core.run import precision
+from pretrain.core.run.checkpoints import (
     CKPT_DIR,
-    build_trainer,
-    fit,
     hydra_run_dir,
     last_checkpoint,
     last_checkpoint_callbacks,
     save_config,
-    use_sync_batchnorm,
 )
-from pretrain.core.safe_load import load_torch_file
+from pretrain.core.run.guards import fit
+from pretrain.core.run.resume import DeterministicResume, EpochSampler, seeded_loader_parts
+from pretrain.core.run.safe_load import load_torch_file
+from pretrain.core.run.trainer import build_trainer, use_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class FitPlan:
     """What a run trains: the module, its training batches and what the rest of the run needs of it.
 
     ``samplers``: every seeded sampler of ``train_loader`` with its batch size, for
-    :class:`~pretrain.core.resume.DeterministicResume`; ``extra_metrics``: a section for
+    :class:`~pretrain.core.run.resume.DeterministicResume`; ``extra_metrics``: a section for
     metrics.json; ``callbacks``: added to the trainer's.
     """
 

@@ -1,6 +1,6 @@
 """Warnings for training that goes wrong without crashing: collapse shows up as flat numbers.
 
-A non-finite loss is handled by :class:`pretrain.core.runtime.StopOnNonFiniteLoss` (it stops the run
+A non-finite loss is handled by :class:`pretrain.core.run.guards.StopOnNonFiniteLoss` (it stops the run
 and keeps the last good checkpoint); these callbacks only warn, once per episode, with advice.
 """
 

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.io import ImageReadMode, decode_image
 
 from pretrain.augment import TensorMultiCrop, working_size
-from pretrain.core.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
-from pretrain.core.resume import seeded_loader_parts
-from pretrain.core.synthetic import ensure_synthetic
-from pretrain.core.unlabeled import UnlabeledImages
+from pretrain.core.data.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from pretrain.core.data.synthetic import ensure_synthetic
+from pretrain.core.data.unlabeled import UnlabeledImages
+from pretrain.core.run.resume import seeded_loader_parts
 from pretrain.knn import BoxCrops
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ _TV_DECODABLE = {("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"
 
 def decode_rgb(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
     """An image file as an upright uint8 ``(3, H, W)`` tensor: torchvision.io where it gives the
-    same pixels as :func:`pretrain.core.images.load_rgb`, that function otherwise.
+    same pixels as :func:`pretrain.core.data.images.load_rgb`, that function otherwise.
 
     Raises:
         ImageError: missing, unreadable, truncated or over ``max_pixels``, as ``load_rgb``.
@@ -90,7 +90,7 @@ class DecodedImages(UnlabeledImages):
     """Unlabeled images as ``(uint8 (3, S, S) image, (h, w) valid size)`` for ``data.augment=tensor``.
 
     Decoded with torchvision.io (PIL for odd files), fitted by :func:`fit_square`; unreadable files
-    are skipped and counted as in :class:`~pretrain.core.unlabeled.UnlabeledImages`.
+    are skipped and counted as in :class:`~pretrain.core.data.unlabeled.UnlabeledImages`.
 
     Args:
         source: a folder (recursive) or a COCO JSON (annotations ignored).
@@ -239,7 +239,7 @@ def train_loader(
     (``method.transform``), batched: with ``data.views_on=device`` the loader yields ``(uint8 images,
     valid sizes)`` and the model makes the views on its device; with ``loader`` the collate_fn
     makes them. The order and each image's augmentation are functions of ``(seed, epoch,
-    position)`` (:mod:`pretrain.core.resume`), so that a resumed run continues the same sequence;
+    position)`` (:mod:`pretrain.core.run.resume`), so that a resumed run continues the same sequence;
     under DDP Lightning wraps the sampler in a distributed one.
     """
     source = unlabeled_source(data_cfg)

@@ -1,7 +1,7 @@
 """Export the pretrained backbone file from a finished run or any pretrain Lightning checkpoint.
 
 ``python -m pretrain.export RUN/checkpoints/last.ckpt [--out DIR]`` writes
-``backbone.safetensors`` + ``backbone.json`` (see pretrain/core/backbone_file.py and DESIGN.md) into
+``backbone.safetensors`` + ``backbone.json`` (see pretrain/core/backbone/backbone_file.py and DESIGN.md) into
 the checkpoint's run directory or ``DIR``. The checkpoint is read with ``weights_only=True``.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from pretrain.core.backbone_file import extract_backbone, save_backbone_file
-from pretrain.core.resnet import FEATURE_DIMS, build_resnet
-from pretrain.core.runtime import run_dir_of
-from pretrain.core.safe_load import load_torch_file
+from pretrain.core.backbone.backbone_file import extract_backbone, save_backbone_file
+from pretrain.core.backbone.resnet import FEATURE_DIMS, build_resnet
+from pretrain.core.run.checkpoints import run_dir_of
+from pretrain.core.run.safe_load import load_torch_file
 
 # Method config keys that describe code or augmentation plumbing rather than the method.
 _NOT_SETTINGS = ("name", "module", "transform")

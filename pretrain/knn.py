@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pretrain.core.coco import CocoDetection
+from pretrain.core.data.coco import CocoDetection
 
 log = logging.getLogger(__name__)
 VOTES = ("weighted", "majority")
@@ -83,7 +83,7 @@ class BoxCrops(Dataset):
     so every validation epoch only runs the backbone.
 
     Args:
-        ann_file: COCO JSON; its images are read through :class:`pretrain.core.coco.CocoDetection`
+        ann_file: COCO JSON; its images are read through :class:`pretrain.core.data.coco.CocoDetection`
             (crowd boxes left out, missing images skipped with a warning).
         size: side of the square each box is resized to.
         max_boxes: keep a seeded random subset of at most this many boxes.

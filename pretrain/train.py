@@ -14,22 +14,20 @@ import hydra.utils
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from pretrain.core import precision
-from pretrain.core.curves import plot_pretrain_curves
-from pretrain.core.resnet import ARCHS
-from pretrain.core.resume import DeterministicResume
-from pretrain.core.runtime import (
-    build_trainer,
-    fit,
+from pretrain.core.backbone.resnet import ARCHS
+from pretrain.core.run import precision
+from pretrain.core.run.checkpoints import (
     hydra_run_dir,
     last_checkpoint,
     last_checkpoint_callbacks,
-    log_images,
     save_config,
-    skipped_nonfinite_steps,
-    use_sync_batchnorm,
     write_json,
 )
+from pretrain.core.run.curves import plot_pretrain_curves
+from pretrain.core.run.guards import fit, skipped_nonfinite_steps
+from pretrain.core.run.logs import log_images
+from pretrain.core.run.resume import DeterministicResume
+from pretrain.core.run.trainer import build_trainer, use_sync_batchnorm
 from pretrain.data import knn_loader, train_loader
 from pretrain.export import write_backbone
 from pretrain.methods.base import SSLMethod, plain_config

@@ -64,15 +64,15 @@ FAST_RCNN = "detector=fasterrcnn_cpu"
 FINETUNE_BASE = ("backbone.arch=resnet18 backbone.norm=bn backbone.trainable_layers=5 optimizer.lr=0.01 "
                  "scheduler=cosine scheduler.warmup_steps=20 trainer.gradient_clip_val=10 eval.plots=false "
                  "trainer.enable_progress_bar=false")
-# SwAV as in make demo (experiment=demo: grayscale 96 px views, SGD; see conf/pretrain/experiment_method/
-# demo_swav.yaml). Large photographs are decoded once into a 480 px working image and cropped at
-# 5-25% of its area, so that objects appear at about the scale the detector sees them.
+# SwAV as in make demo --method swav (experiment=demo_swav: grayscale 96 px views, SGD; see
+# conf/pretrain/experiment/demo_swav.yaml). Large photographs are decoded once into a 480 px working
+# image and cropped at 5-25% of its area, so that objects appear at about the scale the detector sees them.
 # Measured on chess (2026-12-02, 202 images): this recipe does not leave SwAV's uniform phase in 300
 # steps (loss ln 32, embeddings at cosine 0.77), nor do 40-100% crops of a 320 px working image or
 # SimCLR (SGD, 96 px, temperature 0.2) in 75 steps: the kNN probe on the valid set's piece crops
 # stays at 0.68-0.74, where random init gives 0.68. On 202 near-identical board photographs the
 # SSL arms need a longer budget (a GPU) before they can be read as "SSL".
-PRETRAIN_PHOTOS = ("method=swav experiment=demo data.knn_val_json=null data.augment=tensor data.cache_decoded=true "
+PRETRAIN_PHOTOS = ("experiment=demo_swav data.knn_val_json=null data.augment=tensor data.cache_decoded=true "
                    "data.num_workers=0 data.working_size=480 method.transform.crop_min_scales=[0.05] "
                    "method.transform.crop_max_scales=[0.25] trainer.enable_progress_bar=false")
 # The semi recipe: conf/finetune/semi/unbiased_teacher_soft.yaml (Unbiased Teacher with Soft Teacher's
@@ -108,7 +108,7 @@ def _synthetic(out: Path) -> tuple[Path, Path]:
     """The built-in set's 300 labeled and 1000 unlabeled scenes as one pool (the splitter draws from it)."""
     import yaml
 
-    from pretrain.core.synthetic import ensure_synthetic
+    from pretrain.core.data.synthetic import ensure_synthetic
 
     conf = yaml.safe_load((REPO / "conf" / "shared" / "synthetic" / "default.yaml").read_text())
     root = (REPO / conf["synthetic_dir"]).resolve()  # the set make demo generates, with the same settings
@@ -138,7 +138,7 @@ DATASETS = {
     # SwAV's demo recipe, which stays at ln K on these scenes (README's demo section).
     "synthetic": Dataset(_synthetic, "experiment=demo eval.plots=false trainer.enable_progress_bar=false "
                                      "trainer.max_epochs=30 trainer.check_val_every_n_epoch=10",
-                         "method=swav experiment=demo trainer.enable_progress_bar=false",
+                         "experiment=demo_swav trainer.enable_progress_bar=false",
                          f"{SEMI} semi.burn_in_epochs=15"),
 }
 

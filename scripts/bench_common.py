@@ -18,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from pretrain.core.precision import ENV_CPU_BF16, choose, cpu_flags
+from pretrain.core.run.precision import ENV_CPU_BF16, choose, cpu_flags
 
 # The flags that decide precision and kernel choice on x86 (lscpu shows many more).
 KEY_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")

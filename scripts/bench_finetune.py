@@ -39,12 +39,12 @@ from finetune.coco_eval import evaluate_coco
 from finetune.module import IMAGENET_MEAN, IMAGENET_STD, DetectionModule, build_model
 from finetune.optim import param_groups
 from finetune.transforms import build_transforms
-from pretrain.core.coco import CocoDetection, collate_fn
-from pretrain.core.precision import choose
-from pretrain.core.resnet import build_resnet
-from pretrain.core.runtime import build_trainer
-from pretrain.core.schedule import lr_factor
-from pretrain.core.synthetic import make_synthetic
+from pretrain.core.backbone.resnet import build_resnet
+from pretrain.core.data.coco import CocoDetection, collate_fn
+from pretrain.core.data.synthetic import make_synthetic
+from pretrain.core.run.precision import choose
+from pretrain.core.run.schedule import lr_factor
+from pretrain.core.run.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]  # for conf/finetune
 

@@ -99,7 +99,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     from finetune.checkpoint import load_detection_checkpoint
     from finetune.module import DetectionModule
     from finetune.transforms import build_transforms
-    from pretrain.core.coco import CocoDetection
+    from pretrain.core.data.coco import CocoDetection
 
     if args.ckpt:
         module = load_detection_checkpoint(args.ckpt)

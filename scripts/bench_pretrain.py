@@ -44,8 +44,8 @@ from lightly.transforms import SwaVTransform
 from PIL import Image
 from torch import nn
 
-from pretrain.core.precision import choose
-from pretrain.core.resnet import FEATURE_DIMS, build_resnet
+from pretrain.core.backbone.resnet import FEATURE_DIMS, build_resnet
+from pretrain.core.run.precision import choose
 from pretrain.methods.base import plain_config
 from pretrain.methods.swav import SwAV
 
@@ -167,14 +167,14 @@ def e2e_folder(args: argparse.Namespace) -> Path:
     """A folder of image files on disk: ``--images`` or the demo's synthetic unlabeled set."""
     if args.images:
         return Path(args.images)
-    from pretrain.core.synthetic import ensure_synthetic
+    from pretrain.core.data.synthetic import ensure_synthetic
 
     return Path(ensure_synthetic(Path(args.synthetic_dir))["unlabeled"])
 
 
 def bench_plain_e2e(args: argparse.Namespace, folder: Path, sizes: list[int], counts: list[int]) -> float:
     """lightly's example: ImageFolder-style PIL dataset + SwaVTransform in DataLoader workers + plain loop."""
-    from pretrain.core.unlabeled import UnlabeledImages
+    from pretrain.core.data.unlabeled import UnlabeledImages
 
     transform = SwaVTransform(crop_sizes=tuple(sizes), crop_counts=tuple(counts),
                               crop_min_scales=(0.14,) + (0.05,) * (len(sizes) - 1),

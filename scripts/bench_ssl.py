@@ -66,7 +66,7 @@ def synthetic_set() -> dict[str, Path]:
     """The benchmark's synthetic set (generated on first use, like make demo's)."""
     import yaml
 
-    from pretrain.core.synthetic import ensure_synthetic
+    from pretrain.core.data.synthetic import ensure_synthetic
 
     conf = yaml.safe_load((REPO / DATA).read_text())
     root = (REPO / conf["synthetic_dir"]).resolve()

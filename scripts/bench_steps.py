@@ -63,7 +63,7 @@ def overrides(args: argparse.Namespace, data: dict[str, Any], mode: str) -> list
 
 
 def one_mode(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from pretrain.core.synthetic import make_synthetic
+    from pretrain.core.data.synthetic import make_synthetic
 
     device = torch.device(args.device)
     n = args.batch_size * (args.warmup + args.steps)
@@ -73,7 +73,7 @@ def one_mode(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         from hydra import compose, initialize_config_dir
 
         from finetune.transforms import build_transforms
-        from pretrain.core.coco import CocoDetection
+        from pretrain.core.data.coco import CocoDetection
 
         ns = argparse.Namespace(**{**vars(args), "plain_precision": "32", "arch": "resnet18"})
         with initialize_config_dir(config_dir=str(REPO / "conf" / "finetune"), version_base="1.3"):

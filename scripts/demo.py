@@ -27,7 +27,11 @@ from finetune.pipeline import run_pipeline
 from finetune.plots import plot_predictions
 from finetune.report import compare
 
-METHOD_NAMES = {"swav": "SwAV", "simclr": "SimCLR", "moco": "MoCo v2", "vicreg": "VICReg"}
+METHOD_NAMES = {"swav": "SwAV", "simclr": "SimCLR", "moco": "MoCo v2", "vicreg": "VICReg", "densecl": "DenseCL",
+                "detcon": "DetCon"}
+# The pretraining preset of each method the demo offers (conf/pretrain/experiment/): one file each.
+DEMO_PRESETS = {"simclr": "experiment=demo", "swav": "experiment=demo_swav", "densecl": "experiment=demo_densecl",
+                "detcon": "experiment=demo_detcon"}
 
 
 def pretraining_health(pretrain: dict) -> str:
@@ -119,7 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="folder of the demo's run directories")
     p.add_argument("--smoke", action="store_true", help="tiny settings (experiment=smoke), seconds")
-    p.add_argument("--method", default="simclr", choices=sorted(METHOD_NAMES),
+    p.add_argument("--method", default="simclr", choices=sorted(DEMO_PRESETS),
                    help="pretraining method (default simclr: what learns in the demo's budget, README)")
     p.add_argument("--pretrain", default="", help="extra Hydra overrides for pretraining")
     p.add_argument("--finetune", default="", help="extra Hydra overrides for both fine-tunings")
@@ -134,7 +138,7 @@ def main() -> None:
     start = time.time()
     dirs = run_pipeline(
         a.out,
-        pretrain=[f"method={a.method}", exp, *shlex.split(a.pretrain)],
+        pretrain=[*([f"method={a.method}", exp] if a.smoke else [DEMO_PRESETS[a.method]]), *shlex.split(a.pretrain)],
         finetune=[exp, *shlex.split(a.finetune)],
         baseline=True,
         semi=None if a.no_semi else (shlex.split(a.semi) if a.semi is not None

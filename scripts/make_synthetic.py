@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from finetune.data.report import format_report, summarize
-from pretrain.core.synthetic import ensure_synthetic, make_synthetic
+from pretrain.core.data.synthetic import ensure_synthetic, make_synthetic
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
-from pretrain.core.synthetic import make_synthetic
+from pretrain.core.data.synthetic import make_synthetic
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Several test workers (make test): split the cores among them, for this process and for the
@@ -19,6 +22,26 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+CONF = REPO / "conf"
+
+
+def compose_config(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The one way the tests compose a stage's Hydra config (``conf/<stage>/<stage>.yaml`` with
+    ``overrides``), as ``python -m <stage>`` composes it."""
+    with initialize_config_dir(config_dir=str(CONF / stage), version_base="1.3"):
+        return compose(stage, overrides=list(overrides))
+
+
+def finetune_smoke_cfg(data_root: Path, *overrides: str) -> DictConfig:
+    """Fine-tuning's smoke config on the session's tiny synthetic set (no generation)."""
+    return compose_config("finetune", ["experiment=smoke", f"data.root={data_root}", "data.synthetic=null",
+                                       "eval.plot_images=2", *overrides])
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """:func:`compose_config` as a fixture, for tests that take their helpers as arguments."""
+    return compose_config
 
 
 @pytest.fixture(scope="session")

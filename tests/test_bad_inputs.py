@@ -26,9 +26,9 @@ from test_semi_train import smoke_cfg
 
 from finetune.data.convert import ConversionError, voc_to_coco, yolo_to_coco
 from finetune.run import run as finetune_train
-from pretrain.core.coco import CocoDetection
-from pretrain.core.images import ImageError
-from pretrain.core.unlabeled import UnlabeledImages
+from pretrain.core.data.coco import CocoDetection
+from pretrain.core.data.images import ImageError
+from pretrain.core.data.unlabeled import UnlabeledImages
 
 W, H = 64, 48
 
@@ -293,7 +293,7 @@ def test_yolo_corpus(tmp_path, capsys):
     (("backbone.arch=resnet50", "backbone.norm=gn", "backbone.checkpoint=BACKBONE"), ValueError, "resnet18"),
 ], ids=["negative lr", "batch 0", "negative unsup weight", "arch/norm mismatch"])
 def test_bad_finetune_configs_are_refused_before_training(overrides, error, words, synthetic_data, tmp_path):
-    from pretrain.core.backbone_file import save_backbone_file
+    from pretrain.core.backbone.backbone_file import save_backbone_file
 
     backbone = save_backbone_file(torchvision.models.resnet18().state_dict(), tmp_path / "bb",
                                   {"arch": "resnet18", "norm": "bn", "method": "test"})

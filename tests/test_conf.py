@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import OmegaConf
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
 from finetune.detectors.builders import OPTIONS
 from finetune.module import build_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def composed(stage: str, *overrides: str) -> dict:
-    with initialize_config_dir(str(CONF / stage), version_base="1.3"):
-        cfg = compose(stage, overrides=list(overrides))
+    cfg = compose_config(stage, overrides=list(overrides))
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 

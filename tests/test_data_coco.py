@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pretrain.core.coco import CocoDetection, LabelMap, collate_fn, load_label_map, save_label_map
-from pretrain.core.coco_clean import LoadReport, clean_annotations, ground_truth
+from pretrain.core.data.coco import CocoDetection, LabelMap, collate_fn, load_label_map, save_label_map
+from pretrain.core.data.coco_clean import LoadReport, clean_annotations, ground_truth
 
 
 def _write(tmp_path: Path, images: list[dict], anns: list[dict], cats: list[dict] | None = None,
@@ -65,7 +65,7 @@ def test_bad_boxes_dropped_and_clipped_with_counts(tmp_path: Path, caplog: pytes
         _ann(7, 1, 42, [1, 1, 5, 5]),  # unknown category
         _ann(8, 1, 7, [1, 1, 5, 5]),  # fine
     ]
-    with caplog.at_level(logging.INFO, logger="pretrain.core.coco"):
+    with caplog.at_level(logging.INFO, logger="pretrain.core.data.coco"):
         ds = CocoDetection(_write(tmp_path, [_img(1)], anns))
     r = ds.report
     assert (r.dropped_empty, r.clipped, r.dropped_outside, r.dropped_nonfinite) == (2, 1, 1, 1)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from finetune.data.convert import ConversionError, main, voc_to_coco, yolo_label_path, yolo_to_coco
-from pretrain.core.coco import CocoDetection
+from pretrain.core.data.coco import CocoDetection
 
 
 def _load(path: Path) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.core.images import ImageError, image_size, load_rgb
+from pretrain.core.data.images import ImageError, image_size, load_rgb
 
 
 def _exif_rotated(path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from finetune.data.split import ClassCoverageWarning, choose_labeled, labeled_count, main, split_coco
-from pretrain.core.coco import CocoDetection
+from pretrain.core.data.coco import CocoDetection
 
 
 def _toy(n_images: int = 50) -> dict:
@@ -69,7 +69,7 @@ def test_split_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert (out / "labeled.json").read_bytes() == first
     assert "5 images" in capsys.readouterr().out
     # Fine-tuning on it reads the fraction and seed (metrics.json's labeled_fraction, make report's labeled %).
-    from pretrain.core.coco import CocoDetection
+    from pretrain.core.data.coco import CocoDetection
 
     ds = CocoDetection(out / "labeled.json", check_files=False)
     assert (ds.info["split_fraction"], ds.info["split_seed"]) == (0.1, 1)

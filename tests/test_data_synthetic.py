@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from finetune.data.report import size_bucket, summarize
-from pretrain.core.synthetic import CLASSES, ensure_synthetic, make_synthetic, render_scene
+from pretrain.core.data.synthetic import CLASSES, ensure_synthetic, make_synthetic, render_scene
 
 
 def _digest(root: Path) -> dict[str, str]:

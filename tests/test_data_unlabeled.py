@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.core.unlabeled import UnlabeledImages, list_images
+from pretrain.core.data.unlabeled import UnlabeledImages, list_images
 
 
 def _folder(root: Path) -> Path:
@@ -48,7 +48,7 @@ def test_folder_recursive_and_conversions(tmp_path: Path, caplog: pytest.LogCapt
                      "truncated.jpg", "text.jpg"]
     ds = UnlabeledImages(root)
     assert len(ds) == 8 and ds.paths == list_images(root)
-    with caplog.at_level(logging.WARNING, logger="pretrain.core.unlabeled"):
+    with caplog.at_level(logging.WARNING, logger="pretrain.core.data.unlabeled"):
         got = {p.name: ds[i] for i, p in enumerate(ds.paths)}
     for img in got.values():
         assert isinstance(img, Image.Image) and img.mode == "RGB"

@@ -13,8 +13,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from finetune.backbone import BackboneMismatchError, load_backbone
-from pretrain.core.backbone_file import save_backbone_file
-from pretrain.core.resnet import build_resnet
+from pretrain.core.backbone.backbone_file import save_backbone_file
+from pretrain.core.backbone.resnet import build_resnet
 
 
 def _pretrained(norm: str = "bn", arch: str = "resnet18", seed: int = 0) -> nn.Module:

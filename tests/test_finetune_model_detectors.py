@@ -18,7 +18,7 @@ from finetune.detectors import (
     default_anchor_sizes,
     freeze_stages,
 )
-from pretrain.core.resnet import build_resnet
+from pretrain.core.backbone.resnet import build_resnet
 
 NUM_CLASSES = 3
 # Few proposals and a narrow RoI head keep a Faster R-CNN step well under a second on CPU.
@@ -309,7 +309,7 @@ def test_a_new_detector_is_one_registered_builder() -> None:
 def test_one_group_norm_rule_for_backbone_and_heads(channels: int) -> None:
     """GroupNorm needs channels % groups == 0: 32 groups on 48 channels (min(32, C) = 32) cannot be built."""
     from finetune.detectors.heads import norm_factory
-    from pretrain.core.resnet import norm_layer
+    from pretrain.core.backbone.resnet import norm_layer
 
     for gn in (norm_layer("gn", 32)(channels), norm_factory("gn")(channels)):
         assert gn.num_groups == math.gcd(32, channels) and channels % gn.num_groups == 0

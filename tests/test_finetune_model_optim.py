@@ -9,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from finetune.detectors import build_detector
 from finetune.optim import PARTS, PRESETS, freeze_parts, param_groups, part_of, resolve_multipliers
-from pretrain.core.resnet import build_resnet
+from pretrain.core.backbone.resnet import build_resnet
 
 BASE_LR, WD = 0.01, 1e-4
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune.backbone import BackboneMismatchError, load_backbone
-from pretrain.core.resnet import build_resnet
+from pretrain.core.backbone.resnet import build_resnet
 
 
 @pytest.fixture(scope="module")

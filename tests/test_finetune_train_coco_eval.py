@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from finetune.coco_eval import COCO_STATS, evaluate_coco
 from finetune.coco_results import detections_to_coco, format_table, write_predictions
-from pretrain.core.schedule import lr_factor
+from pretrain.core.run.schedule import lr_factor
 
 
 def _gt(tmp_path, anns, cats=((3, "cat"), (7, "dog")), n_images=2, first_ann_id=1):

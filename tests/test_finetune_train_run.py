@@ -8,23 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
+from conftest import finetune_smoke_cfg
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from finetune.checkpoint import load_detection_checkpoint
 from finetune.coco_eval import COCO_STATS, evaluate_coco
 from finetune.train import train
-from pretrain.core.backbone_file import save_backbone_file
+from pretrain.core.backbone.backbone_file import save_backbone_file
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
-
-
-def smoke_cfg(data_root: Path, *overrides: str):
-    """The smoke config on the session's tiny synthetic set (no generation)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("finetune", overrides=["experiment=smoke", f"data.root={data_root}", "data.synthetic=null",
-                                              "eval.plot_images=2", *overrides])
+smoke_cfg = finetune_smoke_cfg
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +93,7 @@ def test_metrics_name_the_ground_truth_they_were_computed_on(frcnn_run, syntheti
     """The loader repairs a file (here: boxes running past the image are clipped). metrics.json names
     the repaired ground truth it wrote, and plain pycocotools on it reproduces every number."""
     from finetune.evaluate import evaluate_module
-    from pretrain.core.coco import CocoDetection
+    from pretrain.core.data.coco import CocoDetection
 
     raw = json.loads(synthetic_data["val_json"].read_text())
     for a in raw["annotations"][::2]:
@@ -131,7 +124,7 @@ def test_validation_and_evaluation_score_the_same_predictions(frcnn_run, synthet
 
     from finetune.evaluate import evaluate_module
     from finetune.transforms import build_transforms
-    from pretrain.core.coco import CocoDetection, collate_fn
+    from pretrain.core.data.coco import CocoDetection, collate_fn
 
     module = load_detection_checkpoint(frcnn_run / "checkpoints" / "best.ckpt")
     ds = CocoDetection(synthetic_data["val_json"], transforms=build_transforms(train=False), train=False,
@@ -232,7 +225,7 @@ def test_data_paths_errors(tmp_path):
 @pytest.mark.slow
 def test_fasterrcnn_overfits_a_handful_of_images(tmp_path):
     """Trained and validated on the same 4 images, Faster R-CNN from scratch reaches AP50 > 0.9 (~80 steps)."""
-    from pretrain.core.synthetic import make_synthetic
+    from pretrain.core.data.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "data", seed=3, num_train=4, num_val=0, num_unlabeled=0, image_size=96)
     cfg = smoke_cfg(data["root"], f"data.val_json={data['train_json']}", "augment=none", "backbone.norm=bn",

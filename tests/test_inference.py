@@ -41,7 +41,7 @@ def test_retinanet_budget_is_its_candidates_per_level() -> None:
 
 
 def test_precision_is_the_hardware_choice_or_the_one_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pretrain.core import precision
+    from pretrain.core.run import precision
 
     torch.manual_seed(0)
     model = _build("fasterrcnn", "frozen_bn")

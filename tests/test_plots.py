@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.plots import plot_predictions
-from pretrain.core.curves import plot_pretrain_curves
+from pretrain.core.run.curves import plot_pretrain_curves
 
 
 def _red_fraction(panel: np.ndarray) -> float:

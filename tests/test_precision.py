@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.core import precision
-from pretrain.core.precision import choose, cpu_has_native_bf16
+from pretrain.core.run import precision
+from pretrain.core.run.precision import choose, cpu_has_native_bf16
 
 YES, NO = (lambda: True), (lambda: False)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
@@ -29,21 +29,19 @@ from pretrain.augment import (
     spec_from_transform_config,
     working_size,
 )
-from pretrain.core.images import load_rgb
+from pretrain.core.data.images import load_rgb
 from pretrain.data import DecodedImages, decode_rgb, fit_square, train_loader
 from pretrain.methods.base import plain_config
 from pretrain.methods.swav import SwAV
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf" / "pretrain")
 NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # Every random step off: a view is the whole image, resized.
 PLAIN = ViewSpec(hf_prob=0.0, cj_prob=0.0, gray_prob=0.0, blur_prob=0.0, mean=None, std=None)
 
 
 def method_cfg(*overrides: str) -> dict:
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return plain_config(compose("pretrain", overrides=["experiment=smoke", *overrides]))
+    return plain_config(compose_config("pretrain", overrides=["experiment=smoke", *overrides]))
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -79,7 +77,7 @@ def test_spec_reads_lightly_defaults_and_overrides():
     assert groups == [CropGroup(64, 2, (0.08, 1.0))]
     assert (spec.brightness, spec.contrast, spec.saturation, spec.hue) == pytest.approx((0.4, 0.4, 0.2, 0.1))
     assert spec.solarize_prob == 0.1 and spec.blur_prob == 0.5 and spec.mean == tuple(NORM["mean"])
-    demo = method_cfg("experiment=demo", "method=swav")["method"]["transform"]
+    demo = method_cfg("experiment=demo_swav")["method"]["transform"]
     groups, spec = spec_from_transform_config(demo)
     assert groups == [CropGroup(96, 2, (0.5, 1.0))] and spec.gray_prob == 1.0 and spec.blur_prob == 0.0
     assert working_size(groups) == 112
@@ -338,9 +336,8 @@ def test_smoke_training_runs_on_the_tensor_path(tmp_path, monkeypatch, views_on)
     from pretrain.train import train
 
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=["experiment=smoke", "method=swav", "data.augment=tensor",
-                                             f"data.views_on={views_on}", "data.cache_decoded=true"])
+    cfg = compose_config("pretrain", overrides=["experiment=smoke", "method=swav", "data.augment=tensor",
+                                         f"data.views_on={views_on}", "data.cache_decoded=true"])
     metrics = train(cfg)
     assert metrics["global_step"] == 4 and math.isfinite(metrics["final_loss"])
     assert metrics["knn_top1"] is not None  # validation batches pass the hook untouched

@@ -13,7 +13,7 @@ import hydra.utils
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
@@ -23,15 +23,13 @@ from pretrain.methods.densecl import dense_info_nce, match_keys
 from pretrain.methods.detcon import DetConViews, pool_regions, region_weights, sample_regions
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf" / "pretrain")
 # Views that only crop and flip: what is left to compare is geometry.
 GEOMETRY_ONLY = {"cj_prob": 0.0, "random_gray_scale": 0.0, "gaussian_blur_t1": 0.0, "gaussian_blur_t2": 0.0,
                  "normalize": None}
 
 
 def smoke_config(method: str, *overrides: str) -> dict:
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return plain_config(compose("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides]))
+    return plain_config(compose_config("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides]))
 
 
 def build(config: dict) -> SSLMethod:
@@ -225,8 +223,7 @@ def test_detcon_refuses_the_tensor_path_with_the_override_that_works():
 
 @pytest.mark.parametrize("method", ["densecl", "detcon"])
 def test_demo_presets_size_the_method_for_the_demo_scenes(method):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        config = plain_config(compose("pretrain", overrides=["experiment=demo", f"method={method}"]))
+    config = plain_config(compose_config("pretrain", overrides=[f"experiment=demo_{method}"]))
     views = config["method"]["transform"]
     assert views["input_size"] == 64 and views["random_gray_scale"] == 1.0
     assert config["optimizer"]["_target_"] == "torch.optim.SGD" and config["optimizer"]["base_lr"] == 0.2

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import hydra.utils
 import pytest
 import torch
 import torchvision
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf" / "pretrain")
-
 
 def smoke_config(method: str, *overrides: str) -> dict:
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return plain_config(compose("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides]))
+    return plain_config(compose_config("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides]))
 
 
 def build(config: dict) -> SSLMethod:
     return hydra.utils.get_class(config["method"]["module"])(config)
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from torch import nn
 
-from pretrain.core.backbone_file import read_backbone_file
-from pretrain.core.resnet import build_resnet
+from pretrain.core.backbone.backbone_file import read_backbone_file
+from pretrain.core.backbone.resnet import build_resnet
 from pretrain.export import export_checkpoint, main, write_backbone
 from pretrain.methods.base import SSLMethod, plain_config
 

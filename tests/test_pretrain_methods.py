@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
 import hydra.utils
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from lightly.utils.lars import LARS
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -19,13 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from pretrain.methods.base import SSLMethod, plain_config
 from pretrain.methods.moco import auto_queue_size, resize_queue
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf" / "pretrain")
 METHODS = ("swav", "vicreg", "moco", "simclr", "densecl", "detcon")
 
 
 def smoke_config(method: str, *overrides: str) -> dict:
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides])
+    cfg = compose_config("pretrain", overrides=["experiment=smoke", f"method={method}", *overrides])
     return plain_config(cfg)
 
 
@@ -289,18 +286,24 @@ def test_swav_queue_length_is_global_and_split_over_processes():
         build(smoke_config("swav", "method.queue_length=16", "data.batch_size=8")).size_queue(4)
 
 
+DEMO_PRESETS = {"simclr": "experiment=demo", "swav": "experiment=demo_swav", "densecl": "experiment=demo_densecl",
+                "detcon": "experiment=demo_detcon"}
+
+
 def demo_config(method: str) -> dict:
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return plain_config(compose("pretrain", overrides=["experiment=demo", f"method={method}"]))
+    """The method's make-demo preset; a method without one keeps its paper's settings."""
+    return plain_config(compose_config("pretrain", overrides=[DEMO_PRESETS.get(method, f"method={method}")]))
 
 
-@pytest.mark.parametrize("method,optimizer", [("swav", torch.optim.SGD), ("vicreg", LARS)])
-def test_demo_switches_only_swav_to_sgd(method, optimizer):
-    # The demo's SGD is part of SwAV's small-budget recipe (experiment_method/demo_swav.yaml); the
-    # other methods keep their paper's optimizer and LR under experiment=demo.
+@pytest.mark.parametrize("method,optimizer", [("swav", torch.optim.SGD), ("simclr", torch.optim.SGD),
+                                              ("vicreg", LARS)])
+def test_demo_presets_switch_to_sgd(method, optimizer):
+    # The demo presets' SGD is part of their small-budget recipe (experiment/demo*.yaml select it in
+    # their own defaults list); a method without a demo preset keeps its paper's optimizer and LR.
     demo = demo_config(method)
+    assert demo["method"]["name"] == method
     paper = smoke_config(method)["optimizer"]
-    if method != "swav":
+    if method not in DEMO_PRESETS:
         assert demo["optimizer"] == paper
     # The demo's optimizer and schedule sections on a smoke-sized model: what configure_optimizers builds.
     config = {**smoke_config(method, "data.batch_size=8"), "optimizer": demo["optimizer"],

@@ -16,24 +16,22 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from PIL import Image
 from safetensors.torch import load_file
 
 from pretrain.callbacks import LossNearValueWarning, MetricBelowWarning
-from pretrain.core.runtime import NonFiniteLossError
+from pretrain.core.run.guards import NonFiniteLossError
 from pretrain.methods.base import SSLMethod, plain_config
 from pretrain.methods.moco import MoCoV2
 from pretrain.methods.swav import SwAV
 from pretrain.train import train, warn_if_no_knn_gain
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf" / "pretrain")
 
 
 def smoke_cfg(*overrides: str):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return compose("pretrain", overrides=["experiment=smoke", *overrides])
+    return compose_config("pretrain", overrides=["experiment=smoke", *overrides])
 
 
 def test_smoke_run_writes_every_output(tmp_path, monkeypatch):
@@ -53,7 +51,7 @@ def test_smoke_run_writes_every_output(tmp_path, monkeypatch):
     assert knn and saved["knn_top1"] == pytest.approx(knn[-1])
     assert set(saved["diagnostics"]) == {"swav_code_entropy", "swav_embedding_cos"}
     # trainer.precision=auto: chosen from the hardware, recorded with its reason.
-    from pretrain.core.precision import choose
+    from pretrain.core.run.precision import choose
 
     assert saved["precision"] == choose({"accelerator": "cpu", "precision": "auto"}).precision
     assert saved["hardware"]["reason"] != "set explicitly"
@@ -140,7 +138,7 @@ def test_step0_knn_is_measured_before_any_update_and_kept_by_resumes(tmp_path, m
 
 
 def test_knn_plot_draws_the_random_init_reference(tmp_path):
-    from pretrain.core.curves import plot_pretrain_curves
+    from pretrain.core.run.curves import plot_pretrain_curves
 
     def reference_pixels(png: Path) -> int:  # the dashed line's colour, matplotlib's tab:red
         rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
@@ -263,7 +261,7 @@ def test_cli_smoke_run_and_export_command(tmp_path, method):
     out = tmp_path / "exported"
     subprocess.run([sys.executable, "-m", "pretrain.export", str(run / "checkpoints" / "last.ckpt"), "--out",
                     str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    from pretrain.core.backbone_file import read_backbone_file
+    from pretrain.core.backbone.backbone_file import read_backbone_file
 
     a, meta = read_backbone_file(run / "backbone.safetensors")
     b, _ = read_backbone_file(out)
@@ -302,7 +300,7 @@ def test_sync_batchnorm_is_chosen_for_bn_under_gpu_ddp(trainer, norm, expected):
 
 
 def test_one_sync_batchnorm_rule_for_both_stages():
-    from pretrain.core.runtime import use_sync_batchnorm
+    from pretrain.core.run.trainer import use_sync_batchnorm
 
     gpu_ddp = {"strategy": "ddp", "accelerator": "gpu"}
     assert use_sync_batchnorm(gpu_ddp, "syncbn", norms=("syncbn",))  # fine-tuning asks by norm
@@ -319,14 +317,13 @@ def test_demo_swav_recipe_gets_past_the_uniform_phase(tmp_path, monkeypatch):
     # embeddings must not converge. The paper's recipe (colour views, temperature 0.1, LARS)
     # stays at ln K here (README, demo section).
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=[
-            # The 160 px scenes of every size that recipe was tuned on (the demo itself now runs
-            # SimCLR on 128 px medium/large scenes, where this recipe stays at ln K: README).
-            "method=swav", "experiment=demo", "synthetic@data=default",
-            f"data.synthetic_dir={tmp_path / 'synthetic'}",
-            "data.synthetic.num_train=4", "data.synthetic.num_val=4", "data.synthetic.num_unlabeled=960",
-            "data.knn_val_json=null", "trainer.enable_progress_bar=false"])
+    cfg = compose_config("pretrain", overrides=[
+        # The 160 px scenes of every size that recipe was tuned on (the demo itself now runs
+        # SimCLR on 128 px medium/large scenes, where this recipe stays at ln K: README).
+        "experiment=demo_swav", "synthetic@data=default",
+        f"data.synthetic_dir={tmp_path / 'synthetic'}",
+        "data.synthetic.num_train=4", "data.synthetic.num_val=4", "data.synthetic.num_unlabeled=960",
+        "data.knn_val_json=null", "trainer.enable_progress_bar=false"])
     metrics = train(cfg)
     assert metrics["global_step"] == 300  # 20 epochs of 15 batches
     assert metrics["final_loss"] < math.log(32) - 0.15, metrics["final_loss"]

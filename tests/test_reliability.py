@@ -27,8 +27,9 @@ from finetune.backbone import load_backbone
 from finetune.module import DetectionModule
 from finetune.run import run as finetune_train
 from finetune.semi.module import SemiDetectionModule
-from pretrain.core.runtime import AtomicCheckpointIO, NonFiniteLossError, last_checkpoint
-from pretrain.core.safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_torch_file
+from pretrain.core.run.checkpoints import AtomicCheckpointIO, last_checkpoint
+from pretrain.core.run.guards import NonFiniteLossError
+from pretrain.core.run.safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_torch_file
 from pretrain.methods.swav import SwAV
 from pretrain.train import train as pretrain_train
 
@@ -101,7 +102,7 @@ def test_hostile_pickle_is_refused_by_every_loader(hostile, synthetic_data, tmp_
 def test_refusal_on_the_command_line_is_one_message(hostile, capsys):
     """`python -m finetune.evaluate hostile.ckpt` ends with one line on stderr and status 2."""
     from finetune.evaluate import main as evaluate_main
-    from pretrain.core.safe_load import run_cli
+    from pretrain.core.run.safe_load import run_cli
 
     path, marker = hostile
     with pytest.raises(SystemExit) as e:

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from finetune.module import DetectionModule
 from finetune.run import run as finetune_train
 from finetune.semi.module import SemiDetectionModule
-from pretrain.core.resume import EpochSampler, SeededSamples, mix
-from pretrain.core.safe_load import load_torch_file
+from pretrain.core.run.resume import EpochSampler, SeededSamples, mix
+from pretrain.core.run.safe_load import load_torch_file
 from pretrain.methods.swav import SwAV
 from pretrain.train import train as pretrain_train
 

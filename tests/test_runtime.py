@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.core import precision
-from pretrain.core.precision import resolve_device
-from pretrain.core.runtime import run_dir_of, use_sync_batchnorm
+from pretrain.core.run import precision
+from pretrain.core.run.checkpoints import run_dir_of
+from pretrain.core.run.precision import resolve_device
+from pretrain.core.run.trainer import use_sync_batchnorm
 
 GPU_DDP = {"strategy": "ddp", "accelerator": "gpu"}
 CPU_DDP = {"strategy": "ddp", "accelerator": "cpu"}

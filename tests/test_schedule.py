@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.core.schedule import ResumableLambdaLR, decay_split, lr_factor
+from pretrain.core.run.schedule import ResumableLambdaLR, decay_split, lr_factor
 
 
 def test_pretraining_warmup_is_not_capped_and_fine_tuning_warmup_is() -> None:

@@ -21,7 +21,7 @@ from finetune.semi.health import LossWatch, PseudoLabelHealth
 from finetune.semi.soft import background_probability, soft_background, teacher_forward, to_frame
 from finetune.semi.thresholds import FixedThreshold, GMMThreshold, build_threshold, fit_gmm_1d, gmm_threshold
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
-from pretrain.core.resnet import build_resnet
+from pretrain.core.backbone.resnet import build_resnet
 
 
 def det(scores, labels, boxes=None):

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import finetune_smoke_cfg
 
 from finetune.checkpoint import load_detection_checkpoint
 from finetune.run import run as train
 from finetune.semi.data import UnlabeledDetectionImages
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "finetune"
-
-
-def smoke_cfg(data_root: Path, *overrides: str):
-    """The smoke config on the session's tiny synthetic set (no generation)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("finetune", overrides=["experiment=smoke", f"data.root={data_root}", "data.synthetic=null",
-                                              "eval.plot_images=2", *overrides])
+smoke_cfg = finetune_smoke_cfg
 
 # A threshold of 0 keeps every teacher detection: a few-step teacher scores below 0.7, and the
 # health figures (precision/recall against the hidden ground truth) need pseudo-boxes to mean anything.
@@ -213,7 +206,7 @@ def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
 def test_init_from_starts_from_a_fine_tuned_detector(unbiased_run, synthetic_data, tmp_path):
     from finetune.module import DetectionModule
     from finetune.train import init_detector
-    from pretrain.core.coco import CocoDetection
+    from pretrain.core.data.coco import CocoDetection
 
     best = unbiased_run / "checkpoints" / "last.ckpt"
     hp = torch.load(best, weights_only=True)["hyper_parameters"]

@@ -5,10 +5,10 @@ finetune.data.split`` (labeled fraction), ``python -m finetune.data.report`` (wh
 ``scripts/make_synthetic.py`` (the built-in synthetic set).
 """
 
-from pretrain.core.coco import CocoDetection, LabelMap, collate_fn, load_label_map, save_label_map
-from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
-from pretrain.core.synthetic import ensure_synthetic, make_synthetic
-from pretrain.core.unlabeled import UnlabeledImages
+from pretrain.core.data.coco import CocoDetection, LabelMap, collate_fn, load_label_map, save_label_map
+from pretrain.core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
+from pretrain.core.data.synthetic import ensure_synthetic, make_synthetic
+from pretrain.core.data.unlabeled import UnlabeledImages
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

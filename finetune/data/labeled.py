@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.transforms import build_transforms
-from pretrain.core.coco import CocoDetection
+from pretrain.core.data.coco import CocoDetection
 
 # Conventional layouts under data.root, tried in order (see conf/finetune/data/coco.yaml).
 TRAIN_CANDIDATES = ("train.json", "annotations/instances_train*.json", "train/_annotations.coco.json")
@@ -44,7 +44,7 @@ def resolve_data_paths(data: Mapping[str, Any]) -> DataPaths:
     """
     root = Path(data["root"]).expanduser() if data.get("root") else None
     if data.get("synthetic") is not None:
-        from pretrain.core.synthetic import ensure_synthetic
+        from pretrain.core.data.synthetic import ensure_synthetic
 
         if root is None:
             raise ValueError("synthetic data needs data.root (where to generate it)")

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pretrain.core.coco import CocoDetection
+from pretrain.core.data.coco import CocoDetection
 
 # COCO's size buckets (area in pixels), as used by COCOeval's APs/APm/APl.
 SMALL_MAX = 32**2

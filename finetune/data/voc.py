@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.cocofile import ConversionError, relative_file_name
-from pretrain.core.images import IMAGE_EXTENSIONS, image_size
+from pretrain.core.data.images import IMAGE_EXTENSIONS, image_size
 
 ANNOTATION_DIRS = ("Annotations", "annotations", "annots", "Annots", "xml", "labels")
 IMAGE_DIRS = ("JPEGImages", "images", "Images", "imgs", "img")

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from finetune.data.cocofile import ConversionError, relative_file_name
-from pretrain.core.images import IMAGE_EXTENSIONS, ImageError, image_size
+from pretrain.core.data.images import IMAGE_EXTENSIONS, ImageError, image_size
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 from torchvision.models.resnet import Bottleneck
 
 from finetune.detectors.registry import registrar
-from pretrain.core.resnet import group_norm
+from pretrain.core.backbone.resnet import group_norm
 
 HEAD_NORMS = ("gn", "bn", "none")
 FPN_CHANNELS = 256

@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
-from pretrain.core.images import DEFAULT_MAX_PIXELS
-from pretrain.core.unlabeled import UnlabeledImages
+from pretrain.core.data.images import DEFAULT_MAX_PIXELS
+from pretrain.core.data.unlabeled import UnlabeledImages
 
 log = logging.getLogger(__name__)
 

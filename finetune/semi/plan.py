@@ -23,8 +23,8 @@ from finetune.semi.base import mode_class, modes_of
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, unlabeled_source
 from finetune.semi.module import SemiDetectionModule
 from finetune.train import FitContext, FitPlan, train
-from pretrain.core.coco import CocoDetection
-from pretrain.core.resume import EpochSampler, seeded_loader_parts
+from pretrain.core.data.coco import CocoDetection
+from pretrain.core.run.resume import EpochSampler, seeded_loader_parts
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, loader_kw: Mapping[str, Any],
                 strong: bool = True) -> tuple[CombinedLoader, tuple[EpochSampler, int]]:
     """Labeled and unlabeled batches together: ``{"labeled": (images, targets), "unlabeled": {...}}``,
-    and the unlabeled loader's ``(sampler, batch size)`` for :class:`~pretrain.core.resume.DeterministicResume`.
+    and the unlabeled loader's ``(sampler, batch size)`` for :class:`~pretrain.core.run.resume.DeterministicResume`.
 
     The labeled loader sets the epoch; the unlabeled one gives ``round(batch_size *
     semi.unlabeled_ratio)`` images per step for as many steps (under DDP, per process: each rank
@@ -116,7 +116,7 @@ def semi_plan(ctx: FitContext) -> FitPlan:
 def run(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """``python -m finetune semi=<mode>``: the mode's own runner, or fine-tuning's loop with the semi plan
     (``callbacks`` added to its trainer's)."""
-    from pretrain.core.runtime import hydra_run_dir
+    from pretrain.core.run.checkpoints import hydra_run_dir
 
     mode = mode_class(str(cfg.semi.mode))
     if not mode.in_loop:

@@ -34,8 +34,8 @@ from finetune.semi.health import PseudoLabelHealth
 from finetune.semi.thresholds import build_threshold
 from finetune.semi.views import flip_boxes
 from finetune.train import train
-from pretrain.core.precision import resolve_device
-from pretrain.core.runtime import save_config, write_json
+from pretrain.core.run.checkpoints import save_config, write_json
+from pretrain.core.run.precision import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ class SwAV(SSLMethod):
                     "rate, or freeze the prototypes longer (method.freeze_prototypes_iters). Early in "
                     "short runs on small data: softer predictions (method.temperature=0.3) and views "
                     "that share content (larger crops, grayscale when colour is a shortcut); see "
-                    "conf/pretrain/experiment_method/demo_swav.yaml."
+                    "conf/pretrain/experiment/demo_swav.yaml."
                 ),
             )
         ]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.core.ssl_checkpoints import RESNET_STAGES, split_backbone, strip_wrappers
+from pretrain.core.backbone.ssl_checkpoints import RESNET_STAGES, split_backbone, strip_wrappers
 
 __all__ = ["extract_backbone", "meta_path", "read_backbone_file", "save_backbone_file", "strip_wrappers"]
 
@@ -27,7 +27,7 @@ def extract_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     """The online ResNet's weights under torchvision names, from any state dict that holds one.
 
     Wrapper prefixes are stripped and the encoder is found by its key pattern
-    (:func:`pretrain.core.ssl_checkpoints.split_backbone`): ``backbone.*`` of our checkpoints, a
+    (:func:`pretrain.core.backbone.ssl_checkpoints.split_backbone`): ``backbone.*`` of our checkpoints, a
     detector's ``backbone.body.*``, another SSL code base's layout, or plain torchvision names.
     Momentum copies, heads, queues, counters and ``fc.*`` are left out.
     """

@@ -28,7 +28,7 @@ The ResNet is found by its key pattern wherever it sits; every other key must be
 head (then it is listed as ignored) or it stays in the weights as *unexpected*, which a strict
 load refuses: nothing is dropped silently. This project's own pretraining checkpoints
 (``backbone.*`` beside the heads, ``backbone_momentum.*`` and the queues) and fine-tuned detectors
-(``model.backbone.body.*``) are read the same way, by :func:`pretrain.core.backbone_file.extract_backbone`
+(``model.backbone.body.*``) are read the same way, by :func:`pretrain.core.backbone.backbone_file.extract_backbone`
 and by fine-tuning's loader.
 """
 

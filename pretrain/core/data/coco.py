@@ -1,11 +1,11 @@
 """COCO-JSON detection dataset with validation of real-world annotation files.
 
-Which categories become classes: see :mod:`pretrain.core.label_map` (1..K in ascending category
+Which categories become classes: see :mod:`pretrain.core.data.label_map` (1..K in ascending category
 id, a placeholder supercategory left out). Validation and test sets must use the training set's
 numbering: pass ``label_map=train_ds.label_map`` (or the saved ``label_map.json``); annotations of
 categories outside that map are then left out and counted.
 
-What is fixed at load time: see :mod:`pretrain.core.coco_clean` (bad boxes dropped or clipped,
+What is fixed at load time: see :mod:`pretrain.core.data.coco_clean` (bad boxes dropped or clipped,
 unknown ids dropped, all counted and logged, never silently). Crowd boxes (``iscrowd=1``) are kept
 in ``.coco`` for evaluation (COCO ignores detections matched to them) but left out of training
 targets when ``train=True``. The JSON's width/height are checked against the decoded image when it
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from pretrain.core.coco_clean import (
+from pretrain.core.data.coco_clean import (
     LoadReport,
     clean_annotations,
     drop_missing_files,
@@ -34,8 +34,8 @@ from pretrain.core.coco_clean import (
     index_images,
     read_coco_json,
 )
-from pretrain.core.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
-from pretrain.core.label_map import LabelMap, as_label_map, load_label_map, save_label_map, select_classes
+from pretrain.core.data.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from pretrain.core.data.label_map import LabelMap, as_label_map, load_label_map, save_label_map, select_classes
 
 __all__ = ["CocoDetection", "LabelMap", "LoadReport", "Target", "collate_fn", "load_label_map",
            "save_label_map", "select_classes"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGED = Path(__file__).resolve().parents[1] / "_conf"
-CHECKOUT = Path(__file__).resolve().parents[2] / "conf"
+PACKAGED = Path(__file__).resolve().parents[2] / "_conf"
+CHECKOUT = Path(__file__).resolve().parents[3] / "conf"
 
 
 def config_dir(stage: str) -> str:

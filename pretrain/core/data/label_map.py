@@ -73,7 +73,7 @@ class LabelMap:
 
 
 class HasLabelMap(Protocol):
-    """Anything that carries a label map (a :class:`pretrain.core.coco.CocoDetection`)."""
+    """Anything that carries a label map (a :class:`pretrain.core.data.coco.CocoDetection`)."""
 
     label_map: LabelMap
 
@@ -83,7 +83,7 @@ def save_label_map(path: str | os.PathLike[str], ds: HasLabelMap | LabelMap) -> 
 
     Args:
         path: the file to write, or a directory to write ``label_map.json`` into.
-        ds: a :class:`pretrain.core.coco.CocoDetection` or a :class:`LabelMap`.
+        ds: a :class:`pretrain.core.data.coco.CocoDetection` or a :class:`LabelMap`.
     """
     path = Path(path)
     if path.is_dir():

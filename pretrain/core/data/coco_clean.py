@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from pretrain.core.images import image_size
-from pretrain.core.label_map import LabelMap
+from pretrain.core.data.images import image_size
+from pretrain.core.data.label_map import LabelMap
 
 log = logging.getLogger(__name__)
 

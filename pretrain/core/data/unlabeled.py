@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pretrain.core.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
+from pretrain.core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
 
 log = logging.getLogger(__name__)
 

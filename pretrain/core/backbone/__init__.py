@@ -1,0 +1,2 @@
+"""The backbone both stages share: ResNet building, the backbone file format, and reading other
+SSL code bases' checkpoints."""
