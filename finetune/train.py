@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ from finetune.backbone import backbone_info_of
 from finetune.checkpoint import load_detection_checkpoint
 from finetune.data.labeled import DataPaths, build_datasets, resolve_data_paths
 from finetune.ddp_report import DistributedReport
-from finetune.finish import ExtraMetrics, finish
+from finetune.finish import finish
+from finetune.fit_plan import ConfigCheck, FitContext, FitPlan, PlanBuilder
 from finetune.module import DetectionModule
 from pretrain.core.data.coco import CocoDetection, collate_fn, save_label_map
 from pretrain.core.run import precision
@@ -44,48 +44,11 @@ from pretrain.core.run.checkpoints import (
     save_config,
 )
 from pretrain.core.run.guards import fit
-from pretrain.core.run.resume import DeterministicResume, EpochSampler, seeded_loader_parts
+from pretrain.core.run.resume import DeterministicResume, seeded_loader_parts
 from pretrain.core.run.safe_load import load_torch_file
 from pretrain.core.run.trainer import build_trainer, use_sync_batchnorm
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitContext:
-    """What fine-tuning has built before the module: the data, the backbone and the labeled loader."""
-
-    cfg: DictConfig
-    run_dir: Path
-    paths: DataPaths
-    train_ds: CocoDetection
-    val_ds: CocoDetection | None
-    plain_cfg: dict[str, Any]  # the resolved config as plain containers (the module's hyperparameters)
-    backbone_info: dict[str, Any]
-    resnet: torch.nn.Module | None  # None: the weights come from a checkpoint (resume, init_from)
-    loader_kw: dict[str, Any]  # num_workers, collate_fn, pin_memory, persistent_workers
-    labeled: DataLoader  # the labeled training batches, seeded and resumable
-    labeled_sampler: EpochSampler
-
-
-@dataclass
-class FitPlan:
-    """What a run trains: the module, its training batches and what the rest of the run needs of it.
-
-    ``samplers``: every seeded sampler of ``train_loader`` with its batch size, for
-    :class:`~pretrain.core.run.resume.DeterministicResume`; ``extra_metrics``: a section for
-    metrics.json; ``callbacks``: added to the trainer's.
-    """
-
-    module: DetectionModule
-    train_loader: Any
-    samplers: dict[str, tuple[EpochSampler, int]]
-    extra_metrics: ExtraMetrics | None = None
-    callbacks: list[pl.Callback] = field(default_factory=list)
-
-
-PlanBuilder = Callable[[FitContext], FitPlan]
-ConfigCheck = Callable[[DictConfig], None]
 
 
 def finetune_plan(ctx: FitContext) -> FitPlan:

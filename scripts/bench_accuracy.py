@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import shlex
 import statistics
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe, machine_info, mean_std, put_section
+from bench_common import describe, fingerprint, load_ledger, machine_info, mean_std, put_section
 
 from finetune.data.cocofile import merge_coco
 from finetune.data.split import split_coco
@@ -143,11 +142,6 @@ DATASETS = {
 }
 
 
-def fingerprint(recipe: Mapping[str, Any]) -> str:
-    """A short hash of what decides a run's result (never of paths, which differ between machines)."""
-    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def arm_recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     recipe: dict[str, Any] = {"arm": arm, "seed": seed, "args": a.args, "fraction": a.fraction}
     if arm in ("ssl", "ssl_semi", "full"):
@@ -171,10 +165,6 @@ def arm_overrides(arm: str, seed: int, split: Mapping[str, Path], val_json: Path
     if arm.endswith("_semi"):
         out += [*shlex.split(a.semi), f"semi.unlabeled={quote(split['unlabeled'])}"]
     return out
-
-
-def load_ledger(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
 
 
 def entry_from_metrics(metrics: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:

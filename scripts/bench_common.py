@@ -4,6 +4,7 @@ and a ``--json`` file that other scripts (``scripts/bench_report.py``) read."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -11,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,12 @@ class StepTimer(pl.Callback):
     def rate(self) -> tuple[float, float]:
         """Images/s by the wall clock and by this process's CPU clock."""
         return self.images / (self.t1[0] - self.t0[0]), self.images / (self.t1[1] - self.t0[1])
+
+
+def fingerprint(recipe: Mapping[str, Any]) -> str:
+    """A short hash of what decides a run's result (never of paths, which differ between machines)."""
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_ledger(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}

@@ -38,8 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_accuracy import fingerprint, load_ledger
-from bench_common import describe, machine_info, mean_std, put_section
+from bench_common import describe, fingerprint, load_ledger, machine_info, mean_std, put_section
 
 from finetune.data.split import split_coco
 from finetune.pipeline import backbone_of, quote, run_stage

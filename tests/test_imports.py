@@ -152,7 +152,7 @@ def test_the_cycle_scan_finds_a_circle(tmp_path: Path) -> None:
 
 def test_fine_tuning_knows_nothing_of_the_semi_stage() -> None:
     """finetune.train, the fine-tuning module and what they build on never name the semi stage."""
-    for name in ("train.py", "module.py", "finish.py", "checkpoint.py"):
+    for name in ("train.py", "module.py", "finish.py", "checkpoint.py", "fit_plan.py"):
         text = (REPO / "finetune" / name).read_text()
         assert "semi" not in text.lower() and "teacher" not in text.lower(), name
 

@@ -19,10 +19,11 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from finetune.data.labeled import boxes_per_image
+from finetune.fit_plan import FitContext, FitPlan
 from finetune.semi.base import mode_class, modes_of
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, unlabeled_source
 from finetune.semi.module import SemiDetectionModule
-from finetune.train import FitContext, FitPlan, train
+from finetune.train import train
 from pretrain.core.data.coco import CocoDetection
 from pretrain.core.run.resume import EpochSampler, seeded_loader_parts
 
