@@ -127,13 +127,47 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
             "date": dt.date.today().isoformat()}
 
 
+def random_features_knn(pretrain: str) -> float:
+    """The kNN top-1 of the pretraining's step-0 backbone, its seeded random init, on its probe's crops
+    (fp32): for a run made before pretraining measured it itself (``knn_top1_random``). The module is
+    built as ``pretrain.train`` builds it, after the same seed, so it starts from the same weights."""
+    import hydra.utils
+    import pytorch_lightning as pl
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.core.run.configs import config_dir
+    from pretrain.data import knn_loader
+    from pretrain.knn import knn_top1
+    from pretrain.methods.base import plain_config
+
+    with initialize_config_dir(config_dir("pretrain"), version_base="1.3"):
+        config = plain_config(compose("pretrain", overrides=shlex.split(pretrain)))
+    pl.seed_everything(int(config.get("seed", 0)))
+    model = hydra.utils.get_class(config["method"]["module"])(config).eval()
+    loader = knn_loader(config)
+    if loader is None:
+        raise ValueError("the pretraining has no kNN probe (data.knn_val_json)")
+    feats, labels = [], []
+    with torch.no_grad():
+        for images, y, _ in loader:
+            feats.append(model(images).float())
+            labels.append(y)
+    k = config.get("knn", {})
+    return knn_top1(torch.cat(feats), torch.cat(labels), k=int(k.get("k", 20)), vote=str(k.get("vote", "weighted")),
+                    temperature=float(k.get("temperature", 0.07)))
+
+
 def pretraining(a: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume, or find done) the pretraining; its backbone, kNN and random-features kNN."""
     run_dir = a.out / f"pretrain_{fingerprint({'pretrain': a.pretrain})}"
     run_stage("pretrain", run_dir, shlex.split(a.pretrain))
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"backbone": backbone_of(run_dir), "knn": m.get("knn_top1"), "knn_random": m.get("knn_top1_random"),
-            "steps": m.get("global_step"), "run_dir": str(run_dir)}
+    knn_random, source = m.get("knn_top1_random"), "step 0 of the run"
+    if knn_random is None:
+        knn_random, source = random_features_knn(a.pretrain), "its seeded init, recomputed (fp32)"
+    return {"backbone": backbone_of(run_dir), "knn": m.get("knn_top1"), "knn_random": knn_random,
+            "knn_random_source": source, "steps": m.get("global_step"), "run_dir": str(run_dir)}
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +224,8 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
               "middle validation of the run. A gain counts when its mean exceeds the larger std of the two arms."),
              "", f"    {command}", "",
              (f"Backbone kNN top-1 on the validation boxes: {knn:.3f} against {knn_r:.3f} for its random init "
-              f"(step 0), after {pre.get('steps')} steps." if knn is not None and knn_r is not None else
+              f"({pre.get('knn_random_source', 'step 0')}), after {pre.get('steps')} steps."
+              if knn is not None and knn_r is not None else
               "Backbone kNN: not measured yet."), "",
              "| labels | arm | seeds | AP | AP50 | first / middle val AP | vs random (AP) |",
              "|---|---|---|---|---|---|---|"]
