@@ -106,29 +106,34 @@ def _demo_module():
 def test_demo_verdict_says_whether_and_why():
     verdict = _demo_module().verdict
     better, worse = {"coco": {"AP": 0.05}}, {"coco": {"AP": 0.04}}
-    assert verdict(better, worse, {}, spread=0.5).startswith("The pretrained backbone helped: AP 5.0 against 4.0")
-    # A gain inside random init's seed spread is not called a gain; the longer budget is named.
-    text = verdict(better, worse, {}, spread=2.2)
+    narrow = {"spread": 0.5, "spread_seeds": 5}
+    assert verdict(better, worse, {}, narrow).startswith("The pretrained backbone helped: AP 5.0 against 4.0")
+    # A gain inside random init's seed spread is not called a gain; the benchmark's longer budget is named.
+    wide = {"spread": 2.2, "spread_seeds": 5, "pretrain": {"steps": 3744},
+            "gains": {20: ("ssl_lpft", 3.1, 1.2, 5), 100: ("ssl", 1.5, 0.9, 5)}}
+    text = verdict(better, worse, {}, wide)
     assert text.startswith("The pretrained backbone is ahead but within the seed-to-seed spread")
-    assert "+1.0 points" in text and "2.2 AP" in text and "trainer.max_epochs=134" in text
+    assert "+1.0 points" in text and "2.2 AP (std over 5 seeds)" in text and "3744 pretraining steps" in text
+    assert "20 labels: LP-FT backbone +3.1 +- 1.2 AP over 5 seeds; 100 labels: fine-tuned backbone +1.5" in text
     assert "helped" not in text
+    assert "not measured yet" in verdict(better, worse, {}, {})  # no benchmark: no verdict on the spread
     learned = {"final_loss": 2.64, "num_prototypes": 32, "global_step": 300, "knn_top1": 0.459,
                "diagnostics": {"swav_embedding_cos": 0.05, "swav_code_entropy": 0.43}}
-    text = verdict(better, worse, learned, spread=0.5)
+    text = verdict(better, worse, learned, narrow)
     assert "+1.0 points (1.25x)" in text and "ended at 2.640 against ln(num_prototypes) = 3.466" in text
     assert "43% of the maximum entropy" in text and "0.459" in text and "after 300 steps" in text
     collapsed = {"final_loss": 3.47, "num_prototypes": 32, "global_step": 150,
                  "diagnostics": {"swav_embedding_cos": 0.91, "swav_code_entropy": 0.998}}
-    text = verdict(worse, better, collapsed)
+    text = verdict(worse, better, collapsed, {})
     assert "did NOT help" in text and "(-1.0 points)" in text
     assert "SwAV collapsed" in text and "mean cosine 0.91" in text and "100% of the maximum entropy" in text
     assert "after 150 steps" in text
-    assert "collapsed" not in verdict(worse, better, {"final_loss": 2.1, "num_prototypes": 32})
+    assert "collapsed" not in verdict(worse, better, {"final_loss": 2.1, "num_prototypes": 32}, {})
     # A method without prototypes (the demo's SimCLR): its loss and kNN, never a collapse verdict.
     simclr = {"method": "simclr", "final_loss": 4.43, "knn_top1": 0.357, "global_step": 300}
-    text = verdict(better, worse, simclr, spread=0.5)
+    text = verdict(better, worse, simclr, narrow)
     assert "SimCLR's loss ended at 4.430, kNN top-1 on the validation boxes 0.357 after 300 steps" in text
-    assert "collapsed" not in verdict(worse, better, simclr)
+    assert "collapsed" not in verdict(worse, better, simclr, {})
 
 
 def test_sweep_entry_adds_the_finetune_callback_and_keeps_user_settings():
@@ -139,3 +144,20 @@ def test_sweep_entry_adds_the_finetune_callback_and_keeps_user_settings():
     assert "+hydra.callbacks.finetune._target_=finetune.pipeline.FinetuneAfterPretrain" in argv
     assert "+hydra.callbacks.finetune.overrides=[detector=retinanet]" in argv
     assert "+hydra.callbacks.finetune.baseline=false" in argv and len(argv) == 5
+
+
+def test_demo_reads_its_spread_and_the_longer_budget_from_the_ssl_ledger(tmp_path):
+    demo = _demo_module()
+    assert demo.benchmark_figures(tmp_path / "none.json") == {}
+    runs = {"random/n100/seed0": {"AP": 0.17}, "random/n100/seed1": {"AP": 0.19}, "random/n20/seed0": {"AP": 0.04},
+            "random/n20/seed1": {"AP": 0.05}, "ssl/n20/seed0": {"AP": 0.07}, "ssl/n20/seed1": {"AP": 0.09},
+            "ssl_frozen/n20/seed0": {"AP": 0.05}, "ssl_frozen/n20/seed1": {"AP": 0.05},
+            "ssl/n100/seed0": {"AP": 0.18}}  # one paired seed at 100 labels: no figure
+    ledger = tmp_path / "l.json"
+    ledger.write_text(json.dumps({"runs": runs, "pretrain": {"steps": 3744}}))
+    f = demo.benchmark_figures(ledger)
+    assert f["spread"] == pytest.approx(1.414, abs=1e-3) and f["spread_seeds"] == 2
+    arm, gain, sd, seeds = f["gains"][20]
+    assert arm == "ssl" and gain == pytest.approx(3.5) and sd == pytest.approx(0.707, abs=1e-3) and seeds == 2
+    assert 100 not in f["gains"]
+    assert "20 labels: fine-tuned backbone +3.5 +- 0.7 AP over 2 seeds" in demo.longer_budget_note(f)
