@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from finetune.backbone import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
+from finetune.bn_recalibrate import image_batches, recalibrate_bn
 from finetune.coco_eval import evaluate_coco
 from finetune.coco_results import detections_to_coco
 from finetune.detectors import build_detector
@@ -139,6 +140,13 @@ class DetectionModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_steps = 0
+
+    def on_train_start(self) -> None:
+        """``backbone.recalibrate_bn=N``: on a fresh run, the backbone's BatchNorm statistics re-estimated
+        on N batches of the training images at the detector's resolution (:mod:`finetune.bn_recalibrate`)."""
+        n = int((self.cfg.get("backbone") or {}).get("recalibrate_bn") or 0)
+        if n and self.global_step == 0:
+            recalibrate_bn(self.model, image_batches(self.trainer.train_dataloader), n)
 
     @property
     def probe_steps(self) -> int:

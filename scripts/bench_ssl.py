@@ -16,6 +16,9 @@ same seeds (a seed is the split's and the fine-tuning's):
   on the pretrained features (``linear_probe_steps``), then every layer;
 - ``ssl_frozen``: the pretrained backbone frozen, only FPN and heads trained (what the features carry).
 
+The last two first re-estimate the backbone's BatchNorm statistics on the training scenes
+(``backbone.recalibrate_bn``): pretraining saw 64 px grayscale views, fine-tuning sees 128 px colour.
+
 A gate (the issue's): a pretrained backbone whose kNN top-1 on the validation boxes does not beat the
 random-features kNN (step 0 of its own run) by ``--knn-gate`` is reported as such and not fine-tuned.
 Every finished run goes into a ledger (``benchmarks/ssl/synthetic.json``, tracked in git) keyed by
@@ -59,6 +62,7 @@ FINETUNE = "experiment=demo synthetic@data=ssl_bench eval.plots=false trainer.en
 # Optimizer steps per label count at batch 8 (the demo's 390 at 100 labels; 201 at 20, as measured in issue 30).
 STEPS = {100: 390, 20: 201}
 VALIDATIONS = 6  # validations per run (AP over steps)
+RECALIBRATE_BATCHES = 8  # BN recalibration batches for the frozen and LP-FT arms (all of 20 labels' 3)
 
 
 def synthetic_set() -> dict[str, Path]:
@@ -111,6 +115,10 @@ def overrides(arm: str, n: int, seed: int, train: Path, val: Path, backbone: Pat
         out.append("freeze_backbone=true")
     if arm == "ssl_lpft":
         out.append(f"linear_probe_steps={STEPS.get(n, 390) // 3}")
+    if arm in ("ssl_frozen", "ssl_lpft"):
+        # The backbone's BN statistics come from 64 px grayscale views; re-estimated on the 128 px colour
+        # training scenes before the (frozen or probed) backbone is used as it is.
+        out.append(f"backbone.recalibrate_bn={RECALIBRATE_BATCHES}")
     return out
 
 

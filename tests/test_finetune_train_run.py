@@ -318,3 +318,44 @@ def test_linear_probe_then_fine_tune_holds_the_backbone_for_the_probe(synthetic_
     assert any(not torch.equal(body2[k], loaded[k]) for k in body2 if k.endswith("weight"))  # trained after step 1
     assert any(not torch.equal(body2[k], loaded[k]) for k in body2 if k.endswith("running_mean"))
     assert any(not torch.equal(head[k], head2[k]) for k in head)  # the heads trained in both
+
+
+def test_bn_recalibration_takes_the_fine_tuning_images_statistics(synthetic_data, backbone_file, tmp_path):
+    """backbone.recalibrate_bn: the first BatchNorm's running statistics become exactly those of conv1's
+    outputs on the training images at the detector's resolution, frozen layers stay frozen, the affine
+    weights do not move; in a run with a frozen backbone the checkpoint keeps the recalibrated ones."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from finetune.bn_recalibrate import recalibrate_bn
+    from finetune.detectors import build_detector
+    from pretrain.core.backbone.resnet import build_resnet
+
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", build_resnet("resnet18", "frozen_bn"), "resnet18", 3, trainable_layers=0,
+                           min_size=96, max_size=128)
+    bn1 = model.backbone.body.bn1
+    assert isinstance(bn1, FrozenBatchNorm2d)
+    bn1.running_mean.fill_(5.0)
+    bn1.running_var.fill_(100.0)
+    weight = bn1.weight.clone()
+    images = [torch.rand(3, 80, 100), torch.rand(3, 96, 96)]
+    assert recalibrate_bn(model, [images, images], num_batches=1) == 1
+    x = model.transform(images)[0].tensors
+    out = model.backbone.body.conv1(x)
+    torch.testing.assert_close(bn1.running_mean, out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn1.running_var, out.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d) and torch.equal(bn1.weight, weight)
+    with pytest.raises(ValueError, match=">= 1"):
+        recalibrate_bn(model, [images], num_batches=0)
+
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(backbone_file))
+    args = (f"backbone.checkpoint={backbone_file}", "backbone.arch=auto", "freeze_backbone=true",
+            "trainer.max_epochs=1", "eval.plots=false")
+    for n, run in ((0, tmp_path / "kept"), (2, tmp_path / "recalibrated")):
+        train(smoke_cfg(synthetic_data["root"], *args, f"backbone.recalibrate_bn={n}"), run_dir=run)
+        sd = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        mean = sd["model.backbone.body.bn1.running_mean"]
+        assert torch.equal(mean, loaded["bn1.running_mean"]) == (n == 0)
+        assert torch.equal(sd["model.backbone.body.bn1.weight"], loaded["bn1.weight"])
