@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-METHOD ?= swav
+# make pretrain: the method (default: pretrain.yaml's, or the preset's when ARGS names experiment=demo*).
+METHOD ?=
 BACKBONE ?=
 ARGS ?=
 # make sweep: one pretraining per combination, each followed by its fine-tune.
@@ -44,7 +45,7 @@ test-full: install
 	$(VENV)/bin/pytest -q $(ARGS)
 
 pretrain: install
-	$(PY) -m pretrain method=$(METHOD) $(ARGS)
+	$(PY) -m pretrain $(if $(METHOD),method=$(METHOD)) $(ARGS)
 
 finetune: install
 	$(PY) -m finetune $(if $(BACKBONE),backbone.checkpoint=$(BACKBONE)) $(ARGS)
@@ -60,7 +61,7 @@ pipeline: install
 	$(PY) scripts/pipeline.py $(ARGS)
 
 sweep: install
-	$(PY) -m finetune.sweep -m method=$(METHOD) method.num_prototypes=$(PROTOTYPES) \
+	$(PY) -m finetune.sweep -m method=$(or $(METHOD),swav) method.num_prototypes=$(PROTOTYPES) \
 		trainer.max_epochs=$(EPOCHS) $(ARGS)
 
 report: install

@@ -12,8 +12,8 @@ from setuptools.command.build_py import build_py
 class BuildPyWithConfigs(build_py):
     def run(self) -> None:
         super().run()
-        if not self.dry_run:
-            src = Path(__file__).resolve().parent / "conf"
+        src = Path(__file__).resolve().parent / "conf"
+        if not self.dry_run and src.is_dir():
             dst = Path(self.build_lib) / "pretrain" / "_conf"
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))

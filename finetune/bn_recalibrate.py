@@ -26,7 +26,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 log = logging.getLogger(__name__)
 
 
-def _norms(body: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def _norms(body: nn.Module) -> list[tuple[nn.Module, str, Any]]:
     """(parent, attribute name, norm) for every BatchNorm and FrozenBatchNorm2d under ``body``."""
     out = []
     for parent in body.modules():
@@ -49,7 +49,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]], 
     """
     if num_batches < 1:
         raise ValueError(f"backbone.recalibrate_bn must be >= 1 batches, got {num_batches}")
-    transform, body = getattr(model, "transform", None), getattr(getattr(model, "backbone", None), "body", None)
+    transform: Any = getattr(model, "transform", None)
+    body: Any = getattr(getattr(model, "backbone", None), "body", None)
     if transform is None or body is None:
         raise ValueError(f"{type(model).__name__}: BN recalibration needs a torchvision detector "
                          "(model.transform and model.backbone.body)")
@@ -57,7 +58,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]], 
     before = [(n.running_mean.clone(), n.running_var.clone()) for _, _, n in norms]
     # Trainable BN layers recompute in place; frozen ones are swapped for a BatchNorm2d for the pass.
     swapped: list[tuple[nn.Module, str, FrozenBatchNorm2d, nn.BatchNorm2d]] = []
-    saved: list[tuple[nn.modules.batchnorm._BatchNorm, Any, bool]] = []
+    saved: list[tuple[Any, Any, bool]] = []
     for parent, name, norm in norms:
         if isinstance(norm, FrozenBatchNorm2d):
             bn = nn.BatchNorm2d(norm.weight.numel(), eps=norm.eps).to(norm.weight.device)

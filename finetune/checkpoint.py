@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
             "and a state_dict); pass a .ckpt written by `python -m finetune`"
         )
     state = ckpt["state_dict"]
-    sets = ckpt.get("weight_sets") or {"deploy": "student", "prefixes": {"student": "model."}}
+    sets = ckpt.get("weight_sets") or legacy_weight_sets(ckpt)
     prefixes = {name: prefix for name, prefix in sets["prefixes"].items() if any(k.startswith(prefix) for k in state)}
     use = sets["deploy"] if weights == "auto" else weights
     if use not in prefixes:
@@ -56,3 +57,18 @@ def load_detection_checkpoint(path: str | Path, map_location: str | torch.device
     module.checkpoint_step = ckpt.get("global_step")
     module.deployed_weights = use
     return module.eval()
+
+
+def legacy_weight_sets(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The weight sets of a checkpoint saved before they were recorded: ``student`` under ``model.``, and
+    every other top-level prefix whose keys mirror the student's (a second detector kept beside it)
+    under its own name; deployed is the name an old section's ``deploy`` gives, else ``student``."""
+    state = ckpt["state_dict"]
+    student = {k[len("model."):] for k in state if k.startswith("model.")}
+    prefixes = {"student": "model."}
+    for top in sorted({k.split(".", 1)[0] for k in state} - {"model"}):
+        if {k[len(top) + 1:] for k in state if k.startswith(top + ".")} == student:
+            prefixes[top] = top + "."
+    deploy = next((v["deploy"] for v in ckpt.values() if isinstance(v, Mapping)
+                   and isinstance(v.get("deploy"), str) and v["deploy"] in prefixes), "student")
+    return {"deploy": deploy, "prefixes": prefixes}

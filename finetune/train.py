@@ -102,7 +102,10 @@ def start_weights(cfg: DictConfig, resume: Path | None, train_ds: CocoDetection,
             raise ValueError(f"{resume} was trained with other classes than {paths.train_json}; "
                              "use another run dir (hydra.run.dir=...) or resume=false")
         print(f"resuming from {resume}", flush=True)
-        return None, hp["backbone_info"], str(state.get("run_kind") or "finetune")
+        kind = state.get("run_kind")
+        if kind is None and any(not k.startswith("model.") for k in state["state_dict"]):
+            kind = "an unrecorded kind (saved before run kinds were recorded, with more than one detector)"
+        return None, hp["backbone_info"], kind
     if cfg.get("init_from"):
         # The whole detector comes from a fine-tuning run: so do its backbone's description and input
         # normalisation (backbone.checkpoint is not read).
@@ -164,7 +167,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, plan: PlanBuilder 
                                plain_cfg=plain_cfg, backbone_info=info, resnet=resnet, loader_kw=loader_kw,
                                labeled=labeled, labeled_sampler=sampler))
     module = fit_plan.module
-    if resumed_kind is not None and resumed_kind != module.run_kind:
+    # A checkpoint of the same stage saved before run kinds were recorded is checked by the module's
+    # own on_load_checkpoint.
+    legacy = resumed_kind is not None and resumed_kind.startswith("an unrecorded") and module.run_kind != "finetune"
+    if resumed_kind is not None and resumed_kind != module.run_kind and not legacy:
         raise ValueError(f"{resume} is from a {resumed_kind} run, this one is {module.run_kind}; "
                          "use another run dir (hydra.run.dir=...) or resume=false")
     if resume is None and cfg.get("init_from"):

@@ -54,6 +54,11 @@ def check_config(config: dict[str, Any]) -> None:
         raise ValueError(f"optimizer.base_lr={lr} must be > 0")
     if int(config["data"]["batch_size"]) < 2:
         raise ValueError("data.batch_size must be >= 2 (batch statistics and negatives need a batch)")
+    preset, name = config.get("preset_method"), config["method"].get("name")
+    if preset and name != preset:
+        raise ValueError(f"this experiment preset is {preset}'s recipe and method={name} would get its {preset} "
+                         f"settings: use experiment=demo_{name} (the demo presets: conf/pretrain/experiment/) or "
+                         "drop the experiment")
     if "transform" not in config["method"] or "module" not in config["method"]:
         raise ValueError("method config needs `module` (the LightningModule class) and `transform`")
 

@@ -97,10 +97,26 @@ def schedule(n: int, batch: int = 8) -> list[str]:
     return [f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}"]
 
 
+def arm_extras(arm: str, n: int) -> list[str]:
+    """What an arm adds to the shared fine-tuning recipe (besides the backbone)."""
+    out = []
+    if arm == "ssl_frozen":
+        out.append("freeze_backbone=true")
+    if arm == "ssl_lpft":
+        out.append(f"linear_probe_steps={STEPS.get(n, 390) // 3}")
+    if arm in ("ssl_frozen", "ssl_lpft"):
+        # The backbone's BN statistics come from 64 px grayscale views; re-estimated on the 128 px colour
+        # training scenes before the (frozen or probed) backbone is used as it is.
+        out.append(f"backbone.recalibrate_bn={RECALIBRATE_BATCHES}")
+    return out
+
+
 def recipe(arm: str, n: int, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    """What decides a run's result (no paths): its fingerprint in the ledger."""
     r: dict[str, Any] = {"arm": arm, "labels": n, "seed": seed, "finetune": a.finetune, "schedule": schedule(n)}
     if arm != "random":
         r["pretrain"] = a.pretrain
+        r["extras"] = arm_extras(arm, n)
     return r
 
 
@@ -111,15 +127,7 @@ def overrides(arm: str, n: int, seed: int, train: Path, val: Path, backbone: Pat
     if arm != "random":
         assert backbone is not None
         out.append(f"backbone.checkpoint={quote(backbone)}")
-    if arm == "ssl_frozen":
-        out.append("freeze_backbone=true")
-    if arm == "ssl_lpft":
-        out.append(f"linear_probe_steps={STEPS.get(n, 390) // 3}")
-    if arm in ("ssl_frozen", "ssl_lpft"):
-        # The backbone's BN statistics come from 64 px grayscale views; re-estimated on the 128 px colour
-        # training scenes before the (frozen or probed) backbone is used as it is.
-        out.append(f"backbone.recalibrate_bn={RECALIBRATE_BATCHES}")
-    return out
+    return out + arm_extras(arm, n)
 
 
 def key(arm: str, n: int, seed: int) -> str:

@@ -351,3 +351,12 @@ def test_an_optimizer_in_the_old_factory_layout_is_refused_with_the_new_one_name
                            "factory": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}}
     with pytest.raises(ValueError, match="_target_ .* conf/pretrain/optimizer"):
         fit(build(config), loader(config), max_steps=1)
+
+
+def test_a_demo_preset_refuses_another_method():
+    """experiment=demo is SimCLR's recipe: method=swav with it would hand SwAV SimCLR's view settings."""
+    from pretrain.train import check_config
+
+    check_config(demo_config("swav"))  # its own preset: fine
+    with pytest.raises(ValueError, match="use experiment=demo_swav"):
+        check_config(plain_config(compose_config("pretrain", overrides=["method=swav", "experiment=demo"])))

@@ -72,7 +72,7 @@ def write_splits(cocos: dict[str, dict[str, Any]], out_dir: str | os.PathLike[st
 
 def merge_coco(parts: Sequence[Mapping[str, Any]],
                image_roots: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """One COCO dict from several with the same categories.
+    """One COCO dict from several whose categories are the first's (or some of them).
 
     Image and box ids are renumbered from 1 so that none collide, each box staying on its image;
     ``file_name``s become absolute (joined to the part's image root: one root for every part or one
@@ -80,7 +80,8 @@ def merge_coco(parts: Sequence[Mapping[str, Any]],
     top-level keys (``info``, ``categories``, ...) come from the first part.
 
     Raises:
-        ValueError: no parts, a root per part of the wrong length, or parts with other categories.
+        ValueError: no parts, a root per part of the wrong length, or a part with a category the first
+            does not have.
     """
     if not parts:
         raise ValueError("merge_coco needs at least one COCO set")
@@ -88,12 +89,15 @@ def merge_coco(parts: Sequence[Mapping[str, Any]],
              else [Path(r) for r in image_roots])
     if len(roots) != len(parts):
         raise ValueError(f"{len(roots)} image roots for {len(parts)} COCO sets")
-    cats = sorted((int(c["id"]), c["name"]) for c in parts[0]["categories"])
+    cats = {int(c["id"]): c["name"] for c in parts[0]["categories"]}
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
     for k, (part, root) in enumerate(zip(parts, roots)):
-        if sorted((int(c["id"]), c["name"]) for c in part["categories"]) != cats:
-            raise ValueError(f"COCO set {k} has other categories than the first: cannot merge")
+        # A later set may name fewer categories (pseudo-labels list the label map's classes, which
+        # leaves out e.g. Roboflow's placeholder category), never others.
+        other = {int(c["id"]): c["name"] for c in part.get("categories", []) if cats.get(int(c["id"])) != c["name"]}
+        if other:
+            raise ValueError(f"COCO set {k} has categories the first does not have: {other}; cannot merge")
         new_id = {im["id"]: len(images) + i + 1 for i, im in enumerate(part["images"])}
         images += [{**im, "id": new_id[im["id"]], "file_name": str(root / im["file_name"])} for im in part["images"]]
         anns += [{**{key: v for key, v in a.items() if key != "score"}, "id": len(anns) + i + 1,

@@ -11,6 +11,9 @@ can do, asked by inference, the semi stage and config checks), ``heads`` (the re
 heads, RetinaNet's smooth-L1 regression), ``freezing`` (frozen stages with FrozenBatchNorm2d).
 """
 
+import importlib
+import pkgutil
+
 from finetune.detectors.builders import (
     DETECTORS,
     RETINANET_BOX_LOSSES,
@@ -38,6 +41,10 @@ from finetune.detectors.heads import (
     register_box_head,
 )
 from finetune.detectors.retinanet import KClassRetinaNet, build_retinanet
+
+# Every file of this package is imported, so a new detector file registers itself without an edit here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "BOX_HEADS",

@@ -63,10 +63,12 @@ def capabilities_for(name: str) -> DetectorCapabilities:
 
 
 def capabilities_of(model: nn.Module) -> DetectorCapabilities:
-    """The capabilities of a built detector, found by its class (subclasses included)."""
-    for caps in CAPABILITIES.values():
-        if isinstance(model, caps.model_type):
-            return caps
+    """The capabilities of a built detector, found by its class: the registered class nearest to it in
+    its method resolution order (a subclass of FasterRCNN registered by itself gets its own entry)."""
+    mro = type(model).__mro__
+    found = [caps for caps in CAPABILITIES.values() if caps.model_type in mro]
+    if found:
+        return min(found, key=lambda caps: mro.index(caps.model_type))
     raise TypeError(f"{type(model).__name__} is not a registered detector type "
                     f"({', '.join(c.model_type.__name__ for c in CAPABILITIES.values())})")
 
@@ -77,6 +79,9 @@ def require(detector: str, needs: Iterable[str], what: str) -> None:
     Raises:
         ValueError: naming the detector, the missing capabilities and the detectors that have them.
     """
+    needs = list(needs)
+    if not needs:
+        return
     caps = capabilities_for(detector)
     missing = [n for n in needs if not caps.has(n)]
     if missing:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
@@ -15,7 +17,7 @@ from finetune.detectors.heads import ROI_SIZE, build_box_head
 
 def set_test_budget(model: nn.Module, proposals: int | None, pre_nms: int | None) -> dict[str, int]:
     """RPN proposals kept per image after NMS (``proposals``) and per level before it (``pre_nms``)."""
-    rpn = model.rpn  # type: ignore[union-attr]
+    rpn: Any = model.rpn
     if proposals is not None:
         rpn._post_nms_top_n["testing"] = proposals
         rpn._pre_nms_top_n["testing"] = pre_nms or proposals

@@ -25,6 +25,9 @@ class KnnProbe(pl.LightningModule):
     """Validation = the kNN probe; plus the step-0 random-features reference."""
 
     config: dict[str, Any]
+    _val_features: list[Tensor]
+    _val_labels: list[Tensor]
+    _val_index: list[Tensor]
     knn_step0: float | None
     knn_history: list[dict[str, Any]]
 

@@ -1,8 +1,8 @@
 """Where the Hydra configs are, in a checkout and after ``pip install``.
 
-The configs live in the repository's top-level ``conf/`` (one folder per stage). A wheel carries a
-copy in ``pretrain/_conf/`` (setup.py's build step), which is looked at first; a source checkout
-or an editable install reads ``conf/`` itself.
+The configs live in the repository's top-level ``conf/`` (one folder per stage), which a source
+checkout or an editable install reads; a wheel carries a copy in ``pretrain/_conf/`` (setup.py's
+build step), used when there is no checkout beside the package.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def config_dir(stage: str) -> str:
     Raises:
         FileNotFoundError: neither a packaged copy nor a checkout's ``conf/`` has it.
     """
-    for base in (PACKAGED, CHECKOUT):
+    for base in (CHECKOUT, PACKAGED):
         if (base / stage / f"{stage}.yaml").is_file():
             return str(base / stage)
     raise FileNotFoundError(f"no Hydra configs for {stage!r} in {PACKAGED} (a wheel's copy) or {CHECKOUT} "
