@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -19,7 +20,16 @@ from finetune.semi.consistency import (
 from finetune.semi.focal import FocalRoIHeads, softmax_focal_loss, use_focal_roi_heads
 from finetune.semi.health import LossWatch, PseudoLabelHealth
 from finetune.semi.soft import background_probability, soft_background, teacher_forward, to_frame
-from finetune.semi.thresholds import FixedThreshold, GMMThreshold, build_threshold, fit_gmm_1d, gmm_threshold
+from finetune.semi.thresholds import (
+    FixedThreshold,
+    GMMThreshold,
+    build_threshold,
+    fit_gmm_1d,
+    gmm_threshold,
+    limit_per_image,
+    max_pseudo_per_image,
+    score_mass_k,
+)
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
 from pretrain.core.backbone.resnet import build_resnet
 
@@ -56,15 +66,59 @@ def test_gmm_threshold_lies_between_the_modes_and_follows_them():
     assert 0.3 < t < 0.95 and t >= high.min() - 1e-6
     moved = gmm_threshold(torch.cat([low, high - 0.3]))
     assert moved < t - 0.2
-    assert gmm_threshold(torch.tensor([0.1, 0.9, 0.5])) == 0.0  # fewer than 4 scores: keep everything
+
+
+def test_gmm_threshold_falls_back_to_a_fixed_score_not_to_keeping_everything():
+    # Fewer than 4 scores, identical scores: no fit, the fallback (not 0, which kept every detection).
+    assert gmm_threshold(torch.tensor([0.1, 0.9, 0.5])) == 0.5
+    assert gmm_threshold(torch.tensor([0.1, 0.9, 0.5]), fallback=0.3) == 0.3
+    assert gmm_threshold(torch.full((10,), 0.4)) == 0.5
+    th = GMMThreshold(num_classes=2)
+    assert th.thresholds().tolist() == [0.5, 0.5]  # before any score
+    th.update([det([0.9, 0.3], [1, 1])])  # k = int(1.2 + 0.5) + 1 = 2: both queued, 2 < 4
+    assert th.queue_lengths() == [2, 0] and th.thresholds().tolist() == [0.5, 0.5]
+    assert th.filter([det([0.9, 0.3], [1, 1])])[0]["scores"].tolist() == pytest.approx([0.9])
+    low = build_threshold("gmm", 2, gmm_fallback=0.2)
+    low.update([det([0.9, 0.3], [1, 1])])
+    assert low.filter([det([0.9, 0.3], [1, 1])])[0]["scores"].tolist() == pytest.approx([0.9, 0.3])
+    with pytest.raises(ValueError, match="gmm_fallback"):
+        GMMThreshold(2, fallback=1.5)
+
+
+def _em_step_by_hand(x: list[float], var0: float) -> tuple[list[float], list[float], list[float]]:
+    """One EM step of a two-component 1-D mixture from means (min, max), weights 1/2, variances var0."""
+    mu0 = [min(x), max(x)]
+    resp = []
+    for xi in x:
+        p = [0.5 * math.exp(-0.5 * (xi - m) ** 2 / var0) / math.sqrt(2 * math.pi * var0) for m in mu0]
+        resp.append([v / sum(p) for v in p])
+    nk = [sum(r[j] for r in resp) for j in (0, 1)]
+    mu = [sum(r[j] * xi for r, xi in zip(resp, x)) / nk[j] for j in (0, 1)]
+    var = [sum(r[j] * (xi - mu[j]) ** 2 for r, xi in zip(resp, x)) / nk[j] + 1e-6 for j in (0, 1)]
+    return [n / len(x) for n in nk], mu, var
+
+
+def test_gmm_variances_start_at_one():
+    x = [0.1, 0.15, 0.2, 0.5, 0.8, 0.9]
+    w, mu, var = fit_gmm_1d(torch.tensor(x), iters=1)
+    ew, emu, evar = _em_step_by_hand(x, 1.0)  # Consistent Teacher's precisions_init of 1
+    torch.testing.assert_close(w, torch.tensor(ew, dtype=torch.float64))
+    torch.testing.assert_close(mu, torch.tensor(emu, dtype=torch.float64))
+    torch.testing.assert_close(var, torch.tensor(evar, dtype=torch.float64))
+    # A start at the data's variance (the former one) gives another first step: the test tells them apart.
+    _, mu_data, _ = _em_step_by_hand(x, float(torch.tensor(x).var(unbiased=False)))
+    assert abs(mu_data[0] - emu[0]) > 1e-3
 
 
 def test_gmm_fifo_topk_and_per_class_filter():
     th = GMMThreshold(num_classes=2, queue_size=100)
-    th.update([det([0.9, 0.8, 0.1], [1, 1, 1])])  # k = int(1.8) + 1 = 2
-    assert th.queue_lengths() == [2, 0]
-    assert sorted(th.queues[0]) == pytest.approx([0.8, 0.9])
-    for _ in range(60):
+    # Class-agnostic per image: k = int(1.95 + 0.5) + 1 = 3, all three of class 1 (a per-class top-k
+    # would queue 2 of class 1 and 1 of class 2; without the + 0.5, k would be 2).
+    th.update([det([0.9, 0.7, 0.2, 0.1, 0.05], [1, 1, 1, 2, 2])])
+    assert th.queue_lengths() == [3, 0]
+    assert sorted(th.queues[0]) == pytest.approx([0.2, 0.7, 0.9])
+    assert [score_mass_k(torch.tensor(v)) for v in ([0.9, 0.8, 0.1], [0.4], [0.1, 0.1], [])] == [3, 1, 1, 0]
+    for _ in range(40):
         th.update([det([0.9, 0.8, 0.1], [1, 1, 1])])
     assert th.queue_lengths()[0] == 100  # FIFO keeps the last 100
     th._thr = torch.tensor([0.5, 0.95])
@@ -75,6 +129,50 @@ def test_gmm_fifo_topk_and_per_class_filter():
     again = GMMThreshold(2)
     again.load_state_dict(state)
     assert torch.equal(again.thresholds(), th.thresholds()) and again.queue_lengths() == th.queue_lengths()
+
+
+def test_gmm_topk_bounds_the_kept_pseudo_labels():
+    th = GMMThreshold(num_classes=2)
+    th._thr = torch.zeros(2)  # every class threshold passes: only the per-image top-k bounds
+    image = det([0.05, 0.9, 0.1, 0.7, 0.2], [2, 1, 2, 1, 1])  # sum 1.95: k = 3
+    kept = th.filter([image])[0]
+    assert sorted(kept["scores"].tolist()) == pytest.approx([0.2, 0.7, 0.9])
+    assert kept["labels"].tolist() == [1, 1, 1] and kept["boxes"].shape == (3, 4)
+    assert len(FixedThreshold(2, 0.0).filter([image])[0]["scores"]) == 5  # a fixed threshold has no top-k
+
+
+def test_pseudo_nms_is_class_agnostic_and_the_cap_keeps_the_highest():
+    # One object under two labels (colour twins), a second object, and a weak near-duplicate of it.
+    image = det([0.8, 0.9, 0.3, 0.6], [2, 1, 1, 2],
+                [[10, 10, 50, 50], [11, 10, 51, 50], [70, 70, 90, 90], [71, 71, 90, 90]])
+    out = limit_per_image(image, nms_iou=0.5)
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.6]) and out["labels"].tolist() == [1, 2]
+    assert out["boxes"].tolist() == [[11, 10, 51, 50], [71, 71, 90, 90]]
+    assert limit_per_image(image, max_per_image=2)["scores"].tolist() == pytest.approx([0.9, 0.8])
+    assert limit_per_image(image, nms_iou=0.99, max_per_image=3)["scores"].tolist() == pytest.approx([0.9, 0.8, 0.6])
+    assert limit_per_image(image) is image
+    # Through the thresholds, after the score test.
+    th = FixedThreshold(2, 0.5, nms_iou=0.5, max_per_image=1)
+    out = th.filter([image, det([], [])])
+    assert out[0]["scores"].tolist() == pytest.approx([0.9]) and out[1]["boxes"].shape == (0, 4)
+    gmm = build_threshold("gmm", 2, nms_iou=0.5)
+    gmm._thr = torch.zeros(2)
+    assert gmm.filter([image])[0]["labels"].tolist() == [1, 2]  # top-k 4 of 4 (sum 2.6), then NMS
+    with pytest.raises(ValueError, match="pseudo_nms_iou"):
+        FixedThreshold(2, 0.5, nms_iou=0.0)
+
+
+def test_max_pseudo_per_image_auto_follows_the_labeled_set():
+    assert max_pseudo_per_image("auto", 1.0, 2.3) == 3
+    assert max_pseudo_per_image("auto", 1.0, 2.0) == 2
+    assert max_pseudo_per_image("auto", 0.5, 2.3) == 2
+    assert max_pseudo_per_image("auto", 1.0, 0.2) == 1  # never 0: an image keeps its best box
+    assert max_pseudo_per_image(5) == 5 and max_pseudo_per_image(None) is None
+    for bad in (0, -1, "many", True, 2.5):
+        with pytest.raises(ValueError, match="max_pseudo_per_image"):
+            max_pseudo_per_image(bad, 1.0, 2.0)
+    with pytest.raises(ValueError, match="boxes per image"):
+        max_pseudo_per_image("auto", 1.0, None)
 
 
 def test_fixed_threshold_and_builder():

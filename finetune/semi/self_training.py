@@ -145,7 +145,8 @@ def pseudo_label(module: DetectionModule, source: Path, cfg: DictConfig, image_r
     ds = UnlabeledDetectionImages(source, cat_id_to_label=module.label_map.cat_id_to_label, strong=False,
                                   max_pixels=cfg.data.get("max_pixels"), image_root=image_root)
     tta = bool(cfg.semi.get("tta_flip", False))
-    threshold = build_threshold(cfg.semi.threshold, k)
+    fallback = cfg.semi.get("gmm_fallback")
+    threshold = build_threshold(cfg.semi.threshold, k, gmm_fallback=0.5 if fallback is None else float(fallback))
     kept: list[tuple[int, Path, tuple[int, int], dict[str, torch.Tensor]]] = []
     for start in range(0, len(ds), batch_size):
         batch = []
