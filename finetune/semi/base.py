@@ -29,8 +29,12 @@ class SemiStep(Protocol):
 
     model: nn.Module  # the student
     teacher: nn.Module | None  # the EMA teacher (modes with needs_teacher, after burn-in)
-    device: torch.device
-    global_step: int
+
+    @property
+    def device(self) -> torch.device: ...  # read-only on a LightningModule
+
+    @property
+    def global_step(self) -> int: ...
 
     def pseudo_labels(self, detections: list[dict[str, torch.Tensor]],
                       ground_truth: Sequence[Mapping[str, torch.Tensor] | None] | None = None
