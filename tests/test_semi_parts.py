@@ -496,3 +496,73 @@ def test_strong_view_pass_leaves_bn_running_statistics_alone():
     assert [m.momentum for m in bns] == momenta  # restored on errors too
     model(images, targets)
     assert not all(torch.equal(a, b) for a, b in zip(before, stats()))  # outside it, BN learns as usual
+
+
+# ---------------------------------------------------------------------------- empty weight
+class _Step:
+    """What a teacher-student mode sees of the Lightning module: real student, teacher and threshold."""
+
+    def __init__(self, model, threshold):
+        from finetune.semi.ema import make_teacher
+
+        self.model, self.teacher = model, make_teacher(model)
+        self.device, self.global_step = torch.device("cpu"), 0
+        self.threshold = threshold
+
+    def pseudo_labels(self, detections, ground_truth=None):
+        self.threshold.update(detections)
+        return self.threshold.filter(detections)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet"])
+def test_empty_weight_scales_both_detectors_when_most_images_lack_pseudo_boxes(name):
+    from finetune.semi.mean_teacher import MeanTeacher
+    from finetune.semi.unbiased_teacher import UnbiasedTeacher
+
+    torch.manual_seed(0)
+    small = ({"representation_size": 32, "rpn_post_nms_top_n_train": 32, "box_batch_size_per_image": 16}
+             if name == "fasterrcnn" else {})
+    model = build_detector(name, build_resnet("resnet18", "bn"), "resnet18", 3, min_size=64, max_size=64,
+                           trainable_layers=5, fpn_channels=32, detections_per_img=10, **small).train()
+    cls = UnbiasedTeacher if name == "fasterrcnn" else MeanTeacher
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    unlabeled = {"weak": images, "strong": images}
+
+    def run(weight, threshold):
+        step = _Step(model, FixedThreshold(3, threshold))
+        if name == "fasterrcnn":
+            step.teacher.roi_heads.score_thresh = 0.0  # a random teacher scores low: keep its boxes
+        else:
+            step.teacher.score_thresh = 0.0
+        mode = cls({"empty_weight": weight, "unsup_box_loss": name == "retinanet"})
+        mode.setup(step)
+        torch.manual_seed(0)  # the same RPN / RoI sampling in every call
+        return mode.loss(step, unlabeled)
+
+    full, scaled, dropped = run(1.0, 1.0), run(0.01, 1.0), run(0.0, 1.0)  # threshold 1: no pseudo-box
+    assert full.num_pseudo == 0 and full.empty_scaled and scaled.empty_scaled
+    assert float(full.loss) > 0
+    torch.testing.assert_close(scaled.loss, 0.01 * full.loss)
+    assert float(dropped.loss) == 0.0 and dropped.loss.requires_grad
+    dropped.loss.backward()  # a dropped batch still backpropagates (DDP needs every parameter used)
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.parameters())
+    kept_full, kept_damped = run(1.0, 0.0), run(0.01, 0.0)  # every image has pseudo-boxes: no scaling
+    assert kept_full.num_pseudo > 0 and kept_full.empty_scaled is False
+    torch.testing.assert_close(kept_damped.loss, kept_full.loss)
+    # The old RetinaNet-only key is still read.
+    old = cls({"empty_batch_weight": 0.05})
+    old.setup(_Step(model, FixedThreshold(3, 1.0)))
+    assert old.empty_weight == 0.05
+
+
+# --------------------------------------------------------------------------------- deploy
+def test_deployed_by_rule():
+    from finetune.semi.module import deployed_by
+
+    assert [deployed_by(r, 0.3, 0.2) for r in ("teacher", "student", "best")] == ["teacher", "student", "student"]
+    assert [deployed_by(r, 0.2, 0.3) for r in ("teacher", "student", "best")] == ["teacher", "student", "teacher"]
+    assert deployed_by("best", 0.2, 0.2) == "teacher"  # a tie keeps the teacher
+    assert deployed_by("best", 0.2, None) == deployed_by("teacher", 0.2, None) == "student"  # no teacher yet
+    with pytest.raises(ValueError, match="semi.deploy"):
+        deployed_by("ensemble", 0.2, 0.3)

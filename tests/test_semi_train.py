@@ -96,14 +96,146 @@ def test_resume_keeps_the_teacher(synthetic_data, tmp_path):
     assert json.dumps(q1, default=str) != json.dumps(q2, default=str)
 
 
-def test_mean_teacher_retinanet_gmm_run(synthetic_data, tmp_path):
+def _csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def _record_ema(monkeypatch) -> list[float]:
+    """The decays of the teacher's real EMA updates, in order."""
+    import finetune.semi.module as semi_module
+
+    decays: list[float] = []
+    real = semi_module.ema_update
+
+    def recording(teacher, student, decay):  # type: ignore[no-untyped-def]
+        decays.append(decay)
+        return real(teacher, student, decay)
+
+    monkeypatch.setattr(semi_module, "ema_update", recording)
+    return decays
+
+
+def test_mean_teacher_retinanet_gmm_run(synthetic_data, tmp_path, monkeypatch):
+    # 6 steps, burn-in 1: 5 semi steps; a time constant of 0.4 of them is 2 steps, decay 1 - 1/2.
+    decays = _record_ema(monkeypatch)
     m = train(smoke_cfg(synthetic_data["root"], "semi=mean_teacher", "detector=retinanet", "detector.box_loss=giou",
-                        "semi.threshold=gmm", *FAST[:2], "detector.detections_per_img=20", "trainer.max_epochs=1"),
+                        "semi.threshold=gmm", "semi.burn_in=1", "semi.ema_decay=0.9", "semi.ema_time_constant=0.4",
+                        "detector.detections_per_img=20", "trainer.max_epochs=2", "eval.plots=false"),
               run_dir=tmp_path)
     semi = m["semi"]
     assert semi["mode"] == "mean_teacher" and semi["settings"]["threshold"] == "gmm"
     per_class = semi["pseudo_labels"]["per_class"]
     assert all("threshold" in c for c in per_class.values())  # per-class GMM thresholds, not only a mean
+    assert decays == [pytest.approx(0.5)] * 5  # semi.ema_decay=0.9 is not used
+    assert _column(_csv_rows(tmp_path), "semi/ema_decay") == pytest.approx([0.5] * 5)
+    assert semi["ema"]["decay_per_step"] == pytest.approx(0.5) and semi["ema"]["updates"] == 5
+    best = torch.load(m["best_checkpoint"], weights_only=True)
+    assert semi["deployed"] == best["weight_sets"]["deploy"] == "teacher"
+
+
+def test_empty_weight_zero_and_deploy_best_run(synthetic_data, tmp_path):
+    """The acceptance run `semi=unbiased_teacher semi.empty_weight=0 semi.deploy=best`, at threshold 1
+    (no pseudo-box): every semi step's unsupervised loss is dropped, on Faster R-CNN too, and the
+    deployed model is the one the rule picks from the validations' APs, in history, checkpoints
+    and metrics.json alike."""
+    from finetune.semi.module import deployed_by
+
+    m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.empty_weight=0", "semi.deploy=best",
+                        "semi.burn_in=1", "semi.ema_decay=0.5", "semi.threshold=1.0", "trainer.max_epochs=1",
+                        "eval.plots=false"), run_dir=tmp_path)
+    rows = _csv_rows(tmp_path)
+    unsup = [float(r["train/unsup_loss"]) for r in rows if r.get("train/unsup_loss") and int(r["step"]) >= 1]
+    assert unsup == [0.0, 0.0]  # the two semi steps
+    assert _column(rows, "semi/empty_scaled") == [1.0]
+    semi = m["semi"]
+    assert semi["empty_scaled"] == 1.0 and semi["deploy"] == "best"
+    assert semi["warnings"]["unsup_loss_zero"] == 0  # a dropped loss is not a dead one
+    for h in m["history"]:
+        assert h["deployed"] == deployed_by("best", h["val_student_AP"], h["val_teacher_AP"])
+    best = torch.load(m["best_checkpoint"], weights_only=True)
+    assert semi["deployed"] == best["weight_sets"]["deploy"] == best["semi"]["deploy"] == m["history"][-1]["deployed"]
+
+
+def test_deploy_student_ema_ramp_pseudo_cap_and_first_step_health(synthetic_data, tmp_path, monkeypatch):
+    decays = _record_ema(monkeypatch)
+    m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.burn_in=1", "semi.ema_decay=0.7",
+                        "semi.ema_ramp=true", "semi.threshold=0.0", "semi.max_pseudo_per_image=1",
+                        "semi.pseudo_nms_iou=0.5", "semi.deploy=student", "detector.detections_per_img=20",
+                        "trainer.max_epochs=2", "eval.plots=false"), run_dir=tmp_path)
+    # Soft Teacher's ramp: min(0.7, 1 - 1/(t + 1)) at the t-th update since the teacher started.
+    ramp = [0.0, 0.5, 2 / 3, 0.7, 0.7]
+    assert decays == pytest.approx(ramp)
+    rows = _csv_rows(tmp_path)
+    assert _column(rows, "semi/ema_decay") == pytest.approx(ramp)
+    semi = m["semi"]
+    assert semi["ema"] == {"decay_per_step": 0.7, "last_update_decay": pytest.approx(0.7), "ramp": True, "updates": 5}
+    # At most one pseudo-box per image (threshold 0 keeps up to 20 otherwise).
+    per_step = _column(rows, "semi/pseudo_boxes_per_image")
+    assert per_step and max(per_step) <= 1.0 and max(per_step) > 0
+    assert 0 < semi["pseudo_labels"]["pseudo_boxes_per_image"] <= 1.0
+    # The health of the semi phase's first step, logged at that step (before any validation).
+    first = [r for r in rows if r.get("semi/images") and not r.get("val/AP")]
+    assert [int(r["step"]) for r in first] == [1] and float(first[0]["semi/pseudo_boxes_per_image"]) == 1.0
+    assert semi["pseudo_labels_first_step"]["images"] == 2 and semi["pseudo_labels_first_step"]["precision"] is not None
+    # The student is deployed although a teacher exists.
+    assert semi["deploy"] == "student" and semi["deployed"] == "student"
+    assert all(h["deployed"] == "student" and h["val_teacher_AP"] is not None for h in m["history"])
+    assert _column(rows, "val/AP") == _column(rows, "val/student_AP")
+    assert _column(rows, "val/teacher_deployed") == [0, 0]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["weight_sets"]["deploy"] == "student" and "teacher" in ckpt["weight_sets"]["prefixes"]
+    assert load_detection_checkpoint(last).deployed_weights == "student"
+
+
+@pytest.mark.slow  # 9 steps and 3 validations, ~20-40 s
+def test_deploy_best_deploys_the_student_when_it_scores_higher(synthetic_data, tmp_path):
+    """A teacher frozen at the initial weights (decay 1, no burn-in) against a student trained on the
+    labels only (threshold 1, unsupervised loss dropped): once the student scores, best deploys it, and
+    best.ckpt, whose val/AP is the deployed model's, names it."""
+    from finetune.semi.module import deployed_by
+
+    m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.burn_in=0", "semi.ema_decay=1.0",
+                        "semi.threshold=1.0", "semi.empty_weight=0", "semi.deploy=best", "trainer.max_epochs=3",
+                        "eval.plots=false"), run_dir=tmp_path)
+    history = m["history"]
+    assert all(h["deployed"] == deployed_by("best", h["val_student_AP"], h["val_teacher_AP"]) for h in history)
+    won = [h for h in history if h["val_student_AP"] > h["val_teacher_AP"]]
+    assert won, f"the student never beat the initial weights: {[h['val_student_AP'] for h in history]}"
+    assert all(h["deployed"] == "student" and h["val_AP"] == h["val_student_AP"] for h in won)
+    best = torch.load(m["best_checkpoint"], weights_only=True)
+    assert best["weight_sets"]["deploy"] == m["semi"]["deployed"] == "student"
+
+
+def test_semi_options_refuse_bad_values(synthetic_data, caplog):
+    from finetune.semi.plan import check_config, check_unused
+
+    root = synthetic_data["root"]
+    bad = {"semi.empty_weight=-0.5": "empty_weight", "semi.pseudo_nms_iou=0": "pseudo_nms_iou",
+           "semi.pseudo_nms_iou=1.5": "pseudo_nms_iou", "semi.max_pseudo_per_image=0": "max_pseudo_per_image",
+           "semi.max_pseudo_per_image=many": "max_pseudo_per_image", "semi.max_pseudo_factor=0": "max_pseudo_factor",
+           "semi.gmm_fallback=1.5": "gmm_fallback", "semi.ema_time_constant=0": "ema_time_constant",
+           "semi.ema_time_constant=1.5": "ema_time_constant", "semi.deploy=ensemble": "semi.deploy",
+           "semi.ema_ramp=sometimes": "ema_ramp"}
+    for override, key in bad.items():
+        with pytest.raises((ValueError, TypeError), match=key):
+            check_config(smoke_cfg(root, "semi=unbiased_teacher", override))
+    check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.max_pseudo_per_image=auto", "semi.pseudo_nms_iou=0.6",
+                           "semi.ema_time_constant=1", "semi.ema_ramp=true", "semi.deploy=best", "semi.empty_weight=0"))
+    # Teacher options without a teacher would do nothing: refused.
+    with pytest.raises(ValueError, match="pseudo_nms_iou"):
+        check_config(smoke_cfg(root, "semi=consistency", "detector=retinanet", "semi.pseudo_nms_iou=0.5"))
+    with pytest.raises(ValueError, match="ema_ramp"):
+        check_unused(smoke_cfg(root, "semi.ema_ramp=true"))
+    # The old key is read, with a deprecation warning.
+    with caplog.at_level("WARNING"):
+        check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", "semi.empty_batch_weight=0.05"))
+    assert "semi.empty_batch_weight is deprecated" in caplog.text
 
 
 def test_soft_background_run_weights_the_pseudo_labeled_rois(synthetic_data, tmp_path, monkeypatch):

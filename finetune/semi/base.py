@@ -49,12 +49,19 @@ class UnsupOutput:
 
     ``loss``: the unweighted unsupervised loss (the module multiplies it by the mode's weight);
     ``logs``: scalars for the logger; ``num_pseudo``: pseudo-boxes made this step (None for a mode
-    without pseudo-labels, which then adds nothing to the pseudo-label health and warnings).
+    without pseudo-labels, which then adds nothing to the pseudo-label health and warnings);
+    ``empty_scaled``: the loss was scaled by ``semi.empty_weight`` because fewer than half the
+    images had a pseudo-box (None: the mode has no such rule).
     """
 
     loss: torch.Tensor
     logs: dict[str, Any] = field(default_factory=dict)
     num_pseudo: int | None = None
+    empty_scaled: bool | None = None
+
+
+# semi.deploy: which detector val/AP (so best.ckpt) and a checkpoint's deployed weights follow.
+DEPLOY_CHOICES = ("best", "teacher", "student")
 
 
 class SemiMode:
@@ -88,8 +95,12 @@ class SemiMode:
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         """Refuse a config this mode cannot train, before any data is read (default: the detector
-        capabilities in :attr:`requires`)."""
+        capabilities in :attr:`requires`, and ``semi.deploy``)."""
         require(str(cfg.detector.name), cls.requires, f"semi={cls.name}")
+        deploy = cfg.semi.get("deploy", "teacher")
+        if deploy not in DEPLOY_CHOICES:
+            raise ValueError(f"semi.deploy={deploy!r}: use one of {', '.join(DEPLOY_CHOICES)} (teacher: the EMA "
+                             "teacher once it exists; best: the better of teacher and student at each validation)")
 
     @classmethod
     def run(cls, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -132,9 +132,14 @@ class LossWatch:
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
 
-    def update(self, step: int, num_pseudo_boxes: int, sup_loss: float, unsup_loss: float) -> list[str]:
+    def update(self, step: int, num_pseudo_boxes: int, sup_loss: float, unsup_loss: float,
+               scaled: bool = False) -> list[str]:
+        """One step's counts; the warnings that start this step. ``scaled``: ``semi.empty_weight``
+        scaled this step's unsupervised loss (to zero with weight 0), which neither extends nor ends a
+        run of zero losses."""
         self._no_boxes = self._no_boxes + 1 if num_pseudo_boxes == 0 else 0
-        self._zero = self._zero + 1 if num_pseudo_boxes > 0 and unsup_loss == 0.0 else 0
+        if not scaled:
+            self._zero = self._zero + 1 if num_pseudo_boxes > 0 and unsup_loss == 0.0 else 0
         conditions = {
             "no_pseudo_boxes": (self._no_boxes >= self.patience,
                                 (f"no pseudo-box for {self._no_boxes} steps: the threshold is above every teacher "

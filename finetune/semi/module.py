@@ -12,12 +12,16 @@ a strong one, see :mod:`finetune.semi.data`). The step:
    combinable mode whose weight is set), ``loss = sup + sum(weight * unsup)``; the teacher-student
    modes make their pseudo-labels through :meth:`SemiDetectionModule.pseudo_labels`, which applies
    the threshold and records the pseudo-label health;
-4. after the optimizer step, the EMA update of the teacher (every ``teacher_update_every`` steps).
+4. after the optimizer step, the EMA update of the teacher (every ``teacher_update_every`` steps)
+   with the decay of :meth:`SemiDetectionModule.update_decay` (``semi.ema_decay``, or one sized to the
+   run by ``semi.ema_time_constant``; ramped up by ``semi.ema_ramp``), logged as ``semi/ema_decay``.
 
-Validation scores the student and the teacher; ``val/AP`` (which picks the best checkpoint) is
-the deployed model's: the teacher once it exists. Pseudo-label health (boxes per image, per class,
-thresholds, precision/recall against hidden ground truth when the unlabeled set has it) is logged
-each validation and kept in the history that ends up in metrics.json.
+Validation scores the student and the teacher; ``val/AP`` (which picks the best checkpoint) and the
+checkpoint's deployed weights are those of the model ``semi.deploy`` names (:func:`deployed_by`): the
+teacher once it exists (``teacher``), the student (``student``), or the better of the two at that
+validation (``best``). Pseudo-label health (boxes per image, per class, thresholds, precision/recall
+against hidden ground truth when the unlabeled set has it) is logged at the semi phase's first step
+and at each validation, and kept in the history that ends up in metrics.json.
 """
 
 from __future__ import annotations
@@ -31,12 +35,51 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.module import DetectionModule
-from finetune.semi.base import modes_of
+from finetune.semi.base import DEPLOY_CHOICES, modes_of
 from finetune.semi.ema import copy_weights, ema_update, freeze_teacher, make_teacher
 from finetune.semi.health import LossWatch, PseudoLabelHealth
-from finetune.semi.thresholds import build_threshold
+from finetune.semi.thresholds import ScoreThreshold, build_threshold, max_pseudo_per_image
 
 log = logging.getLogger(__name__)
+
+
+def deployed_by(rule: str, student_ap: float, teacher_ap: float | None) -> str:
+    """The model ``semi.deploy=rule`` deploys after a validation that scored the student at
+    ``student_ap`` and the teacher at ``teacher_ap`` (None: no teacher yet, so the student).
+
+    ``best`` takes the teacher on a tie: it is the peers' choice and usually the steadier model.
+    """
+    if rule not in DEPLOY_CHOICES:
+        raise ValueError(f"semi.deploy={rule!r}: use one of {', '.join(DEPLOY_CHOICES)}")
+    if teacher_ap is None or rule == "student":
+        return "student"
+    if rule == "best" and student_ap > teacher_ap:
+        return "student"
+    return "teacher"
+
+
+def health_scalars(health: Mapping[str, Any]) -> dict[str, float]:
+    """The loggable numbers of a :meth:`PseudoLabelHealth.summary`, under ``semi/``."""
+    return {f"semi/{k}": float(v) for k, v in health.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+
+def pseudo_label_filter(settings: Mapping[str, Any], num_classes: int,
+                        labeled_boxes_per_image: float | None) -> ScoreThreshold:
+    """``semi.threshold`` with the GMM fallback and the per-image limits (``semi.pseudo_nms_iou``,
+    ``semi.max_pseudo_per_image``: ``auto`` needs ``labeled_boxes_per_image``; a module rebuilt from a
+    checkpoint without it, which does not train, gets no cap)."""
+    cap = settings.get("max_pseudo_per_image")
+    factor = float(settings.get("max_pseudo_factor") or 1.0)
+    if isinstance(cap, str) and labeled_boxes_per_image is None:
+        log.warning("semi.max_pseudo_per_image=%s without the labeled set's boxes per image: no cap", cap)
+        cap = None
+    fallback = settings.get("gmm_fallback")
+    iou = settings.get("pseudo_nms_iou")
+    return build_threshold(settings["threshold"], num_classes,
+                           gmm_fallback=0.5 if fallback is None else float(fallback),
+                           nms_iou=None if iou is None else float(iou),
+                           max_per_image=max_pseudo_per_image(cap, factor, labeled_boxes_per_image))
 
 
 class SemiDetectionModule(DetectionModule):
@@ -52,14 +95,21 @@ class SemiDetectionModule(DetectionModule):
         return f"semi:{self.mode}"
 
     def weight_sets(self) -> dict[str, Any]:
-        """The student under ``model.``, the EMA teacher under ``teacher.``; the teacher is deployed once
-        it exists (it is usually the better model)."""
-        sets: dict[str, Any] = {"deploy": "student", "prefixes": {"student": "model."}}
+        """The student under ``model.``, the EMA teacher under ``teacher.``; ``deploy`` names
+        :meth:`deployed`."""
+        sets: dict[str, Any] = {"deploy": self.deployed(), "prefixes": {"student": "model."}}
         if self.teacher is not None:
             sets["prefixes"]["teacher"] = "teacher."
-            if self.teacher_started:
-                sets["deploy"] = "teacher"
         return sets
+
+    def deployed(self) -> str:
+        """The model deployed now: the student until the teacher exists; then ``semi.deploy``'s
+        (``best``: the winner of the last validation that scored both, the teacher before one has)."""
+        if self.teacher is None or not self.teacher_started or self.deploy == "student":
+            return "student"
+        if self.deploy == "best" and self.best_choice is not None:
+            return self.best_choice
+        return "teacher"
 
     def __init__(self, cfg: dict[str, Any], label_map: dict[str, Any], backbone_info: dict[str, Any],
                  num_classes: int | None = None, resnet: nn.Module | None = None,
@@ -72,17 +122,29 @@ class SemiDetectionModule(DetectionModule):
         if not self.modes[0].in_loop:
             raise ValueError(f"semi.mode={self.mode} does not train in a Lightning loop (it runs whole fine-tuning "
                              "runs): run it with `python -m finetune semi=...` or finetune.run.run")
+        self.labeled_boxes_per_image = labeled_boxes_per_image
         for m in self.modes:
             m.setup(self)
         self.teacher: nn.Module | None = (make_teacher(self.model) if any(m.needs_teacher for m in self.modes)
                                           else None)
         k = self.label_map.num_classes
-        self.threshold = build_threshold(s["threshold"], k)
+        self.threshold = pseudo_label_filter(s, k, labeled_boxes_per_image)
         self.health = PseudoLabelHealth(k, self.class_names)
         self.watch = LossWatch(patience=int(s.get("warn_patience", 50)))
-        self.labeled_boxes_per_image = labeled_boxes_per_image
+        self.deploy = str(s.get("deploy") or "teacher")
+        if self.deploy not in DEPLOY_CHOICES:
+            raise ValueError(f"semi.deploy={self.deploy!r}: use one of {', '.join(DEPLOY_CHOICES)}")
+        self.best_choice: str | None = None  # deploy=best: the last validation's winner
         self.teacher_started = False
         self.burn_in_steps: int | None = None
+        self.ema_updates = 0  # EMA updates since the teacher started (semi.ema_ramp's t)
+        self._ema_decay: float | None = None  # the keep rate per student step, resolved at the first update
+        self.last_decay: float | None = None  # the decay of the last EMA update
+        self.first_health: dict[str, Any] | None = None  # pseudo-label health at the semi phase's first step
+        # Steps whose unsupervised loss had semi.empty_weight's rule to apply, and those it scaled:
+        # over the run (checkpointed) and since the last validation.
+        self.empty_scaled_steps = [0, 0]
+        self._empty_scaled_epoch = [0, 0]
         self._val_teacher: dict[int, list[dict[str, Any]]] = {}
         self._unsup_sum = 0.0
         self._sup_sum = 0.0
@@ -116,6 +178,41 @@ class SemiDetectionModule(DetectionModule):
         self.teacher_started = True
         log.info("step %d: burn-in over, the teacher is now a copy of the student", self.global_step)
 
+    def ema_decay(self) -> float:
+        """The teacher's keep rate per student step: ``semi.ema_decay``, or with
+        ``semi.ema_time_constant=f`` the decay whose time constant is ``f`` of the semi phase,
+        ``1 - 1 / (f * semi_steps)`` with ``semi_steps`` = the run's steps - burn-in (a keep rate tuned
+        for COCO's 180k steps, 0.9996, leaves a teacher of a few hundred steps where burn-in put it).
+        Resolved once, when the trainer knows the run's length."""
+        if self._ema_decay is None:
+            fraction = self.semi.get("ema_time_constant")
+            if fraction is None:
+                self._ema_decay = float(self.semi["ema_decay"])
+            else:
+                semi_steps = max(1, int(self.trainer.estimated_stepping_batches) - self.resolve_burn_in())
+                steps = float(fraction) * semi_steps
+                if steps < 1:
+                    log.warning("semi.ema_time_constant=%s of %d semi steps is under one step: the teacher copies "
+                                "the student at each update (decay 0)", fraction, semi_steps)
+                self._ema_decay = max(0.0, 1.0 - 1.0 / steps)
+                log.info("semi: EMA decay %.6g per step (a time constant of %.1f steps, %s of the %d semi steps; "
+                         "semi.ema_decay is not used)", self._ema_decay, steps, fraction, semi_steps)
+        return self._ema_decay
+
+    def update_decay(self) -> float:
+        """The decay of the teacher's next EMA update: :meth:`ema_decay` to the power of
+        ``teacher_update_every`` (the keep rate is per student step), and with ``semi.ema_ramp``
+        at most ``1 - 1/(t + 1)`` at the ``t``-th update since the teacher started (t from 0): the
+        teacher is the plain average of the students so far until the EMA weighs more. Mean Teacher's
+        ``update_ema_variables`` (Tarvainen & Valpola 2017: "use the true average until the
+        exponential average is more correct"); Soft Teacher's MeanTeacher hook (microsoft/SoftTeacher)
+        warms up as ``min(momentum, 1 - (1 + warm_up) / (step + 1 + warm_up))``, which is this at warm_up 0."""
+        every = max(1, int(self.semi.get("teacher_update_every", 1)))
+        decay = self.ema_decay() ** every
+        if bool(self.semi.get("ema_ramp", False)):
+            decay = min(decay, 1.0 - 1.0 / (self.ema_updates + 1))
+        return decay
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The student's step, then the teacher's EMA update.
 
@@ -127,8 +224,11 @@ class SemiDetectionModule(DetectionModule):
         super().optimizer_step(*args, **kwargs)
         every = max(1, int(self.semi.get("teacher_update_every", 1)))
         if self.teacher is not None and self.teacher_started and steps % every == 0:
-            # ema_decay is the keep rate per student step: with an update every n steps, decay^n.
-            ema_update(self.teacher, self.model, float(self.semi["ema_decay"]) ** every)
+            decay = self.update_decay()
+            ema_update(self.teacher, self.model, decay)
+            self.ema_updates += 1
+            self.last_decay = decay
+            self.log("semi/ema_decay", decay, on_step=True, on_epoch=False)
 
     # -------------------------------------------------------------------------------- step
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:  # type: ignore[override]
@@ -142,21 +242,34 @@ class SemiDetectionModule(DetectionModule):
         loss = sup
         unsup = torch.zeros((), device=sup.device)  # the pseudo-label modes' loss (unweighted)
         num_pseudo = -1
+        scaled: bool | None = None  # semi.empty_weight's rule applied this step
+        started_now = False
         burn_in = self.global_step < self.resolve_burn_in()
         for mode in self.modes:
             if mode.after_burn_in and burn_in:
                 continue
             if mode.needs_teacher and not self.teacher_started:
                 self.start_teacher()
+                started_now = True
             out = mode.loss(self, unl)
             logs.update(out.logs)
             loss = loss + mode.weight() * out.loss
             if out.num_pseudo is not None:
                 unsup = unsup + out.loss
                 num_pseudo = max(num_pseudo, 0) + out.num_pseudo
+            if out.empty_scaled is not None:
+                scaled = bool(scaled) or out.empty_scaled
         logs["train/sup_loss"] = sup.detach()
         logs["train/unsup_loss"] = unsup.detach()
         self.log_dict(logs, on_step=True, batch_size=n)
+        if started_now:
+            self.log_first_step_health()
+        if scaled is not None:
+            for counts in (self.empty_scaled_steps, self._empty_scaled_epoch):
+                counts[0] += int(scaled)
+                counts[1] += 1
+            # The epoch's mean: the fraction of its semi steps whose unsupervised loss was scaled.
+            self.log("semi/empty_scaled", float(scaled), on_step=False, on_epoch=True, batch_size=n)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         if torch.isfinite(loss.detach()):  # a step nonfinite_loss=skip dropped is not averaged in
             self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
@@ -166,9 +279,37 @@ class SemiDetectionModule(DetectionModule):
             self._unsup_sum += float(unsup.detach())
             self._semi_steps += 1
             for msg in self.watch.update(int(self.global_step), num_pseudo, float(sup.detach()),
-                                         float(unsup.detach())):
+                                         float(unsup.detach()), scaled=bool(scaled)):
                 log.warning("semi (step %d): %s", self.global_step, msg)
         return loss  # type: ignore[return-value]
+
+    def log_first_step_health(self) -> None:
+        """The pseudo-label health of the semi phase's first step (its pseudo-labels only), logged then
+        and kept for metrics.json: a teacher that keeps far more or fewer boxes than the labeled images
+        have shows before the first validation, not after an epoch of training on them.
+
+        Straight to the loggers, at this step: ``self.log(on_step=True)`` would repeat the values in
+        every later step's row of the epoch (Lightning keeps a logged key's last value)."""
+        health = self.health_summary()
+        if health is None:
+            return
+        self.first_health = health
+        for logger in self.loggers:
+            logger.log_metrics(health_scalars(health), step=int(self.global_step))
+        if self.trainer.is_global_zero:
+            pr = ("" if health.get("precision") is None else
+                  f", precision {health['precision']:.3f} recall {health['recall']:.3f}")
+            labeled = health.get("labeled_boxes_per_image")
+            thr = self.threshold.thresholds()
+            log.info("step %d, the semi phase's first: pseudo-boxes/image %.2f (labeled images: %s), %.0f%% of the "
+                     "images without any%s; thresholds %.3g..%.3g", self.global_step, health["pseudo_boxes_per_image"],
+                     "?" if labeled is None else f"{labeled:.2f}", 100 * health["images_without_pseudo"], pr,
+                     float(thr.min()), float(thr.max()))
+
+    def empty_scaled_fraction(self) -> float | None:
+        """The fraction of the run's semi steps whose unsupervised loss ``semi.empty_weight`` scaled."""
+        scaled, steps = self.empty_scaled_steps
+        return scaled / steps if steps else None
 
     def pseudo_labels(self, detections: list[dict[str, torch.Tensor]],
                       ground_truth: Sequence[Mapping[str, torch.Tensor] | None] | None = None
@@ -203,23 +344,28 @@ class SemiDetectionModule(DetectionModule):
             return
         student, _ids, preds = self.evaluate_predictions(self._val_predictions)
         teacher = self.evaluate_predictions(self._val_teacher)[0] if self._val_teacher else None
-        deployed = teacher if teacher is not None else student
+        if teacher is not None and self.deploy == "best":
+            self.best_choice = deployed_by(self.deploy, student.stats["AP"], teacher.stats["AP"])
+        name = self.deployed() if teacher is not None else "student"
+        deployed = teacher if name == "teacher" and teacher is not None else student
         self.log_dict({f"val/{k}": v for k, v in deployed.stats.items()}, sync_dist=True)
         self.log("val/student_AP", student.stats["AP"], sync_dist=True)
         if teacher is not None:
             self.log("val/teacher_AP", teacher.stats["AP"], sync_dist=True)
+            self.log("val/teacher_deployed", float(name == "teacher"), sync_dist=True)
         health = self.health_summary()
         if health is not None:
-            scalars = {f"semi/{k}": float(v) for k, v in health.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
-            self.log_dict(scalars, sync_dist=True)
+            self.log_dict(health_scalars(health), sync_dist=True)
+        scaled, steps = self._empty_scaled_epoch
         self.history.append({
             **self.epoch_record(),
             **{f"val_{k}": v for k, v in deployed.stats.items()},
             "val_student_AP": student.stats["AP"], "val_student_AP50": student.stats["AP50"],
             "val_teacher_AP": teacher.stats["AP"] if teacher is not None else None,
             "val_teacher_AP50": teacher.stats["AP50"] if teacher is not None else None,
-            "deployed": "teacher" if teacher is not None else "student",
+            "deployed": name,
+            "ema_decay": self.last_decay,
+            "empty_scaled": scaled / steps if steps else None,
             "sup_loss": self._sup_sum / self._semi_steps if self._semi_steps else None,
             "unsup_loss": self._unsup_sum / self._semi_steps if self._semi_steps else None,
             "pseudo_labels": health,
@@ -228,11 +374,12 @@ class SemiDetectionModule(DetectionModule):
         })
         self._sup_sum = self._unsup_sum = 0.0
         self._semi_steps = 0
+        self._empty_scaled_epoch = [0, 0]
         self.health.reset()
         if self.trainer.is_global_zero:
             msg = f"epoch {self.current_epoch}: val AP student {student.stats['AP']:.4f}"
             if teacher is not None:
-                msg += f" teacher {teacher.stats['AP']:.4f}"
+                msg += f" teacher {teacher.stats['AP']:.4f} (deployed: {name})"
             if health is not None:
                 pr = ("" if health.get("precision") is None else
                       f", precision {health['precision']:.3f} recall {health['recall']:.3f}")
@@ -259,7 +406,12 @@ class SemiDetectionModule(DetectionModule):
         checkpoint["semi"] = {
             "mode": self.mode,
             "teacher_started": self.teacher_started,
-            "deploy": "teacher" if self.teacher is not None and self.teacher_started else "student",
+            "deploy": self.deployed(),
+            "deploy_rule": self.deploy,
+            "best_choice": self.best_choice,
+            "ema_updates": self.ema_updates,
+            "empty_scaled_steps": list(self.empty_scaled_steps),
+            "first_health": self.first_health,
             "threshold": self.threshold.state_dict(),
             "health": self.health.state_dict(),
         }
@@ -271,6 +423,12 @@ class SemiDetectionModule(DetectionModule):
             raise ValueError(f"the checkpoint was a semi.mode={s.get('mode')} run, this one is {self.mode}; "
                              "use another run dir (hydra.run.dir=...) or resume=false")
         self.teacher_started = bool(s.get("teacher_started", False))
+        # A run resumed under another semi.deploy keeps its own rule; the last winner only means
+        # something to the rule that chose it.
+        self.best_choice = s.get("best_choice") if s.get("deploy_rule") == self.deploy else None
+        self.ema_updates = int(s.get("ema_updates", 0))
+        self.empty_scaled_steps = [int(v) for v in s.get("empty_scaled_steps", [0, 0])]
+        self.first_health = s.get("first_health")
         if "threshold" in s:
             self.threshold.load_state_dict(s["threshold"])
         if "health" in s:

@@ -23,6 +23,7 @@ from finetune.fit_plan import FitContext, FitPlan
 from finetune.semi.base import mode_class, modes_of
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, unlabeled_source
 from finetune.semi.module import SemiDetectionModule
+from finetune.semi.teacher_student import teacher_options_set
 from finetune.train import train
 from pretrain.core.data.coco import CocoDetection
 from pretrain.core.run.resume import EpochSampler, seeded_loader_parts
@@ -58,14 +59,27 @@ def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, l
     return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="min_size"), (sampler, batch)
 
 
-def semi_metrics(cfg: DictConfig, history: Sequence[Mapping[str, Any]], best: Any) -> dict[str, Any]:
-    """metrics.json's ``semi`` section: settings, the deployed detector, teacher and student AP, health."""
+def semi_metrics(cfg: DictConfig, history: Sequence[Mapping[str, Any]], best: Any,
+                 module: SemiDetectionModule | None = None) -> dict[str, Any]:
+    """metrics.json's ``semi`` section: settings, the deployed detector (the best checkpoint's), teacher
+    and student AP, health; with the trained ``module``: the EMA in use, the health of the semi phase's
+    first step and the fraction of its steps ``semi.empty_weight`` scaled."""
     best_entry = next((h for h in history if h.get("epoch") == best.checkpoint_epoch), None)
     last_health = next((h for h in reversed(history) if h.get("pseudo_labels")), None)
     settings: dict[str, Any] = OmegaConf.to_container(cfg.semi, resolve=True)  # type: ignore[assignment]
+    run: dict[str, Any] = {}
+    if module is not None:
+        run = {
+            "empty_scaled": module.empty_scaled_fraction(),
+            "ema": None if module.teacher is None else {
+                "decay_per_step": module._ema_decay, "last_update_decay": module.last_decay,
+                "ramp": bool(settings.get("ema_ramp", False)), "updates": module.ema_updates},
+            "pseudo_labels_first_step": module.first_health,
+        }
     return {
         "mode": str(cfg.semi.mode),
         "settings": settings,
+        "deploy": str(settings.get("deploy", "teacher")),
         "deployed": best.deployed_weights,
         "best_epoch_AP": None if best_entry is None else {
             "teacher": best_entry.get("val_teacher_AP"), "student": best_entry.get("val_student_AP"),
@@ -76,6 +90,7 @@ def semi_metrics(cfg: DictConfig, history: Sequence[Mapping[str, Any]], best: An
         "sup_loss": None if last_health is None else last_health.get("sup_loss"),
         "unsup_loss": None if last_health is None else last_health.get("unsup_loss"),
         "warnings": None if not history else history[-1].get("warnings"),
+        **run,
     }
 
 
@@ -84,17 +99,26 @@ def check_config(cfg: DictConfig) -> None:
     if float(cfg.semi.get("unsup_weight", 0.0)) < 0:
         raise ValueError(f"semi.unsup_weight={cfg.semi.unsup_weight} must be >= 0")
     settings: dict[str, Any] = OmegaConf.to_container(cfg.semi, resolve=True)  # type: ignore[assignment]
-    for mode in modes_of(settings):
+    modes = modes_of(settings)
+    for mode in modes:
         type(mode).check(cfg)
+    if not any(m.needs_teacher for m in modes):
+        _refuse_teacher_options(settings)
 
 
 def check_unused(cfg: DictConfig) -> None:
     """With ``semi=none`` (plain fine-tuning), refuse semi settings that would silently do nothing."""
     semi = cfg.get("semi")
-    if semi is not None and bool(semi.get("soft_background", False)):
-        raise ValueError("semi.soft_background=true weights a teacher-student mode's pseudo-labeled RoI loss: "
-                         "it needs semi=unbiased_teacher or semi=mean_teacher (and detector=fasterrcnn), "
-                         "got semi=none")
+    if semi is not None:
+        _refuse_teacher_options(OmegaConf.to_container(semi, resolve=True))  # type: ignore[arg-type]
+
+
+def _refuse_teacher_options(settings: Mapping[str, Any]) -> None:
+    used = teacher_options_set(settings)
+    if used:
+        raise ValueError(f"{', '.join(used)} acts on a teacher and its pseudo-labels (soft_background: and "
+                         "detector=fasterrcnn): it needs semi=unbiased_teacher or semi=mean_teacher, got "
+                         f"semi={settings.get('mode', 'none')}")
 
 
 def semi_plan(ctx: FitContext) -> FitPlan:
@@ -107,7 +131,7 @@ def semi_plan(ctx: FitContext) -> FitPlan:
                                     strong=any(m.strong_view for m in module.modes))
 
     def metrics(history: Sequence[Mapping[str, Any]], best: Any) -> tuple[str, dict[str, Any]]:
-        return "semi", semi_metrics(cfg, history, best)
+        return "semi", semi_metrics(cfg, history, best, module)
 
     return FitPlan(module=module, train_loader=loader,
                    samplers={"labeled": (ctx.labeled_sampler, int(cfg.data.batch_size)), "unlabeled": unlabeled},

@@ -8,11 +8,17 @@ RetinaNet's classification), as Unbiased Teacher does. With ``semi.soft_backgrou
 with RoI heads) the student's background RoIs on pseudo-labeled images weigh the teacher's
 background probability (Soft Teacher, :mod:`finetune.semi.soft`). The two modes differ only in
 their settings (``conf/finetune/semi/``) and files.
+
+Unlabeled images without a pseudo-box train as all background. One rule for every detector
+(``semi.empty_weight``, :func:`empty_weight`): when fewer than half the batch's images have a
+pseudo-box, the unsupervised loss is multiplied by it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -24,10 +30,53 @@ from finetune.detectors import capabilities_of, require
 from finetune.semi.base import SemiMode, SemiStep, UnsupOutput
 from finetune.semi.focal import use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
+from finetune.semi.thresholds import max_pseudo_per_image
+
+log = logging.getLogger(__name__)
 
 # Box-regression terms of torchvision's loss dicts (left out of the unsupervised loss when
 # semi.unsup_box_loss is false, as Unbiased Teacher does: pseudo-boxes are poor regression targets).
 BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
+
+# Settings that act only on a teacher and its pseudo-labels, with the value that leaves them off: a
+# run without a teacher refuses them when set (they would silently do nothing).
+TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
+                                   "ema_ramp": False, "ema_time_constant": None}
+
+EMPTY_WEIGHT = 0.01  # Consistent Teacher's background_weight
+
+
+def teacher_options_set(settings: Mapping[str, Any]) -> list[str]:
+    """The :data:`TEACHER_OPTIONS` that ``settings`` turns on, as ``key=value``."""
+    return [f"semi.{k}={settings.get(k)}" for k, off in TEACHER_OPTIONS.items() if settings.get(k, off) != off]
+
+
+def empty_weight(settings: Mapping[str, Any], warn: bool = False) -> float:
+    """The factor of a batch's unsupervised loss when fewer than half its images have a pseudo-box.
+
+    Consistent Teacher (Adamdad/ConsistentTeacher, ``ConsistentTeacher.bbox_loss``) multiplies it by
+    its ``background_weight``, 0.01, in that case; 0 drops such a batch's unsupervised loss, as
+    mmdetection's ``SemiBaseDetector.loss_by_pseudo_instances`` does for a batch without any
+    pseudo-instance. ``semi.empty_batch_weight``, the RetinaNet-only key this replaces, is still read
+    when set (``warn``: say so).
+    """
+    old = settings.get("empty_batch_weight")
+    if old is not None:
+        if warn:
+            log.warning("semi.empty_batch_weight is deprecated: use semi.empty_weight (it now applies to every "
+                        "detector); using %s", old)
+        return float(old)
+    value = settings.get("empty_weight")
+    return EMPTY_WEIGHT if value is None else float(value)
+
+
+def _number(settings: Mapping[str, Any], key: str) -> float | None:
+    value = settings.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"semi.{key} must be a number, got {value!r}")
+    return float(value)
 
 
 @contextlib.contextmanager
@@ -55,10 +104,32 @@ class TeacherStudentMode(SemiMode):
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
+        """The detector's capabilities, then the pseudo-label and EMA settings' values."""
         super().check(cfg)
-        if bool(cfg.semi.get("soft_background", False)):
+        s = cfg.semi
+        if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
+        weight = empty_weight(s, warn=True)
+        if not weight >= 0:
+            raise ValueError(f"semi.empty_weight={weight} must be >= 0 (0 drops the unsupervised loss of a batch "
+                             "where fewer than half the images have a pseudo-box; 1 keeps it)")
+        iou = _number(s, "pseudo_nms_iou")
+        if iou is not None and not 0.0 < iou <= 1.0:
+            raise ValueError(f"semi.pseudo_nms_iou={iou} must be an IoU in (0, 1] (or null: no NMS over pseudo-boxes)")
+        factor = _number(s, "max_pseudo_factor")
+        if factor is not None and not (factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"semi.max_pseudo_factor={factor} must be > 0 (auto cap = labeled boxes per image x it)")
+        max_pseudo_per_image(s.get("max_pseudo_per_image"), factor or 1.0, 1.0)  # raises on a bad value
+        fallback = _number(s, "gmm_fallback")
+        if fallback is not None and not 0.0 <= fallback <= 1.0:
+            raise ValueError(f"semi.gmm_fallback={fallback} must be a score in [0, 1]")
+        if not isinstance(s.get("ema_ramp", False), bool):
+            raise TypeError(f"semi.ema_ramp must be true or false, got {s.get('ema_ramp')!r}")
+        tau = _number(s, "ema_time_constant")
+        if tau is not None and not 0.0 < tau <= 1.0:
+            raise ValueError(f"semi.ema_time_constant={tau} must be a fraction of the semi phase's steps in (0, 1] "
+                             "(or null: semi.ema_decay as given)")
 
     def setup(self, module: SemiStep) -> None:
         self.soft_background = bool(self.settings.get("soft_background", False))
@@ -66,9 +137,7 @@ class TeacherStudentMode(SemiMode):
         if self.soft_background and not caps.roi_heads:
             raise ValueError("semi.soft_background=true weights the pseudo-labeled RoI loss by the teacher: it needs "
                              f"a detector with roi_heads, not {type(module.model).__name__}")
-        # An image without pseudo-boxes adds a dense sigmoid detector's whole summed focal loss
-        # (torchvision divides each image's loss by max(1, foreground anchors)).
-        self.damp_empty = caps.sigmoid_classes
+        self.empty_weight = empty_weight(self.settings)
         gamma = self.settings.get("roi_focal_gamma")
         if self.soft_background and gamma is None:
             gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
@@ -100,11 +169,14 @@ class TeacherStudentMode(SemiMode):
         unsup: torch.Tensor = sum(terms.values())  # type: ignore[assignment]
         with_boxes = sum(int(t["boxes"].shape[0] > 0) for t in targets)
         num_pseudo = sum(int(t["boxes"].shape[0]) for t in targets)
-        if self.damp_empty and with_boxes < len(targets) / 2:
-            # Consistent Teacher scales the unsupervised loss by 0.01 when fewer than half the batch
-            # has pseudo-boxes.
-            unsup = unsup * float(self.settings.get("empty_batch_weight", 0.01))
+        # Images without a pseudo-box train as all background: on a dense sigmoid detector each adds
+        # its whole summed focal loss (torchvision divides an image's loss by max(1, foreground
+        # anchors)), on Faster R-CNN every sampled RoI and anchor as background. When they are most
+        # of the batch, the batch teaches mostly "nothing here": Consistent Teacher's rule, for both.
+        scaled = with_boxes < len(targets) / 2
+        if scaled:
+            unsup = unsup * self.empty_weight
         logs: dict[str, Any] = {f"train/unsup_{k}": v.detach() for k, v in terms.items()}
         logs["semi/pseudo_boxes_per_image"] = torch.tensor(num_pseudo / max(1, len(targets)))
         logs["semi/images_with_pseudo"] = torch.tensor(with_boxes / max(1, len(targets)))
-        return UnsupOutput(unsup, logs, num_pseudo)
+        return UnsupOutput(unsup, logs, num_pseudo, empty_scaled=scaled)
