@@ -6,8 +6,14 @@ One file per mode, each registered under its ``semi.mode`` (:mod:`finetune.semi.
 ``self_training``. :func:`run` is what ``python -m finetune semi=<mode>`` runs.
 """
 
-from finetune.semi import consistency, mean_teacher, self_training, unbiased_teacher  # noqa: F401 (registers the modes)
+import importlib
+import pkgutil
+
 from finetune.semi.base import SEMI_MODES, SemiMode, UnsupOutput, mode_class, register_semi_mode
 from finetune.semi.plan import run
+
+# Every file of this package is imported, so a new mode's file registers itself without an edit here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["SEMI_MODES", "SemiMode", "UnsupOutput", "mode_class", "register_semi_mode", "run"]

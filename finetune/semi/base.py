@@ -103,8 +103,9 @@ class SemiMode:
                              "teacher once it exists; best: the better of teacher and student at each validation)")
 
     @classmethod
-    def run(cls, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-        """Run a mode that is not ``in_loop`` (its own runner) and return its metrics."""
+    def run(cls, cfg: DictConfig, run_dir: Path, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+        """Run a mode that is not ``in_loop`` (its own runner, ``callbacks`` for every trainer it builds)
+        and return its metrics."""
         raise NotImplementedError(f"semi.mode={cls.name} trains in fine-tuning's loop; it has no runner of its own")
 
     def weight(self) -> float:

@@ -148,5 +148,5 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[
         check_config(cfg)
         out = Path(run_dir) if run_dir is not None else hydra_run_dir()
         out.mkdir(parents=True, exist_ok=True)
-        return mode.run(cfg, out)
+        return mode.run(cfg, out, callbacks)
     return train(cfg, run_dir, plan=semi_plan, checks=(check_config,), callbacks=callbacks)

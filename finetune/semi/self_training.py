@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,11 +48,11 @@ class SelfTraining(SemiMode):
     in_loop: ClassVar[bool] = False
 
     @classmethod
-    def run(cls, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-        return self_train(cfg, run_dir)
+    def run(cls, cfg: DictConfig, run_dir: Path, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+        return self_train(cfg, run_dir, callbacks)
 
 
-def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def self_train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run (or resume) every round; write the run's metrics.json with the per-round pseudo-label health."""
     save_config(cfg, run_dir)
     rounds = int(cfg.semi.rounds)
@@ -65,7 +66,7 @@ def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     assert isinstance(round_cfg, DictConfig)
 
     history: list[dict[str, Any]] = []
-    metrics = _run_round(train, round_cfg, run_dir / "round0")
+    metrics = _run_round(train, round_cfg, run_dir / "round0", callbacks)
     history.append({"round": 0, "train_json": str(paths.train_json), **_ap(metrics)})
     for r in range(1, rounds + 1):
         rdir = run_dir / f"round{r}"
@@ -85,7 +86,7 @@ def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         rcfg = round_cfg.copy()
         rcfg.data.train_json = str(merged)
         rcfg.data.train_images = None
-        metrics = _run_round(train, rcfg, rdir)
+        metrics = _run_round(train, rcfg, rdir, callbacks)
         history.append({"round": r, "pseudo_labels_file": str(pseudo_file), "train_json": str(merged),
                         "pseudo_labels": health, **_ap(metrics)})
         log.info("self-training round %d: %d pseudo-boxes on %d images; val AP %.4f", r,
@@ -101,12 +102,12 @@ def self_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return final
 
 
-def _run_round(train: Any, cfg: DictConfig, rdir: Path) -> dict[str, Any]:
+def _run_round(train: Any, cfg: DictConfig, rdir: Path, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     done = rdir / "metrics.json"
     if done.is_file():
         log.info("%s is done (metrics.json); skipped", rdir)
         return json.loads(done.read_text())
-    return train(cfg, rdir)
+    return train(cfg, rdir, callbacks=callbacks)
 
 
 def _ap(metrics: dict[str, Any]) -> dict[str, Any]:
