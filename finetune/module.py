@@ -169,18 +169,27 @@ class DetectionModule(pl.LightningModule):
                     self.skipped_images[reason] = None
                     log.warning("unreadable labeled image skipped (%d so far): %s", len(self.skipped_images), reason)
 
-    def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+    def supervised_loss(self, images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]]
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The detector's summed loss on labeled images and its terms (skipped images counted)."""
         self.count_skipped(targets)
         losses = self.model(list(images), self.model_targets(targets))
-        loss = sum(losses.values())
-        n = len(images)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, batch_size=n)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
-        if torch.isfinite(loss.detach()):  # a step nonfinite_loss=skip dropped is not averaged in
+        return sum(losses.values()), losses  # type: ignore[return-value]
+
+    def record_step(self, loss: torch.Tensor, logs: Mapping[str, Any], batch_size: int) -> None:
+        """Log a step's terms and loss, and add a finite loss to the epoch's running mean (the step
+        ``nonfinite_loss=skip`` drops is not averaged in). Every training step ends here."""
+        self.log_dict(dict(logs), on_step=True, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        if torch.isfinite(loss.detach()):
             self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
             self._loss_steps += 1
-        return loss  # type: ignore[return-value]
+
+    def training_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        loss, losses = self.supervised_loss(images, targets)
+        self.record_step(loss, {f"train/{k}": v.detach() for k, v in losses.items()}, len(images))
+        return loss
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         opt_cfg = dict(self.cfg["optimizer"])

@@ -233,10 +233,8 @@ class SemiDetectionModule(DetectionModule):
     # -------------------------------------------------------------------------------- step
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:  # type: ignore[override]
         images, targets = batch["labeled"]
-        self.count_skipped(targets)
         unl = batch["unlabeled"]
-        sup_losses = self.model(list(images), self.model_targets(targets))
-        sup = sum(sup_losses.values())
+        sup, sup_losses = self.supervised_loss(images, targets)
         n = len(images)
         logs: dict[str, Any] = {f"train/{k}": v.detach() for k, v in sup_losses.items()}
         loss = sup
@@ -261,7 +259,7 @@ class SemiDetectionModule(DetectionModule):
                 scaled = bool(scaled) or out.empty_scaled
         logs["train/sup_loss"] = sup.detach()
         logs["train/unsup_loss"] = unsup.detach()
-        self.log_dict(logs, on_step=True, batch_size=n)
+        self.record_step(loss, logs, n)
         if started_now:
             self.log_first_step_health()
         if scaled is not None:
@@ -270,10 +268,6 @@ class SemiDetectionModule(DetectionModule):
                 counts[1] += 1
             # The epoch's mean: the fraction of its semi steps whose unsupervised loss was scaled.
             self.log("semi/empty_scaled", float(scaled), on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
-        if torch.isfinite(loss.detach()):  # a step nonfinite_loss=skip dropped is not averaged in
-            self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
-            self._loss_steps += 1
         if num_pseudo >= 0:
             self._sup_sum += float(sup.detach())
             self._unsup_sum += float(unsup.detach())
