@@ -37,7 +37,7 @@ import json
 import shlex
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +196,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     pre = None
     if any(arm != "random" for arm, *_ in todo):
         pre = pretraining(a)
-        ledger["pretrain"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in pre.items()}
-        a.ledger.parent.mkdir(parents=True, exist_ok=True)
-        a.ledger.write_text(json.dumps(ledger, indent=1))
+        figures = {k: (str(v) if isinstance(v, Path) else v) for k, v in pre.items()}
+        ledger = update_ledger(a.ledger, lambda led: led.__setitem__("pretrain", figures))
         gap = None if pre["knn"] is None or pre["knn_random"] is None else pre["knn"] - pre["knn_random"]
         if gap is not None and gap < a.knn_gate:
             print(f"gate: the backbone's kNN {pre['knn']:.3f} is not above random features' {pre['knn_random']:.3f} "
@@ -211,9 +210,25 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         print(f"== {key(arm, n, s)} -> {run_dir}", flush=True)
         run_stage("finetune", run_dir, overrides(arm, n, s, train, data["val"],
                                                  pre["backbone"] if pre else None, a))
-        ledger["runs"][key(arm, n, s)] = entry(json.loads((run_dir / "metrics.json").read_text()), rec)
-        a.ledger.parent.mkdir(parents=True, exist_ok=True)
-        a.ledger.write_text(json.dumps(ledger, indent=1))  # after every run: a killed benchmark loses one run
+        run_key, done_run = key(arm, n, s), entry(json.loads((run_dir / "metrics.json").read_text()), rec)
+        ledger = update_ledger(a.ledger, lambda led, k=run_key, e=done_run: led["runs"].__setitem__(k, e))
+    return ledger
+
+
+def update_ledger(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``change`` to the ledger file and write it back (after every run: a killed benchmark loses
+    one run), re-read under a file lock, so that several benchmark processes (other arms or label
+    counts) keep each other's runs; the write is atomic (a temporary file renamed)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ledger = load_ledger(path)
+        change(ledger)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(ledger, indent=1))
+        tmp.replace(path)
     return ledger
 
 
