@@ -276,9 +276,9 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
                 d = [ap[s] - base[s] for s in common]
                 spread = max(statistics.stdev([ap[s] for s in common]) if len(common) > 1 else 0.0,
                              statistics.stdev([base[s] for s in common]) if len(common) > 1 else 0.0)
-                verdict = ("gain" if statistics.mean(d) > spread and len(common) > 1 else
-                           "within the spread" if len(common) > 1 else "1 seed")
-                delta = f"{'+' if statistics.mean(d) >= 0 else ''}{mean_std(d)} ({verdict})"
+                verdict = ("" if len(common) < 2 else  # mean_std says "(1 seed)" itself
+                           " (gain)" if statistics.mean(d) > spread else " (within the spread)")
+                delta = f"{'+' if statistics.mean(d) >= 0 else ''}{mean_std(d)}{verdict}"
             lines.append(f"| {n} | {LABELS[arm]} | {len(ap)} | {mean_std(list(ap.values()))} | "
                          f"{mean_std(list(ap50.values()))} | {mean_std(list(first.values()))} / "
                          f"{mean_std(list(mid.values()))} | {delta} |")
