@@ -73,11 +73,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]], 
     modes = [(m, m.training) for m in body.modules()]
     body.train()
     used = 0
+    device = next(body.parameters()).device
     try:
         for images in batches:
             if used >= num_batches:
                 break
-            device = next(body.parameters()).device
             tensors = transform([im.to(device) for im in images])[0].tensors
             body(tensors)
             used += 1
