@@ -71,11 +71,12 @@ report: install
 bench: install
 	$(PY) scripts/bench_report.py $(ARGS)
 
-# Labeled-only vs semi at equal steps over splitter seeds (slow; resumable): DATASET=synthetic|chess.
-# Writes the dataset's table into BENCHMARKS.md's semi section.
-DATASET ?= synthetic
+# Teacher-student against labeled-only, converge then continue (slow; resumable through
+# benchmarks/semi/<dataset>.json): DATASET=chess, or your own COCO set with
+# ARGS="--train t.json --val v.json --name mine". Writes its table into BENCHMARKS.md's semi section.
+DATASET ?= chess
 bench-semi: install
-	$(PY) scripts/bench_semi.py --dataset $(DATASET) --benchmarks BENCHMARKS.md $(ARGS)
+	$(PY) scripts/bench_semi.py $(if $(findstring --train,$(ARGS)),,--dataset $(DATASET)) --benchmarks BENCHMARKS.md $(ARGS)
 
 # The accuracy benchmark (slow; resumable across sittings through benchmarks/accuracy/<dataset>.json):
 # five arms (random, SSL, random + semi, SSL + semi, 100% labels) x 3 split seeds, 10% labels,

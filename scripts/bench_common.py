@@ -3,6 +3,7 @@ and a ``--json`` file that other scripts (``scripts/bench_report.py``) read."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -12,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,37 @@ def fingerprint(recipe: Mapping[str, Any]) -> str:
 
 def load_ledger(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
+def update_ledger(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``change`` to the ledger file and write it back (after every run: a killed benchmark loses
+    one run), re-read under a file lock, so that several benchmark processes (other arms or label
+    counts) keep each other's runs; the write is atomic (a temporary file renamed)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ledger = load_ledger(path)
+        change(ledger)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(ledger, indent=1))
+        tmp.replace(path)
+    return ledger
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking lock on ``run_dir`` while training into it: yields False when
+    another process holds it (two benchmark processes over overlapping seeds never share a run
+    directory). The OS drops the lock when its holder dies, so a killed run is resumable at once."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".bench.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

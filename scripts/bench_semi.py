@@ -1,17 +1,31 @@
-"""Labeled-only against semi-supervised at the same number of steps, over splitter seeds.
+"""Does teacher-student training beat training on the labeled images alone? Converge, then continue.
 
-    python scripts/bench_semi.py --dataset chess --fraction 0.1 --seeds 1 2 3 \\
-        --args "detector.min_size=320 detector.max_size=480 trainer.max_epochs=24" --semi "semi=unbiased_teacher"
-    python scripts/bench_semi.py --dataset synthetic --seeds 0 1 2 --args "experiment=demo"
+    python scripts/bench_semi.py --dataset chess --seeds 1 2 3                  # make bench-semi
+    python scripts/bench_semi.py --train mine/train.json --val mine/val.json --name mine --seeds 1 2 3
+    python scripts/bench_semi.py --train mine/labeled.json --unlabeled mine/photos/ --val mine/val.json --name mine
+    python scripts/bench_semi.py --dataset chess --seeds 1 2 3 --report-only --benchmarks BENCHMARKS.md
 
-For each seed: the splitter draws the labeled fraction of the training set (``labeled.json``;
-the rest is ``unlabeled.json`` with hidden ground truth), then two fine-tuning runs read the same
-``labeled.json`` and validation set with the same overrides and ``trainer.max_epochs``: the
-labeled-only baseline and the semi run (its burn-in counts within those epochs, so both take the
-same optimizer steps). The synthetic set is already split (train / unlabeled) and varies the
-training seed instead. Every run is resumable and skipped when done, so the benchmark can be
-finished over several sittings. Writes ``<out>/bench_semi.json`` and prints a markdown table of
-AP and AP50 as mean +- std over the seeds, with the pseudo-label precision/recall.
+The protocol (issue 32; every figure of it in ``conf/bench/semi.yaml``, the fine-tuning recipe in
+``conf/finetune/experiment/semi_bench.yaml`` and the semi recipe in ``conf/finetune/semi/bench.yaml``).
+Equal steps under one cosine schedule would give the semi phase the schedule's low-LR tail and compare
+it with a labeled-only run that is still learning; the references run their semi phase for ~180k
+steps at a constant LR. So, per seed (a seed is the split's and the training's):
+
+1. ``converge``: labeled-only fine-tuning to its plateau (the table shows the AP it gained over its
+   last validations: a large figure means "not converged, give it more epochs");
+2. from that detector's best checkpoint, ``continue_steps`` more steps at one constant LR in three arms:
+   ``labeled`` (labeled-only continued), ``semi`` (the unlabeled images too) and ``control`` (the semi
+   recipe at ``semi.unsup_weight=0``: the EMA teacher, views and losses without the unlabeled loss,
+   which separates EMA averaging from what the unlabeled images teach);
+3. ``ceiling``: the 100%-label detector at the same total steps: the most any semi method could reach.
+
+The data: a built-in dataset (``--dataset``), or any COCO set: ``--train`` and ``--val``, with
+``--unlabeled`` (a folder or COCO JSON) when the labeled set is what you have, or without it, to let
+the splitter draw ``fraction`` of ``--train`` as labeled and hide the rest's labels (their ground truth
+then gives the pseudo-labels' precision and recall). Every finished run goes into a ledger
+(``benchmarks/semi/<name>.json``, tracked in git) keyed by arm and seed with a fingerprint of its
+recipe; a run whose fingerprint is there is skipped, an interrupted one resumes from its last
+checkpoint, and several processes over the same seeds share the ledger and never the same run.
 """
 
 from __future__ import annotations
@@ -19,110 +33,321 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import shlex
+import statistics
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe, machine_info, mean_std, put_section
+from bench_common import claimed, describe, fingerprint, load_ledger, machine_info, mean_std, put_section, update_ledger
 
 from finetune.data.split import split_coco
-from finetune.pipeline import quote, run_stage
+from finetune.pipeline import best_checkpoint_of, quote, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-DATASETS = {
-    "chess": (SHARED / "chess" / "train" / "_annotations.coco.json",
-              SHARED / "chess" / "valid" / "_annotations.coco.json"),
-}
+PROTOCOL = REPO / "conf" / "bench" / "semi.yaml"
+ARMS = ("converge", "labeled", "semi", "control", "ceiling")
 
 
-def arms(dataset: str, seed: int, fraction: float, out: Path) -> tuple[list[str], list[str]]:
-    """(data overrides, semi-only extra overrides) for one seed."""
-    if dataset == "synthetic":
-        return [f"seed={seed}"], []
-    train_json, val_json = DATASETS[dataset]
-    split_dir = out / f"split_seed{seed}"
-    if not (split_dir / "unlabeled.json").is_file():
-        split_coco(train_json, split_dir, fraction=fraction, seed=seed)
-    data = ["data=coco", f"data.train_json={quote(split_dir / 'labeled.json')}",
-            f"data.val_json={quote(val_json)}", f"seed={seed}"]
-    return data, [f"semi.unlabeled={quote(split_dir / 'unlabeled.json')}"]
+def load_protocol(path: Path = PROTOCOL) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("synthetic", *DATASETS), default="synthetic")
-    p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--args", default="", help="Hydra overrides for both arms (one string)")
-    p.add_argument("--semi", default="semi=unbiased_teacher semi.burn_in_epochs=2",
-                   help="Hydra overrides of the semi arm only")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--benchmarks", type=Path, default=None,
-                   help="write the table into this markdown file's semi section (BENCHMARKS.md)")
-    a = p.parse_args()
-    out = (a.out or REPO / "outputs" / f"bench_semi_{a.dataset}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+def finetune_config(overrides: Sequence[str]) -> Any:
+    """The composed fine-tuning config of ``overrides`` (the batch size and LR the protocol scales from)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf" / "finetune"), version_base=None):
+        return compose("finetune", overrides=list(overrides))
+
+
+def steps_per_epoch(num_images: int, batch: int) -> int:
+    return -(-num_images // batch)  # the labeled loader keeps its last partial batch
+
+
+def num_images(coco_json: Path) -> int:
+    return len(json.loads(Path(coco_json).read_text())["images"])
+
+
+def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    """What decides a run's result (no paths): its fingerprint in the ledger. The continuations carry
+    the converged run's recipe, so a changed convergence re-runs them."""
+    p = a.protocol
+    base = {"data": a.name, "fraction": None if a.unlabeled else p["fraction"], "seed": seed,
+            "working_size": p.get("working_size"), "finetune": p["finetune"], "args": a.args}
+    if arm == "converge":
+        return {**base, "arm": arm, "epochs": p["converge_epochs"]}
+    if arm == "ceiling":
+        return {**base, "arm": arm, "fraction": 1.0, "epochs": p["converge_epochs"],
+                "continue_steps": p["continue_steps"]}
+    r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": p["continue_steps"],
+         "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
+    if arm in ("semi", "control"):
+        r["semi"] = p["semi"]
+    return r
+
+
+def key(arm: str, seed: int) -> str:
+    return f"{arm}/seed{seed}"
+
+
+def split_of(seed: int, a: argparse.Namespace) -> dict[str, Path]:
+    """The labeled / unlabeled JSONs of a seed (the splitter's, once per seed and fraction)."""
+    if a.unlabeled is not None:
+        return {"labeled": a.train, "unlabeled": a.unlabeled}
+    d = a.out / f"split_f{a.protocol['fraction']:g}_seed{seed}"
+    if not (d / "unlabeled.json").is_file():
+        split_coco(a.train, d, fraction=a.protocol["fraction"], seed=seed)
+    return {"labeled": d / "labeled.json", "unlabeled": d / "unlabeled.json"}
+
+
+def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path],
+              start: Path | None = None) -> list[str]:
+    """The Hydra overrides of one arm's run."""
+    p = a.protocol
+    train = a.train if arm == "ceiling" else split["labeled"]
+    common = [*shlex.split(p["finetune"]), *shlex.split(a.args), f"data.train_json={quote(train)}",
+              f"data.val_json={quote(a.val)}", f"seed={seed}"]
+    cfg = finetune_config(common)
+    per_epoch = steps_per_epoch(num_images(train), int(cfg.data.batch_size))
+    if arm == "converge":
+        epochs = int(p["converge_epochs"])
+        return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={max(1, epochs // 6)}"]
+    if arm == "ceiling":  # the converged run's and the continuation's steps, in epochs of the full set
+        labeled_steps = steps_per_epoch(num_images(split["labeled"]), int(cfg.data.batch_size)) * int(p["converge_epochs"])
+        epochs = max(1, round((labeled_steps + int(p["continue_steps"])) / per_epoch))
+        return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={max(1, epochs // 6)}"]
+    assert start is not None
+    epochs = max(1, math.ceil(int(p["continue_steps"]) / per_epoch))
+    every = max(1, epochs // int(p["validations"]))
+    epochs = every * max(1, round(epochs / every))  # the last validation at the last step
+    out = [*common, f"init_from={quote(start)}", "scheduler=constant", "scheduler.warmup_steps=0",
+           f"optimizer.lr={float(cfg.optimizer.lr) * float(p['continue_lr_factor']):g}",
+           f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}"]
+    if arm in ("semi", "control"):
+        out += [*shlex.split(p["semi"]), f"semi.unlabeled={quote(split['unlabeled'])}"]
+    if arm == "control":
+        out.append("semi.unsup_weight=0")
+    return out
+
+
+def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished run's figures: the last validation's AP (the deployed model's: the EMA teacher for
+    the semi arms) and its student's, the best validation's, the curve and the compute."""
+    hist = [h for h in metrics.get("history") or [] if h.get("val_AP") is not None]
+    last = hist[-1] if hist else {}
+    health = (metrics.get("semi") or {}).get("pseudo_labels") or {}
+    steps = metrics.get("global_step") or 0
+    return {"fingerprint": fingerprint(rec), "AP": last.get("val_AP"), "AP50": last.get("val_AP50"),
+            "student_AP": last.get("val_student_AP"), "student_AP50": last.get("val_student_AP50"),
+            "teacher_AP": last.get("val_teacher_AP"),
+            "best_AP": metrics["coco"]["AP"], "best_AP50": metrics["coco"]["AP50"],
+            "curve": [(h["step"], h["val_AP"], h.get("val_student_AP")) for h in hist],
+            "steps": steps, "train_time_s": metrics.get("train_time_s"),
+            "s_per_step": (metrics.get("train_time_s") or 0) / steps if steps else None,
+            "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
+            "pseudo_per_image": health.get("pseudo_boxes_per_image"), "deployed": (metrics.get("semi") or {}).get("deployed"),
+            "precision": metrics.get("precision"), "machine": describe(machine_info()),
+            "date": dt.date.today().isoformat()}
+
+
+def done(ledger: Mapping[str, Any], arm: str, seed: int, a: argparse.Namespace) -> bool:
+    return (ledger["runs"].get(key(arm, seed)) or {}).get("fingerprint") == fingerprint(recipe(arm, seed, a))
+
+
+def at_working_size(a: argparse.Namespace) -> None:
+    """Point ``a``'s COCO files at copies downscaled to the protocol's ``working_size`` (long side),
+    made once under ``<out>/data``: decoding and augmenting 2048 px photographs for a 480 px detector
+    costs a CPU most of each step. A folder of unlabeled images is used as it is."""
+    size = a.protocol.get("working_size")
+    if not size:
+        return
+    from finetune.data.resize import resize_coco
+
+    for what in ("train", "val", "unlabeled"):
+        path = getattr(a, what)
+        if path is not None and path.is_file():
+            dst = a.out / "data" / f"{what}_{size}"
+            done_json = dst / path.name
+            setattr(a, what, done_json if done_json.is_file() else resize_coco(path, dst, int(size)))
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """Every (seed, arm) of ``a`` not in the ledger: the converged run first, then its continuations."""
+    if any(not done(load_ledger(a.ledger), arm, s, a) for s in a.seeds for arm in a.arms):
+        at_working_size(a)
     for seed in a.seeds:
-        data, semi_data = arms(a.dataset, seed, a.fraction, out)
-        common = [*data, *shlex.split(a.args)]
-        base = run_stage("finetune", out / f"seed{seed}" / "labeled_only", common)
-        semi = run_stage("finetune", out / f"seed{seed}" / "semi", [*common, *shlex.split(a.semi), *semi_data])
-        mb = json.loads((base / "metrics.json").read_text())
-        ms = json.loads((semi / "metrics.json").read_text())
-        health = (ms.get("semi") or {}).get("pseudo_labels") or {}
-        rows.append({"seed": seed, "labeled_only": mb["coco"], "semi": ms["coco"],
-                     "steps": [mb["global_step"], ms["global_step"]],
-                     "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall")})
-    summary = {
-        "dataset": a.dataset, "fraction": a.fraction, "seeds": a.seeds, "args": a.args, "semi": a.semi,
-        "runs": rows,
-    }
-    (out / "bench_semi.json").write_text(json.dumps(summary, indent=2))
-    text = report(summary, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *sys.argv[1:]]))
-    print("\n" + text)
-    if a.benchmarks is not None:
-        update_benchmarks(a.benchmarks, text, a.dataset)
-        print(f"updated {a.benchmarks}")
-    print(f"wrote {out / 'bench_semi.json'}")
+        split = None
+        for arm in a.arms:
+            if done(load_ledger(a.ledger), arm, seed, a):
+                continue
+            split = split or split_of(seed, a)
+            start = None
+            if arm not in ("converge", "ceiling"):  # needs the converged detector (run here if not yet)
+                conv = run_arm("converge", seed, a, split)
+                if conv is None:
+                    print(f"== seed {seed}: another process is converging it; its continuations later", flush=True)
+                    continue
+                start = best_checkpoint_of(conv)
+            run_arm(arm, seed, a, split, start)
+    return load_ledger(a.ledger)
 
 
-def report(summary: Mapping[str, Any], command: str) -> str:
-    """The markdown section of one dataset: machine, date, command, AP/AP50 mean +- std, pseudo-label health."""
-    rows = summary["runs"]
-    info = machine_info()
-    labels = "" if summary["dataset"] == "synthetic" else f", {100 * summary['fraction']:g}% labels"
-    seeds = ", ".join(str(r["seed"]) for r in rows)
-    lines = [f"### {summary['dataset']}{labels}",
-             "",
-             f"{len(rows)} seeds ({seeds}), {dt.date.today().isoformat()}, {describe(info)}.",
-             "",
-             f"    {command}",
-             "",
-             "| arm | AP | AP50 | steps |", "|---|---|---|---|"]
-    for arm, key, i in (("labeled only", "labeled_only", 0), ("semi", "semi", 1)):
-        lines.append(f"| {arm} | {mean_std([r[key]['AP'] for r in rows])} | "
-                     f"{mean_std([r[key]['AP50'] for r in rows])} | {rows[0]['steps'][i]} |")
-    prec = [r["pseudo_precision"] for r in rows if r["pseudo_precision"] is not None]
-    rec = [r["pseudo_recall"] for r in rows if r["pseudo_recall"] is not None]
-    if prec:
-        lines += ["", (f"Semi arm's pseudo-labels at its last validation, in %: precision {mean_std(prec)} (over the "
-                       f"seeds with any pseudo-box), recall {mean_std(rec)}, at IoU 0.5 against the unlabeled images' "
-                       "hidden ground truth.")]
+def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path], start: Path | None = None) -> Path | None:
+    """Run (or resume, or find done) one arm; its run dir, or None when another process holds it."""
+    rec = recipe(arm, seed, a)
+    run_dir = a.out / f"seed{seed}" / f"{arm}_{fingerprint(rec)}"
+    if done(load_ledger(a.ledger), arm, seed, a) and (run_dir / "metrics.json").is_file():
+        return run_dir
+    with claimed(run_dir) as mine:
+        if not mine:
+            print(f"== {key(arm, seed)}: another benchmark process is running it, skipped", flush=True)
+            return None
+        print(f"== {a.name} {key(arm, seed)} -> {run_dir}", flush=True)
+        run_stage("finetune", run_dir, overrides(arm, seed, a, split, start))
+    e = entry(json.loads((run_dir / "metrics.json").read_text()), rec)
+    update_ledger(a.ledger, lambda led: led["runs"].__setitem__(key(arm, seed), e))
+    return run_dir
+
+
+def _fmt(x: float | None, scale: float = 100.0) -> str:
+    return "-" if x is None else f"{x * scale:.1f}"
+
+
+def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str:
+    """The markdown table: each arm's final AP (deployed and student) as mean +- std over the seeds,
+    the paired difference to labeled-only continued, pseudo-label health, seconds per step, a verdict."""
+    runs = {arm: {s: ledger["runs"][key(arm, s)] for s in a.seeds if done(ledger, arm, s, a)} for arm in ARMS}
+    base = runs["labeled"]
+    lines = [f"### {a.name}\n",
+             "| arm | seeds | AP | AP50 | student AP | AP - labeled (paired) | pseudo P / R | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    spread: dict[str, float] = {}
+    diffs: dict[str, list[float]] = {}
+    for arm in ARMS:
+        r = runs[arm]
+        if not r:
+            continue
+        ap = {s: e["AP"] for s, e in r.items() if e["AP"] is not None}
+        common = [s for s in ap if s in base and base[s]["AP"] is not None]
+        d = [ap[s] - base[s]["AP"] for s in common]
+        if arm != "labeled" and d:
+            diffs[arm] = d
+            spread[arm] = max(statistics.stdev([ap[s] for s in common]) if len(common) > 1 else 0.0,
+                              statistics.stdev([base[s]["AP"] for s in common]) if len(common) > 1 else 0.0)
+        stud = [e["student_AP"] for e in r.values() if e.get("student_AP") is not None]
+        prec = [e["pseudo_precision"] for e in r.values() if e.get("pseudo_precision") is not None]
+        rec_ = [e["pseudo_recall"] for e in r.values() if e.get("pseudo_recall") is not None]
+        sps = [e["s_per_step"] for e in r.values() if e.get("s_per_step")]
+        health = f"{_fmt(statistics.mean(prec))} / {_fmt(statistics.mean(rec_))}" if prec and rec_ else "-"
+        lines.append(f"| {arm} | {len(r)} | {mean_std(list(ap.values()))} "
+                     f"| {mean_std([e['AP50'] for e in r.values() if e['AP50'] is not None])} "
+                     f"| {mean_std(stud) if stud else '-'} "
+                     f"| {mean_std(d) if arm != 'labeled' and d else '-'} | {health} "
+                     f"| {f'{statistics.mean(sps):.2f}' if sps else '-'} |")
+    conv = runs["converge"]
+    if conv:
+        gains = [e["curve"][-1][1] - e["curve"][-3][1] for e in conv.values() if len(e["curve"]) >= 3]
+        if gains:
+            lines.append(f"\nConvergence: the labeled-only run gained {mean_std(gains)} AP over its last third "
+                         "(two validations); near 0 is a plateau, the start of every continuation.")
+    lines.append("")
+    lines.append(verdict(diffs, spread, runs))
+    p = a.protocol
+    lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
+                 f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
+                 f"`{p['finetune']} {a.args}`".rstrip() + f"; semi arm `{p['semi']}`.")
+    machines = sorted({e["machine"] for r in runs.values() for e in r.values()})
+    dates = sorted({e["date"] for r in runs.values() for e in r.values()})
+    if machines:
+        lines.append(f"Machine: {'; '.join(machines)}. Dates: {dates[0]} to {dates[-1]}.")
     return "\n".join(lines) + "\n"
 
 
-SEMI_HEAD = ("## Semi-supervised: labeled only against semi\n\nWritten by `scripts/bench_semi.py --benchmarks "
-             "BENCHMARKS.md`: the same labeled images, overrides and optimizer steps in both arms; AP and AP50 "
-             "(COCO, %) as mean +- std over the seeds.\n")
+def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float], runs: Mapping[str, Mapping[int, Any]]) -> str:
+    """What the table says, from its own numbers: a gain counts when the mean paired difference
+    exceeds the larger of the two arms' std over the seeds."""
+    out = []
+    for arm, what in (("semi", "Teacher-student training"), ("control", "The control (EMA teacher, no unlabeled loss)"),
+                      ("ceiling", "The 100%-label ceiling")):
+        if arm not in diffs:
+            continue
+        m, s = statistics.mean(diffs[arm]), spread[arm]
+        word = "beats" if m > s else ("falls below" if m < -s else "is within the spread of")
+        out.append(f"{what} {word} labeled-only continued: {m * 100:+.1f} AP (paired, {len(diffs[arm])} seeds; "
+                   f"spread {s * 100:.1f}).")
+    if "semi" in diffs and "control" in diffs:
+        gap = statistics.mean(diffs["semi"]) - statistics.mean(diffs["control"])
+        out.append(f"What the unlabeled images add beyond the control: {gap * 100:+.1f} AP.")
+    if "ceiling" in diffs and statistics.mean(diffs["ceiling"]) <= spread["ceiling"]:
+        out.append("The ceiling is not clearly above labeled-only at this budget: no semi method can show a gain here.")
+    return " ".join(out) or "No paired runs yet."
 
 
-def update_benchmarks(md: Path, text: str, dataset: str) -> None:
-    """Replace this dataset's section of ``md`` (or add it, and the heading, at the end); other sections stay."""
-    put_section(md, text, "semi", dataset, "## Semi-supervised", SEMI_HEAD)
+SEMI_HEAD = ("## Teacher-student: converge, then continue\n\nWritten by `scripts/bench_semi.py --benchmarks "
+             "BENCHMARKS.md` from the ledger in `benchmarks/semi/`; the protocol is the script's docstring and "
+             "`conf/bench/semi.yaml`. AP is the last validation's (the deployed model's: the EMA teacher for "
+             "semi and control), mean +- std over the seeds; the paired difference is to labeled-only "
+             "continued on the same seeds.\n")
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    proto = load_protocol()
+    p.add_argument("--dataset", choices=tuple(proto["datasets"]), default=None, help="a built-in dataset")
+    p.add_argument("--train", type=Path, help="COCO JSON: the labeled pool (split by the protocol's fraction) "
+                   "or, with --unlabeled, the labeled set")
+    p.add_argument("--val", type=Path, help="COCO JSON: the validation set")
+    p.add_argument("--unlabeled", type=Path, default=None, help="a folder of images or a COCO JSON")
+    p.add_argument("--name", default=None, help="the ledger's and table's name (default: the dataset's or --train's folder)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--args", default=None, help="Hydra overrides added to every run (default: the dataset's)")
+    p.add_argument("--protocol", type=Path, default=PROTOCOL, help="the protocol's YAML (default conf/bench/semi.yaml)")
+    p.add_argument("--out", type=Path, default=None, help="run directories (default outputs/bench_semi/<name>)")
+    p.add_argument("--ledger", type=Path, default=None, help="default benchmarks/semi/<name>.json")
+    p.add_argument("--benchmarks", type=Path, default=None, help="write the table into this markdown file")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table from the ledger")
+    a = p.parse_args(argv)
+    a.protocol = load_protocol(a.protocol)
+    if a.dataset:
+        ds = a.protocol["datasets"][a.dataset]
+        a.train, a.val = SHARED / ds["train"], SHARED / ds["val"]
+        a.args = ds.get("args", "") if a.args is None else a.args
+        a.name = a.name or a.dataset
+    elif a.train is None or a.val is None:
+        p.error("give --dataset, or --train and --val (COCO JSON)")
+    a.args = a.args or ""
+    for what in ("train", "val", "unlabeled"):
+        path = getattr(a, what)
+        if path is not None and not path.exists():
+            p.error(f"--{what} {path} does not exist")
+    a.name = a.name or a.train.resolve().parent.name
+    if a.unlabeled is not None and "ceiling" in a.arms:
+        a.arms = [x for x in a.arms if x != "ceiling"]  # no labels beyond --train: nothing to reach
+        print("no ceiling arm: with --unlabeled, the unlabeled images have no labels to train a 100% arm on")
+    a.train, a.val = a.train.resolve(), a.val.resolve()
+    a.unlabeled = a.unlabeled.resolve() if a.unlabeled is not None else None
+    a.out = (a.out or REPO / "outputs" / "bench_semi" / a.name).resolve()
+    a.ledger = a.ledger or REPO / "benchmarks" / "semi" / f"{a.name}.json"
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse(argv)
+    ledger = load_ledger(a.ledger) if a.report_only else run(a)
+    args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--report-only"]
+    text = table(ledger, a, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *args]))
+    print("\n" + text)
+    if a.benchmarks is not None:
+        put_section(a.benchmarks, text, "semi", a.name, "## Teacher-student", SEMI_HEAD)
+        print(f"updated {a.benchmarks}")
+
 
 if __name__ == "__main__":
     main()

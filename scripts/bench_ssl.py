@@ -37,11 +37,11 @@ import json
 import shlex
 import statistics
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_common import describe, fingerprint, load_ledger, machine_info, mean_std, put_section
+from bench_common import claimed, describe, fingerprint, load_ledger, machine_info, mean_std, put_section, update_ledger
 
 from finetune.data.split import split_coco
 from finetune.pipeline import backbone_of, quote, run_stage
@@ -205,31 +205,20 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             todo = [t for t in todo if t[0] == "random"]
     for arm, n, s in todo:
         rec = recipe(arm, n, s, a)
+        if (load_ledger(a.ledger)["runs"].get(key(arm, n, s)) or {}).get("fingerprint") == fingerprint(rec):
+            continue  # another benchmark process finished it meanwhile
         train = labeled_json(data, n, s, a.out)
         run_dir = a.out / arm / f"n{n}_seed{s}_{fingerprint(rec)}"
-        print(f"== {key(arm, n, s)} -> {run_dir}", flush=True)
-        run_stage("finetune", run_dir, overrides(arm, n, s, train, data["val"],
-                                                 pre["backbone"] if pre else None, a))
+        with claimed(run_dir) as mine:
+            if not mine:
+                print(f"== {key(arm, n, s)}: another benchmark process is running it, skipped", flush=True)
+                continue
+            print(f"== {key(arm, n, s)} -> {run_dir}", flush=True)
+            run_stage("finetune", run_dir, overrides(arm, n, s, train, data["val"],
+                                                     pre["backbone"] if pre else None, a))
         run_key, done_run = key(arm, n, s), entry(json.loads((run_dir / "metrics.json").read_text()), rec)
         ledger = update_ledger(a.ledger, lambda led, k=run_key, e=done_run: led["runs"].__setitem__(k, e))
-    return ledger
-
-
-def update_ledger(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Apply ``change`` to the ledger file and write it back (after every run: a killed benchmark loses
-    one run), re-read under a file lock, so that several benchmark processes (other arms or label
-    counts) keep each other's runs; the write is atomic (a temporary file renamed)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ledger = load_ledger(path)
-        change(ledger)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(ledger, indent=1))
-        tmp.replace(path)
-    return ledger
+    return load_ledger(a.ledger)
 
 
 def _at(curve: Sequence[Sequence[Any]], i: int) -> float | None:

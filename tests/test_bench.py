@@ -49,27 +49,6 @@ def test_report_names_the_machine_and_keeps_other_sections(tiny_bench: dict, tmp
     assert f"| ours | {tiny_bench['rows']['ours']['images_per_s']:.2f} |" in body
 
 
-def test_semi_report_gives_mean_and_std_and_keeps_the_other_sections(tmp_path: Path) -> None:
-    import bench_semi
-
-    run = {"labeled_only": {"AP": 0.10, "AP50": 0.20}, "semi": {"AP": 0.12, "AP50": 0.25}, "steps": [90, 90],
-           "pseudo_precision": 0.5, "pseudo_recall": 0.25}
-    runs = [{**run, "seed": 1}, {**run, "seed": 2, "labeled_only": {"AP": 0.14, "AP50": 0.30}}]
-    text = bench_semi.report({"dataset": "chess", "fraction": 0.1, "runs": runs}, "python scripts/bench_semi.py X")
-    assert "### chess, 10% labels" in text and "python scripts/bench_semi.py X" in text
-    assert "| labeled only | 12.0 +- 2.8 | 25.0 +- 7.1 | 90 |" in text  # mean +- sample std over seeds
-    assert "| semi | 12.0 +- 0.0 | 25.0 +- 0.0 | 90 |" in text
-    assert "precision 50.0 +- 0.0 (over the seeds with any pseudo-box)" in text
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text("# Benchmarks\n\n## Speed\n\nspeed figures\n")
-    bench_semi.update_benchmarks(md, text, "chess")
-    bench_semi.update_benchmarks(md, "### synthetic\n", "synthetic")
-    bench_semi.update_benchmarks(md, text.replace("X", "Y"), "chess")  # a re-run replaces its own section
-    out = md.read_text()
-    assert "speed figures" in out and out.count("## Semi-supervised") == 1 and out.count("### chess") == 1
-    assert "bench_semi.py Y" in out and "bench_semi.py X" not in out and "### synthetic" in out
-
-
 def test_step_and_inference_tables_carry_the_ratios_and_where_time_goes() -> None:
     machine = {"cpu": "Some CPU", "cpu_flags": [], "cores": 2, "torch_threads": 2, "torch": "2",
                "auto": {"precision": "32", "channels_last": True, "reason": "r"}}

@@ -1,0 +1,177 @@
+"""The semi benchmark's protocol (converge, then continue): which run starts from which, with which LR,
+data and semi settings; what a re-run skips; and that the table's paired differences and verdict are
+the ledger's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench_semi as bs
+
+# Final-validation AP per arm and seed that the fake runs report.
+AP = {"converge": {1: 0.18, 2: 0.20}, "labeled": {1: 0.20, 2: 0.22}, "semi": {1: 0.25, 2: 0.28},
+      "control": {1: 0.21, 2: 0.22}, "ceiling": {1: 0.40, 2: 0.42}}
+
+
+def arm_of(ov: list[str]) -> str:
+    if any(o.startswith("semi.unsup_weight=0") for o in ov):
+        return "control"
+    if any(o.startswith("semi.unlabeled=") for o in ov):
+        return "semi"
+    if any(o.startswith("init_from=") for o in ov):
+        return "labeled"
+    return "ceiling" if any(o.startswith("data.train_json=") and "split_" not in o for o in ov) else "converge"
+
+
+def write_coco(path: Path, n: int) -> Path:
+    from PIL import Image
+
+    for i in range(1, n + 1):
+        if not (path.parent / f"{i}.jpg").is_file():
+            Image.new("RGB", (64, 64), (i, 2 * i, 3 * i)).save(path.parent / f"{i}.jpg")
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64} for i in range(1, n + 1)]
+    anns = [{"id": i, "image_id": i, "category_id": 1 + i % 2, "bbox": [1, 1, 9, 9], "area": 81, "iscrowd": 0}
+            for i in range(1, n + 1)]
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return path
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """Stages replaced by a recorder that leaves what a real run leaves (metrics.json, best.ckpt)."""
+    calls: list[tuple[str, list[str]]] = []
+
+    def run_stage(stage: str, run_dir: Path, overrides: list[str]) -> Path:
+        ov = [o.replace("'", "") for o in overrides]  # paths come shell-quoted for Hydra
+        calls.append((arm_of(ov), ov))
+        seed = int(next(o for o in ov if o.startswith("seed=")).split("=")[1])
+        ap = AP[arm_of(ov)][seed]
+        semi = arm_of(ov) in ("semi", "control")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "best.ckpt").write_bytes(b"")
+        hist = [{"step": 100, "val_AP": ap - 0.02, "val_AP50": 2 * ap}, {"step": 200, "val_AP": ap - 0.01},
+                {"step": 300, "val_AP": ap, "val_AP50": 2 * ap, **({"val_student_AP": ap - 0.01} if semi else {})}]
+        (run_dir / "metrics.json").write_text(json.dumps({
+            "coco": {"AP": ap + 0.01, "AP50": 2 * ap}, "global_step": 300, "train_time_s": 600 if semi else 300,
+            "semi": {"pseudo_labels": {"precision": 0.5, "recall": 0.25}} if semi else None, "history": hist}))
+        return run_dir
+
+    monkeypatch.setattr(bs, "run_stage", run_stage)
+    train = write_coco(tmp_path / "train.json", 40)
+    val = write_coco(tmp_path / "val.json", 5)
+    argv = ["--train", str(train), "--val", str(val), "--name", "toy", "--seeds", "1", "2",
+            "--out", str(tmp_path / "runs"), "--ledger", str(tmp_path / "ledger.json")]
+    return {"calls": calls, "argv": argv, "tmp": tmp_path}
+
+
+def test_continuations_start_from_the_converged_detector_at_a_constant_lr(fake: dict[str, Any]) -> None:
+    a = bs.parse(fake["argv"])
+    bs.run(a)
+    calls, tmp = fake["calls"], fake["tmp"]
+    by_arm: dict[str, list[list[str]]] = {}
+    for arm, ov in calls:
+        by_arm.setdefault(arm, []).append(ov)
+    assert {k: len(v) for k, v in by_arm.items()} == {arm: 2 for arm in bs.ARMS}
+    # The order within a seed: converge before the continuations that start from it.
+    assert [arm for arm, _ in calls[:5]] == ["converge", "labeled", "semi", "control", "ceiling"]
+    p = a.protocol
+    per_epoch = -(-4 // 4)  # 10% of 40 images at the recipe's batch 4
+    for arm in ("labeled", "semi", "control"):
+        for ov in by_arm[arm]:
+            seed = next(o for o in ov if o.startswith("seed="))
+            conv = next(d for d in (tmp / "runs" / f"seed{seed[5:]}").iterdir() if d.name.startswith("converge_"))
+            assert f"init_from={conv / 'checkpoints' / 'best.ckpt'}" in ov
+            assert "scheduler=constant" in ov and "scheduler.warmup_steps=0" in ov
+            assert f"optimizer.lr={0.01 * p['continue_lr_factor']:g}" in ov  # semi_bench's SGD LR x the factor
+            epochs = int(next(o for o in ov if o.startswith("trainer.max_epochs=")).split("=")[1])
+            every = int(next(o for o in ov if o.startswith("trainer.check_val_every_n_epoch=")).split("=")[1])
+            assert epochs * per_epoch == p["continue_steps"] and epochs % every == 0  # the last validation at the end
+            assert any(o.startswith("data.train_json=") and o.endswith("labeled.json") for o in ov)
+    for ov in by_arm["semi"] + by_arm["control"]:
+        assert p["semi"] in ov and any(o.startswith("semi.unlabeled=") and o.endswith("unlabeled.json") for o in ov)
+    assert all("semi.unsup_weight=0" not in ov for ov in by_arm["semi"])
+    assert all(not any(o.startswith("semi") for o in ov) for ov in by_arm["labeled"])
+    for ov in by_arm["ceiling"]:  # every training image, as many steps as converge + continue
+        full = tmp / "runs" / "data" / f"train_{p['working_size']}" / "train.json"  # the working-size copy
+        assert f"data.train_json={full}" in ov
+        assert f"trainer.max_epochs={round((per_epoch * p['converge_epochs'] + p['continue_steps']) / 10)}" in ov
+    # A seed's arms share one split, the seeds differ.
+    lab = {o for ov in by_arm["labeled"] + by_arm["converge"] for o in ov if o.startswith("data.train_json=")}
+    assert len(lab) == 2
+
+    ledger = bs.load_ledger(tmp / "ledger.json")["runs"]
+    assert ledger["semi/seed1"]["AP"] == 0.25 and ledger["semi/seed1"]["student_AP"] == pytest.approx(0.24)
+    assert ledger["semi/seed1"]["best_AP"] == pytest.approx(0.26) and ledger["semi/seed1"]["s_per_step"] == 2.0
+    calls.clear()
+    bs.run(bs.parse(fake["argv"]))
+    assert calls == []  # everything is in the ledger
+    bs.run(bs.parse([*fake["argv"], "--args", "detector.min_size=256"]))
+    assert len(calls) == 10 and all("detector.min_size=256" in ov for _, ov in calls)  # a new recipe re-runs all
+
+
+def test_table_pairs_every_arm_with_labeled_only_continued(fake: dict[str, Any]) -> None:
+    a = bs.parse(fake["argv"])
+    text = bs.table(bs.run(a), a, "python scripts/bench_semi.py X")
+    # semi - labeled: +5 and +6 AP -> +5.5 +- 0.7; spreads: semi 2.1, labeled 1.4
+    assert "| semi | 2 | 26.5 +- 2.1 | 53.0 +- 4.2 | 25.5 +- 2.1 | 5.5 +- 0.7 | 50.0 / 25.0 | 2.00 |" in text
+    assert "| labeled | 2 | 21.0 +- 1.4 |" in text and "| ceiling | 2 | 41.0 +- 1.4 |" in text
+    assert "Teacher-student training beats labeled-only continued: +5.5 AP" in text
+    assert "The control (EMA teacher, no unlabeled loss) is within the spread of labeled-only continued: +0.5 AP" in text
+    assert "What the unlabeled images add beyond the control: +5.0 AP." in text
+    assert "python scripts/bench_semi.py X" in text and "no semi method can show a gain" not in text
+    md = fake["tmp"] / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Speed\n\nspeed figures\n")
+    for body in (text, text.replace("X", "Y")):  # a re-run replaces its own section
+        bs.put_section(md, body, "semi", a.name, "## Teacher-student", bs.SEMI_HEAD)
+    out = md.read_text()
+    assert "speed figures" in out and out.count("### toy") == 1 and "bench_semi.py Y" in out
+
+
+def test_unlabeled_folder_drops_the_ceiling_and_bad_paths_fail_clearly(fake: dict[str, Any]) -> None:
+    tmp = fake["tmp"]
+    (tmp / "photos").mkdir()
+    a = bs.parse([*fake["argv"], "--unlabeled", str(tmp / "photos")])
+    assert "ceiling" not in a.arms and bs.split_of(1, a) == {"labeled": a.train, "unlabeled": tmp / "photos"}
+    with pytest.raises(SystemExit):
+        bs.parse(["--train", str(tmp / "nope.json"), "--val", str(tmp / "val.json")])
+    with pytest.raises(SystemExit):
+        bs.parse(["--seeds", "1"])  # neither --dataset nor --train/--val
+
+
+def test_resized_copy_keeps_boxes_on_their_objects(tmp_path: Path) -> None:
+    """A 400x200 photograph with a white square at (100..160, 40..100): at long side 100 the copy is
+    100x50 and the box, scaled by the same factor, still frames the square."""
+    from PIL import Image
+
+    from finetune.data.resize import resize_coco
+
+    img = Image.new("RGB", (400, 200))
+    img.paste((255, 255, 255), (100, 40, 160, 100))
+    (tmp_path / "src").mkdir()
+    img.save(tmp_path / "src" / "a.jpg", quality=98)
+    coco = {"images": [{"id": 7, "file_name": "a.jpg", "width": 400, "height": 200}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [100, 40, 60, 60], "area": 3600,
+                             "iscrowd": 0, "segmentation": [[100, 40, 160, 40, 160, 100]]}],
+            "categories": [{"id": 1, "name": "square"}]}
+    (tmp_path / "src" / "train.json").write_text(json.dumps(coco))
+    out = resize_coco(tmp_path / "src" / "train.json", tmp_path / "small", 100)
+    small = json.loads(out.read_text())
+    im = small["images"][0]
+    assert (im["width"], im["height"]) == (100, 50)
+    ann = small["annotations"][0]
+    assert ann["bbox"] == pytest.approx([25, 10, 15, 15]) and ann["area"] == pytest.approx(225)
+    assert ann["segmentation"] == [pytest.approx([25, 10, 40, 10, 40, 25])]
+    with Image.open(out.parent / im["file_name"]) as copy:
+        assert copy.size == (100, 50)
+        px = copy.convert("L").load()
+        assert px[32, 17] > 200 and px[10, 40] < 50  # inside the scaled box white, outside black
+    with pytest.raises(FileNotFoundError, match="a.jpg"):
+        resize_coco(tmp_path / "src" / "train.json", tmp_path / "other", 100, image_root=tmp_path / "nowhere")
