@@ -119,7 +119,8 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
         epochs = int(p["converge_epochs"])
         return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={max(1, epochs // 6)}"]
     if arm == "ceiling":  # the converged run's and the continuation's steps, in epochs of the full set
-        labeled_steps = steps_per_epoch(num_images(split["labeled"]), int(cfg.data.batch_size)) * int(p["converge_epochs"])
+        batch = int(cfg.data.batch_size)
+        labeled_steps = steps_per_epoch(num_images(split["labeled"]), batch) * int(p["converge_epochs"])
         epochs = max(1, round((labeled_steps + int(p["continue_steps"])) / per_epoch))
         return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={max(1, epochs // 6)}"]
     assert start is not None
@@ -151,7 +152,8 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
             "steps": steps, "train_time_s": metrics.get("train_time_s"),
             "s_per_step": (metrics.get("train_time_s") or 0) / steps if steps else None,
             "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
-            "pseudo_per_image": health.get("pseudo_boxes_per_image"), "deployed": (metrics.get("semi") or {}).get("deployed"),
+            "pseudo_per_image": health.get("pseudo_boxes_per_image"),
+            "deployed": (metrics.get("semi") or {}).get("deployed"),
             "precision": metrics.get("precision"), "machine": describe(machine_info()),
             "date": dt.date.today().isoformat()}
 
@@ -198,7 +200,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return load_ledger(a.ledger)
 
 
-def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path], start: Path | None = None) -> Path | None:
+def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path],
+            start: Path | None = None) -> Path | None:
     """Run (or resume, or find done) one arm; its run dir, or None when another process holds it."""
     rec = recipe(arm, seed, a)
     run_dir = a.out / f"seed{seed}" / f"{arm}_{fingerprint(rec)}"
@@ -257,7 +260,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
             lines.append(f"\nConvergence: the labeled-only run gained {mean_std(gains)} AP over its last third "
                          "(two validations); near 0 is a plateau, the start of every continuation.")
     lines.append("")
-    lines.append(verdict(diffs, spread, runs))
+    lines.append(verdict(diffs, spread))
     p = a.protocol
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
@@ -269,7 +272,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     return "\n".join(lines) + "\n"
 
 
-def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float], runs: Mapping[str, Mapping[int, Any]]) -> str:
+def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float]) -> str:
     """What the table says, from its own numbers: a gain counts when the mean paired difference
     exceeds the larger of the two arms' std over the seeds."""
     out = []
@@ -304,7 +307,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "or, with --unlabeled, the labeled set")
     p.add_argument("--val", type=Path, help="COCO JSON: the validation set")
     p.add_argument("--unlabeled", type=Path, default=None, help="a folder of images or a COCO JSON")
-    p.add_argument("--name", default=None, help="the ledger's and table's name (default: the dataset's or --train's folder)")
+    p.add_argument("--name", default=None,
+                   help="the ledger's and table's name (default: the dataset's or --train's folder)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--args", default=None, help="Hydra overrides added to every run (default: the dataset's)")

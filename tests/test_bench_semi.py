@@ -124,7 +124,8 @@ def test_table_pairs_every_arm_with_labeled_only_continued(fake: dict[str, Any])
     assert "| semi | 2 | 26.5 +- 2.1 | 53.0 +- 4.2 | 25.5 +- 2.1 | 5.5 +- 0.7 | 50.0 / 25.0 | 2.00 |" in text
     assert "| labeled | 2 | 21.0 +- 1.4 |" in text and "| ceiling | 2 | 41.0 +- 1.4 |" in text
     assert "Teacher-student training beats labeled-only continued: +5.5 AP" in text
-    assert "The control (EMA teacher, no unlabeled loss) is within the spread of labeled-only continued: +0.5 AP" in text
+    assert ("The control (EMA teacher, no unlabeled loss) is within the spread of labeled-only continued: "
+            "+0.5 AP") in text
     assert "What the unlabeled images add beyond the control: +5.0 AP." in text
     assert "python scripts/bench_semi.py X" in text and "no semi method can show a gain" not in text
     md = fake["tmp"] / "BENCHMARKS.md"
