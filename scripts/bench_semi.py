@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import shlex
@@ -89,7 +90,29 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
          "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
     if arm in ("semi", "control"):
         r["semi"] = p["semi"]
-    return r
+    return {**r, "config": config_hash(tuple(arm_settings(arm, a)))}
+
+
+def arm_settings(arm: str, a: argparse.Namespace) -> list[str]:
+    """An arm's overrides that are not data, paths or step counts (those come from the data)."""
+    p = a.protocol
+    out = [*shlex.split(p["finetune"]), *shlex.split(a.args)]
+    if arm in ("labeled", "semi", "control"):
+        out += ["scheduler=constant", "scheduler.warmup_steps=0"]
+    if arm in ("semi", "control"):
+        out += shlex.split(p["semi"])
+    if arm == "control":
+        out.append("semi.unsup_weight=0")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def config_hash(settings: tuple[str, ...]) -> str:
+    """The fingerprint of the whole composed config of ``settings``: an edit of a preset file
+    (experiment=semi_bench, semi=bench, a default they inherit) re-runs what it changes."""
+    from omegaconf import OmegaConf
+
+    return fingerprint(OmegaConf.to_container(finetune_config(settings), resolve=False))  # type: ignore[arg-type]
 
 
 def key(arm: str, seed: int) -> str:
@@ -127,13 +150,12 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
     epochs = max(1, math.ceil(int(p["continue_steps"]) / per_epoch))
     every = max(1, epochs // int(p["validations"]))
     epochs = every * max(1, round(epochs / every))  # the last validation at the last step
-    out = [*common, f"init_from={quote(start)}", "scheduler=constant", "scheduler.warmup_steps=0",
+    extra = arm_settings(arm, a)[len(shlex.split(p["finetune"])) + len(shlex.split(a.args)):]
+    out = [*common, f"init_from={quote(start)}", *extra[:2],
            f"optimizer.lr={float(cfg.optimizer.lr) * float(p['continue_lr_factor']):g}",
-           f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}"]
+           f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}", *extra[2:]]
     if arm in ("semi", "control"):
-        out += [*shlex.split(p["semi"]), f"semi.unlabeled={quote(split['unlabeled'])}"]
-    if arm == "control":
-        out.append("semi.unsup_weight=0")
+        out.append(f"semi.unlabeled={quote(split['unlabeled'])}")
     return out
 
 

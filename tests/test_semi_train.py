@@ -275,6 +275,30 @@ def test_soft_background_run_weights_the_pseudo_labeled_rois(synthetic_data, tmp
         train(smoke_cfg(synthetic_data["root"], "semi.soft_background=true"), run_dir=tmp_path / "none")
 
 
+def test_roi_focal_on_unlabeled_keeps_the_labeled_loss_cross_entropy(synthetic_data, tmp_path, monkeypatch):
+    """semi.roi_focal_on=unlabeled: every labeled pass trains the RoI classifier with plain
+    cross-entropy (gamma 0, what labeled-only fine-tuning uses), every pseudo-labeled pass with the
+    focal exponent; a value other than all / unlabeled is refused."""
+    from finetune.semi import focal
+    from finetune.semi.plan import check_config
+
+    gammas = []
+    real_loss = focal.softmax_focal_loss
+
+    def spy_loss(logits, labels, gamma=1.5, weights=None):
+        gammas.append(float(gamma))
+        return real_loss(logits, labels, gamma, weights)
+
+    monkeypatch.setattr(focal, "softmax_focal_loss", spy_loss)
+    cfg = smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.roi_focal_on=unlabeled", *FAST)
+    m = train(cfg, run_dir=tmp_path)
+    semi_steps = m["global_step"] - int(cfg.semi.burn_in)
+    assert semi_steps > 0 and gammas.count(1.5) == semi_steps and gammas.count(0.0) == m["global_step"]
+    assert set(gammas) == {0.0, 1.5}
+    with pytest.raises(ValueError, match="roi_focal_on"):
+        check_config(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.roi_focal_on=labeled"))
+
+
 def test_consistency_retinanet_run(synthetic_data, tmp_path):
     m = train(smoke_cfg(synthetic_data["root"], "semi=consistency", "detector=retinanet", "trainer.max_epochs=1"),
               run_dir=tmp_path)

@@ -11,7 +11,8 @@ in the process. So :class:`FocalRoIHeads` overrides the training path of ``forwa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -139,3 +140,18 @@ def use_focal_roi_heads(model: FasterRCNN, gamma: float = 1.5) -> FasterRCNN:
         heads = focal
     heads.focal_gamma = float(gamma)
     return model
+
+
+@contextlib.contextmanager
+def focal_gamma(model: torch.nn.Module, gamma: float | None) -> Iterator[None]:
+    """Within the block, the focal RoI head of ``model`` uses ``gamma`` (None: as it is); restored after."""
+    heads = getattr(model, "roi_heads", None)
+    if gamma is None or not isinstance(heads, FocalRoIHeads):
+        yield
+        return
+    before = heads.focal_gamma
+    heads.focal_gamma = float(gamma)
+    try:
+        yield
+    finally:
+        heads.focal_gamma = before

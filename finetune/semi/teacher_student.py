@@ -28,7 +28,7 @@ from torch import nn
 
 from finetune.detectors import capabilities_of, require
 from finetune.semi.base import SemiMode, SemiStep, UnsupOutput
-from finetune.semi.focal import use_focal_roi_heads
+from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
 from finetune.semi.thresholds import max_pseudo_per_image
 
@@ -107,6 +107,9 @@ class TeacherStudentMode(SemiMode):
         """The detector's capabilities, then the pseudo-label and EMA settings' values."""
         super().check(cfg)
         s = cfg.semi
+        if str(s.get("roi_focal_on", "all")) not in ("all", "unlabeled"):
+            raise ValueError(f"semi.roi_focal_on={s.get('roi_focal_on')!r} must be 'all' (labeled and pseudo-labeled "
+                             "RoI losses, Unbiased Teacher's) or 'unlabeled' (the labeled loss stays cross-entropy)")
         if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
@@ -141,8 +144,13 @@ class TeacherStudentMode(SemiMode):
         gamma = self.settings.get("roi_focal_gamma")
         if self.soft_background and gamma is None:
             gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
+        # semi.roi_focal_on=unlabeled: the labeled RoI loss stays the cross-entropy of plain
+        # fine-tuning (gamma 0 is exactly it), the focal exponent acts on the pseudo-labeled pass only.
+        self.unlabeled_gamma: float | None = None
         if gamma is not None and caps.roi_heads:
-            use_focal_roi_heads(module.model, float(gamma))  # type: ignore[arg-type]
+            on_unlabeled_only = str(self.settings.get("roi_focal_on", "all")) == "unlabeled"
+            self.unlabeled_gamma = float(gamma) if on_unlabeled_only else None
+            use_focal_roi_heads(module.model, 0.0 if on_unlabeled_only else float(gamma))  # type: ignore[arg-type]
 
     def loss(self, module: SemiStep, unlabeled: Mapping[str, Any]) -> UnsupOutput:
         teacher = module.teacher
@@ -162,7 +170,7 @@ class TeacherStudentMode(SemiMode):
         targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
         soft = (soft_background(module.model, teacher, tpass)  # type: ignore[arg-type]
                 if tpass is not None else contextlib.nullcontext())
-        with running_stats_frozen(module.model), soft:
+        with running_stats_frozen(module.model), soft, focal_gamma(module.model, self.unlabeled_gamma):
             losses = module.model(strong, targets)
         keep_box = bool(self.settings.get("unsup_box_loss", False))
         terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}
