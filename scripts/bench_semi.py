@@ -106,7 +106,7 @@ def arm_settings(arm: str, a: argparse.Namespace) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def config_hash(settings: tuple[str, ...]) -> str:
     """The fingerprint of the whole composed config of ``settings``: an edit of a preset file
     (experiment=semi_bench, semi=bench, a default they inherit) re-runs what it changes."""
