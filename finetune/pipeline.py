@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -57,6 +58,21 @@ def thread_env(threads: int | None) -> dict[str, str] | None:
     return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
+    """Linux: the stage gets SIGTERM when the process that started it dies, so that a killed
+    benchmark or pipeline leaves no orphan stage still writing into a run directory that its
+    re-run resumes into (two writers corrupt its checkpoints and logs). Elsewhere: nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_DEATH_SIGNAL = _die_with_parent if sys.platform.startswith("linux") else None
+
+
 def start_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), force: bool = False,
                 threads: int | None = None, log_file: str | Path | None = None) -> subprocess.Popen | None:
     """Start ``python -m <stage>`` in ``run_dir`` without waiting; None when it is already done.
@@ -74,10 +90,11 @@ def start_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), 
     where = f" (output in {log_file})" if log_file is not None else ""
     print(f"[pipeline] {stage}{limit}: {' '.join(cmd[1:])}{where}", flush=True)
     if log_file is None:
-        return subprocess.Popen(cmd, env=thread_env(threads))
+        return subprocess.Popen(cmd, env=thread_env(threads), preexec_fn=_DEATH_SIGNAL)
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:  # the child keeps its own copy of the handle
-        return subprocess.Popen(cmd, env=thread_env(threads), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=thread_env(threads), stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_DEATH_SIGNAL)
 
 
 def wait_stage(proc: subprocess.Popen | None, stage: str, run_dir: str | Path) -> Path:

@@ -161,3 +161,38 @@ def test_demo_reads_its_spread_and_the_longer_budget_from_the_ssl_ledger(tmp_pat
     assert arm == "ssl" and gain == pytest.approx(3.5) and sd == pytest.approx(0.707, abs=1e-3) and seeds == 2
     assert 100 not in f["gains"]
     assert "20 labels: fine-tuned backbone +3.5 +- 0.7 AP over 2 seeds" in demo.longer_budget_note(f)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_stage_dies_with_the_process_that_started_it(tmp_path):
+    """A benchmark killed mid-run must not leave its stage writing into the run directory that its
+    re-run resumes into: the stage gets SIGTERM when its parent dies."""
+    import signal
+    import time
+
+    (tmp_path / "sleeper.py").write_text("import os, sys, time\n"
+                                         "open(sys.argv[1].split('=', 1)[1].strip(\"'\") + '/pid', 'w')"
+                                         ".write(str(os.getpid()))\ntime.sleep(60)\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", "import time\nfrom finetune.pipeline import start_stage\n"
+                               f"start_stage('sleeper', {str(run_dir)!r})\ntime.sleep(60)\n"],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])})
+    deadline = time.time() + 30
+    while not (run_dir / "pid").is_file() or not (run_dir / "pid").read_text():
+        assert time.time() < deadline and parent.poll() is None, "the stage never started"
+        time.sleep(0.1)
+    child = int((run_dir / "pid").read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while Path(f"/proc/{child}").exists() and "zombie" not in _state(child):
+        assert time.time() < deadline, "the stage outlived the process that started it"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
