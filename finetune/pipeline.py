@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +58,25 @@ def thread_env(threads: int | None) -> dict[str, str] | None:
     return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
-def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
-    """Linux: the stage gets SIGTERM when the process that started it dies, so that a killed
-    benchmark or pipeline leaves no orphan stage still writing into a run directory that its
-    re-run resumes into (two writers corrupt its checkpoints and logs). Elsewhere: nothing."""
+def _death_signal() -> Callable[[], None] | None:
+    """Linux: a function for ``preexec_fn`` that makes the child get SIGTERM when the process that
+    started it dies, so that a killed benchmark or pipeline leaves no orphan stage still writing into
+    the run directory its re-run resumes into (two writers corrupt its checkpoints and logs).
+    libc's ``prctl`` is looked up here, in the parent: the child, between fork and exec, only calls
+    it (no import, no allocation), which is what makes ``preexec_fn`` safe beside threads."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    sig = int(signal.SIGTERM)
+    return lambda: prctl(1, sig)  # 1: PR_SET_PDEATHSIG
 
 
-_DEATH_SIGNAL = _die_with_parent if sys.platform.startswith("linux") else None
+_DEATH_SIGNAL = _death_signal()
 
 
 def start_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), force: bool = False,
@@ -90,11 +96,11 @@ def start_stage(stage: str, run_dir: str | Path, overrides: Sequence[str] = (), 
     where = f" (output in {log_file})" if log_file is not None else ""
     print(f"[pipeline] {stage}{limit}: {' '.join(cmd[1:])}{where}", flush=True)
     if log_file is None:
-        return subprocess.Popen(cmd, env=thread_env(threads), preexec_fn=_DEATH_SIGNAL)
+        return subprocess.Popen(cmd, env=thread_env(threads), preexec_fn=_DEATH_SIGNAL)  # noqa: PLW1509 (see _death_signal)
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:  # the child keeps its own copy of the handle
         return subprocess.Popen(cmd, env=thread_env(threads), stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_DEATH_SIGNAL)
+                                preexec_fn=_DEATH_SIGNAL)  # noqa: PLW1509 (see _death_signal)
 
 
 def wait_stage(proc: subprocess.Popen | None, stage: str, run_dir: str | Path) -> Path:
