@@ -15,7 +15,8 @@ DIR ?= multirun
 # Torch threads: use every core unless told otherwise.
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench bench-semi bench-accuracy lint clean
+.PHONY: install demo test test-full pretrain finetune semi pipeline sweep report bench bench-semi bench-accuracy \
+	gpu-check gpu-wheels lint clean
 
 install: $(STAMP)
 
@@ -25,7 +26,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg
 	bash scripts/ensure_venv.sh $(VENV)
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev,eval]'
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev,eval,export]'
 	$(PY) -c "import torch, torchvision; b = torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10]]); \
 	k = torchvision.ops.nms(b, torch.tensor([0.9, 0.8]), 0.5); assert k.tolist() == [0], k; \
 	print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'nms ok')"
@@ -83,6 +84,15 @@ bench-semi: install
 # DATASET=chess|bccd|synthetic. Writes the dataset's table into BENCHMARKS.md's accuracy section.
 bench-accuracy: install
 	$(PY) scripts/bench_accuracy.py --dataset $(DATASET) --benchmarks BENCHMARKS.md $(ARGS)
+
+# The prepared GPU check (scripts/gpu_check.py; README "The GPU check"): on a lent GPU machine run
+# `bash scripts/gpu_check.sh` itself (no network there for make install); here the CPU dry run is
+# make gpu-check ARGS=--cpu-smoke. gpu-wheels: the packages the GPU machine lacks, into wheels/gpu/.
+gpu-check: install
+	bash scripts/gpu_check.sh $(ARGS)
+
+gpu-wheels: install
+	$(PY) scripts/gpu_wheels.py download
 
 lint: install
 	$(VENV)/bin/ruff check pretrain finetune scripts tests

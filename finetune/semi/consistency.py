@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.detectors import capabilities_of
-from finetune.semi.base import SemiMode, SemiStep, UnsupOutput, register_semi_mode
+from finetune.semi.base import SemiMode, SemiStep, UnsupOutput, register_semi_mode, running_stats_frozen
 
 
 def mirror_index(grid_sizes: Sequence[tuple[int, int]], num_anchors: int, device=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -143,7 +143,9 @@ class Consistency(SemiMode):
         return float(self.settings.get(self.weight_key) or 1.0)  # semi=consistency alone: 1 unless set
 
     def loss(self, module: SemiStep, unlabeled: Mapping[str, Any]) -> UnsupOutput:
-        c = self.criterion(module.model, [im.to(module.device) for im in unlabeled["weak"]], int(module.global_step))
+        with running_stats_frozen(module.model):  # the perturbed passes leave BN's running statistics as they are
+            c = self.criterion(module.model, [im.to(module.device) for im in unlabeled["weak"]],
+                               int(module.global_step))
         logs = {"train/consistency_cls": c["consistency_cls"].detach(),
                 "train/consistency_box": c["consistency_box"].detach(),
                 "train/consistency_rampup": c["consistency_weight"].detach()}
