@@ -566,3 +566,21 @@ def test_deployed_by_rule():
     assert deployed_by("best", 0.2, None) == deployed_by("teacher", 0.2, None) == "student"  # no teacher yet
     with pytest.raises(ValueError, match="semi.deploy"):
         deployed_by("ensemble", 0.2, 0.3)
+
+
+def test_consistency_passes_leave_bn_running_statistics_alone():
+    """The consistency mode's perturbed and flipped passes over unlabeled images normalise with batch
+    statistics like the strong-view pass, and leave the running ones as they were."""
+    from types import SimpleNamespace
+
+    from finetune.semi.consistency import Consistency
+
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, trainable_layers=5,
+                           min_size=96, max_size=96, fpn_channels=32, representation_size=32).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [torch.cat([m.running_mean, m.running_var]).clone() for m in bns]
+    step = SimpleNamespace(model=model, device=torch.device("cpu"), global_step=5)
+    out = Consistency({"consistency": {"rampup_steps": 0}}).loss(step, {"weak": [torch.rand(3, 96, 96) * 0.3] * 2})
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    assert all(torch.equal(a, torch.cat([m.running_mean, m.running_var])) for a, m in zip(before, bns))

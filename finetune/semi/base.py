@@ -11,7 +11,8 @@ state. Adding a mode is one file that subclasses :class:`SemiMode` under
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -149,3 +150,21 @@ def modes_of(settings: Mapping[str, Any]) -> list[SemiMode]:
     extra = [cls for name, cls in SEMI_MODES.items()
              if name != main.name and cls.combinable and float(settings.get(cls.weight_key, 0.0) or 0.0) > 0]
     return [cls(settings) for cls in (main, *extra)]
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch's statistics but leave their running statistics as
+    they are (momentum 0), for every unsupervised pass (the student's over the strong views, the
+    consistency mode's over perturbed and flipped ones): colour-jittered, grayscale, erased or noised
+    images are not the distribution the model is evaluated on, and with trainable BN their statistics
+    would otherwise drift into the running ones that validation and the teacher use."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum

@@ -19,15 +19,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from finetune.detectors import capabilities_of, require
-from finetune.semi.base import SemiMode, SemiStep, UnsupOutput
+from finetune.semi.base import (
+    SemiMode,
+    SemiStep,
+    UnsupOutput,
+    running_stats_frozen,
+)
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
 from finetune.semi.thresholds import max_pseudo_per_image
@@ -77,23 +81,6 @@ def _number(settings: Mapping[str, Any], key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"semi.{key} must be a number, got {value!r}")
     return float(value)
-
-
-@contextlib.contextmanager
-def running_stats_frozen(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers normalise with the batch's statistics but leave their running statistics as
-    they are (momentum 0), for the student's pass over the strong views: colour-jittered, grayscale
-    and erased images are not the distribution the model is evaluated on, and with trainable BN
-    their statistics would otherwise drift into the running ones that validation and the teacher use."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 class TeacherStudentMode(SemiMode):
