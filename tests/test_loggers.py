@@ -86,3 +86,21 @@ def test_any_lightning_logger_by_target_and_a_clear_error_otherwise(synthetic_da
         finetune_train(smoke_cfg(synthetic_data["root"], "logger.extra=[{name: x}]"), tmp_path / "b")
     with pytest.raises(RuntimeError, match="could not create nope.Logger"):
         finetune_train(smoke_cfg(synthetic_data["root"], "logger.extra=[{_target_: nope.Logger}]"), tmp_path / "c")
+
+
+def test_resumed_csv_log_survives_a_ragged_file(tmp_path, caplog):
+    """A metrics.csv with a row longer than its header (two writers, a crash mid-row) does not stop a
+    resumed run: earlier rows are kept (without the stray fields), counted in a warning."""
+    from pretrain.core.run.logs import ResumingCSVLogger
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.5\n0,1,1.4,0.3,extra\n0,2,1.3\n")
+    logger = ResumingCSVLogger(save_dir=str(tmp_path), name="logs", version="")
+    with caplog.at_level("WARNING"):
+        logger.log_metrics({"train/loss": 1.0, "val/AP": 0.1}, step=2)
+        logger.save()
+    rows = (log_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["epoch", "step", "train/loss", "val/AP"]
+    assert rows[1:] == ["0,0,1.5,", "0,1,1.4,", ",2,1.0,0.1"]  # step 2 is logged again by the resumed run
+    assert "1 row(s) had more fields than its header" in caplog.text

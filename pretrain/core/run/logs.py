@@ -26,7 +26,14 @@ class _ResumingWriter(ExperimentWriter):
         self._earlier: list[dict[str, str]] = []
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self._earlier = list(csv.DictReader(f))
+                rows = list(csv.DictReader(f))
+            # A row with more fields than the header (a file two processes wrote, a crash mid-row)
+            # carries them under the key None: kept without them, counted, never a crash on resume.
+            self._earlier = [{k: v for k, v in r.items() if k is not None} for r in rows]
+            ragged = sum(None in r for r in rows)
+            if ragged:
+                log.warning("%s: %d row(s) had more fields than its header; kept without the extra fields",
+                            self.metrics_file_path, ragged)
             self._fs.rm_file(self.metrics_file_path)
 
     def save(self) -> None:
