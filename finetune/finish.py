@@ -1,8 +1,8 @@
 """The end of a fine-tuning run: the best checkpoint evaluated on the val set, and the run's outputs.
 
 :func:`finish` writes ``metrics.json`` (COCO summary, per-class AP, history, backbone, hardware),
-``predictions.json`` and the plots. What a layer on top of fine-tuning adds to metrics.json comes
-in through ``extra_metrics`` (see :class:`finetune.train.FitPlan`).
+``predictions.json``, the plots and ``report.html`` (:mod:`finetune.report_html`). What a layer on top
+of fine-tuning adds to metrics.json comes in through ``extra_metrics`` (see :class:`finetune.train.FitPlan`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from finetune.ddp_report import DistributedReport
 from finetune.evaluate import evaluate_module
 from finetune.inference import AUTOCAST_DTYPES, prepare
 from finetune.module import DetectionModule
+from finetune.report_html import write_run_report
 from pretrain.core.data.coco import CocoDetection
 from pretrain.core.run import precision
 from pretrain.core.run.checkpoints import CKPT_DIR, last_checkpoint, write_json
@@ -95,6 +96,7 @@ def finish(
     if val_ds is None:
         metrics = {**base, "coco": None, "per_class_ap": None}
         write_json(run_dir / "metrics.json", metrics)
+        write_report(run_dir, metrics)
         return metrics
     device = trainer.strategy.root_device
     # The training precision, as validation ran and as `python -m finetune.evaluate` runs by default.
@@ -121,5 +123,14 @@ def finish(
             log_images(trainer, sorted((run_dir / "plots").glob("*.png")))
         except Exception as e:  # noqa: BLE001
             log.warning("plots failed: %s", e)
-    print(f"run dir: {run_dir} (metrics.json, predictions.json, label_map.json, checkpoints/, plots/)")
+    write_report(run_dir, metrics)
+    print(f"run dir: {run_dir} (report.html, metrics.json, predictions.json, label_map.json, checkpoints/, plots/)")
     return metrics
+
+
+def write_report(run_dir: Path, metrics: Mapping[str, Any]) -> None:
+    """``report.html`` beside metrics.json; like the plots, a failure is logged and loses nothing else."""
+    try:
+        write_run_report(run_dir, metrics)
+    except Exception as e:  # noqa: BLE001
+        log.warning("report.html failed: %s", e)

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from finetune.coco_results import format_table
+from finetune.report_html import index_html, write_reports
 
 SETTING = ("backbone", "method", "epochs", "prototypes", "detector", "semi", "threshold", "unsup_weight", "labeled")
 METRICS = ("AP", "AP50", "APs", "APm", "APl")
 PSEUDO = ("pseudo_P", "pseudo_R")  # semi runs: pseudo-label precision / recall against hidden ground truth
 COLUMNS = (*SETTING, *METRICS, *PSEUDO)
 PERCENT = (*METRICS, *PSEUDO, "labeled")
+RUNS_PAGE = "runs.html"  # the table as a page linking every run's report.html
 
 
 def load_rows(root: str | Path) -> list[dict[str, Any]]:
@@ -158,7 +160,8 @@ def plot(summary: list[dict[str, Any]], x: str, path: Path) -> Path | None:
 
 
 def write_report(root: str | Path, out: str | Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.csv and the AP plots for every run under ``root``."""
+    """Write report.md, report.csv, the AP plots and runs.html (the table, linking every run's report.html,
+    which is rewritten) for every run under ``root``."""
     root = Path(root)
     out_dir = Path(out) if out else root
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +180,10 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict[str, P
         p = plot(summary, x, out_dir / f"ap_vs_{x}.png")
         if p is not None:
             files[x] = p
+    # Each run's report.html (re)written, and a page with the table linking them all.
+    reports = write_reports(root)
+    files["html"] = out_dir / RUNS_PAGE
+    files["html"].write_text(index_html(rows, reports, root, files["md"].read_text(), out_dir), encoding="utf-8")
     return files
 
 
