@@ -584,3 +584,25 @@ def test_consistency_passes_leave_bn_running_statistics_alone():
     out = Consistency({"consistency": {"rampup_steps": 0}}).loss(step, {"weak": [torch.rand(3, 96, 96) * 0.3] * 2})
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     assert all(torch.equal(a, torch.cat([m.running_mean, m.running_var])) for a, m in zip(before, bns))
+
+
+def test_semi_phase_in_a_decaying_schedule_warns_with_its_mean_lr(caplog):
+    """Burn-in inside one cosine run leaves the semi phase the low-LR tail: the module says so, with
+    the mean factor; a constant schedule, or a run without a semi phase in it, does not warn."""
+    from types import SimpleNamespace
+
+    from finetune.semi.module import SemiDetectionModule
+
+    def mean_lr(name: str, burn_in: int) -> float | None:
+        stub = SimpleNamespace(trainer=SimpleNamespace(estimated_stepping_batches=300),
+                               resolve_burn_in=lambda: burn_in, cfg={"scheduler": {"name": name, "warmup_steps": 20}})
+        return SemiDetectionModule.warn_semi_lr_tail(stub)  # type: ignore[arg-type]
+
+    with caplog.at_level("WARNING"):
+        cosine = mean_lr("cosine", 150)
+    assert cosine == pytest.approx(0.2066, abs=1e-3)
+    assert "runs at a mean 0.21 of the peak LR under scheduler=cosine" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert mean_lr("constant", 150) == 1.0 and mean_lr("cosine", 0) is None
+    assert caplog.text == ""
