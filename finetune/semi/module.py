@@ -194,8 +194,8 @@ class SemiDetectionModule(DetectionModule):
         if mean < below:
             log.warning("semi: the semi phase (steps %d-%d) runs at a mean %.2f of the peak LR under scheduler=%s "
                         "(%.0f%% of the run's LR mass): the references keep their semi phase at a constant LR. "
-                        "Use scheduler=constant or later milestones (scheduler=step scheduler.milestones=[0.9]), or converge "
-                        "first and continue from it "
+                        "Use scheduler=constant or later milestones (scheduler=step scheduler.milestones=[0.9]), "
+                        "or converge first and continue from it "
                         "(init_from=<its best.ckpt> semi.burn_in=0)", burn_in, total, mean, sched.get("name"),
                         100 * sum(factors[burn_in:]) / max(1e-12, sum(factors)))
         return mean
