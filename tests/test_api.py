@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, finetune_smoke_cfg
 from PIL import Image
 
-from finetune.api import Detector, Detections
+from finetune.api import Detections, Detector
 from finetune.train import train
 from pretrain.core.data.images import ImageError
 
@@ -40,7 +40,7 @@ def val_images(synthetic_data) -> list[Path]:
 
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.S)
+    block = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.DOTALL)
     assert block, "README.md lost its API example"
     return block.group(1)
 
