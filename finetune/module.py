@@ -27,8 +27,10 @@ from finetune.coco_eval import evaluate_coco
 from finetune.coco_results import detections_to_coco
 from finetune.detectors import build_detector
 from finetune.optim import backbone_norms, freeze_parts, linear_probe_factors, param_groups
+from finetune.transforms import strong_augment
 from pretrain.core.backbone.resnet import build_resnet
 from pretrain.core.data.coco import LabelMap
+from pretrain.core.run.resume import mix
 from pretrain.core.run.schedule import ResumableLambdaLR, lr_factor
 
 log = logging.getLogger(__name__)
@@ -173,8 +175,21 @@ class DetectionModule(pl.LightningModule):
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The detector's summed loss on labeled images and its terms (skipped images counted)."""
         self.count_skipped(targets)
+        images, targets = self.with_strong_copies(images, targets)
         losses = self.model(list(images), self.model_targets(targets))
         return sum(losses.values()), losses  # type: ignore[return-value]
+
+    def with_strong_copies(self, images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]]
+                           ) -> tuple[list[torch.Tensor], list[Mapping[str, Any]]]:
+        """``augment.strong_copy``: each labeled image trains twice in its step, as it is and as its
+        strong photometric view with the same boxes (:func:`finetune.transforms.strong_augment`; Liu
+        et al., ICLR 2021, concatenate both views of every labeled image in the supervised loss). The
+        copies are drawn from a generator seeded by (seed, step, rank): a resumed run draws the same."""
+        if not bool((self.cfg.get("augment") or {}).get("strong_copy", False)):
+            return list(images), list(targets)
+        g = torch.Generator().manual_seed(mix(int(self.cfg.get("seed", 0)), int(self.global_step),
+                                              int(self.global_rank), 7))
+        return ([*images, *(strong_augment(im, g) for im in images)], [*targets, *targets])
 
     def record_step(self, loss: torch.Tensor, logs: Mapping[str, Any], batch_size: int) -> None:
         """Log a step's terms and loss, and add a finite loss to the epoch's running mean (the step

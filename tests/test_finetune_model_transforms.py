@@ -107,3 +107,33 @@ def test_bad_arguments() -> None:
         build_transforms(True, noise_std=-0.1)
     with pytest.raises(ValueError, match="0 < min <= max"):
         RandomScaleJitter((2.0, 1.0))
+
+
+def test_strong_copy_trains_each_labeled_image_twice_with_the_same_boxes() -> None:
+    """augment.strong_copy: the step's images are followed by their strong views (changed pixels, same
+    size, values in [0, 1]) with the same targets; the same step draws the same views (a resumed run
+    repeats them), another step other ones; off, the batch is as it was."""
+    from types import SimpleNamespace
+
+    from finetune.module import DetectionModule
+
+    torch.manual_seed(0)
+    images = [torch.rand(3, 40, 60), torch.rand(3, 32, 32)]
+    targets = [{"boxes": torch.tensor([[1.0, 2, 20, 30]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+
+    def copies(step: int, on: bool = True):
+        stub = SimpleNamespace(cfg={"augment": {"strong_copy": on}, "seed": 3}, global_step=step, global_rank=0)
+        return DetectionModule.with_strong_copies(stub, images, targets)  # type: ignore[arg-type]
+
+    out, tg = copies(5)
+    assert len(out) == 4 and out[:2] == images and tg == [*targets, *targets]
+    for im, strong in zip(images, out[2:]):
+        assert strong.shape == im.shape and not torch.equal(strong, im)
+        assert float(strong.min()) >= 0.0 and float(strong.max()) <= 1.0
+    again, _ = copies(5)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    other, _ = copies(6)
+    assert not all(torch.equal(a, b) for a, b in zip(out[2:], other[2:]))
+    plain, tg_plain = copies(5, on=False)
+    assert plain == images and tg_plain == targets
