@@ -11,7 +11,10 @@ Modes, each in its own process (so that its peak memory is its own), on the same
   at the same 1000/1000 budget (set explicitly: a checkpoint may carry a smaller one);
 - ``ours_p300`` / ``ours_p100``: the fast path: also 300 / 100 proposals (``--proposals`` of
   ``finetune.evaluate`` / ``finetune.predict``);
-- ``ours_fp32_p100``: 100 proposals in fp32 (on a CPU without bf16 units it is what ``auto`` runs).
+- ``ours_fp32_p100``: 100 proposals in fp32 (on a CPU without bf16 units it is what ``auto`` runs);
+- ``onnx_p100`` / ``torchscript_p100``: the detector exported by ``finetune.export`` at 100 proposals
+  (fp32), run as its users run it: onnxruntime's CPU provider one image per call (on a GPU too: the
+  ``export`` extra installs the CPU build), ``torch.jit.load`` on the device in batches.
 
 Each reports images/s (median of ``--repeats`` passes over the images, after a warm-up), peak
 memory (CUDA: max allocated; CPU: the process's peak RSS, and its growth over the loaded model),
@@ -45,6 +48,8 @@ MODES = {  # name: (precision, proposals); plain is torchvision as is
     "ours_p100": ("auto", 100),
     "ours_fp32_p100": ("32", 100),
 }
+# Exported files (finetune.export), fp32 at 100 proposals: compare with ours_fp32_p100.
+EXPORTED = {"onnx_p100": "onnx", "torchscript_p100": "torchscript"}
 PARTS = ("transform", "backbone", "rpn", "box_roi_pool", "box_head", "box_predictor")
 
 
@@ -132,8 +137,88 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def exported_mode(args: argparse.Namespace) -> dict[str, Any]:
+    """Time an exported file of the model (written to a temporary folder) over the same images."""
+    import tempfile
+
+    from finetune.export import SUFFIXES, export_metadata, write_onnx, write_torchscript
+    from finetune.inference import set_test_budget
+
+    fmt = EXPORTED[args.one]
+    device = torch.device(args.device if fmt == "torchscript" else "cpu")
+    module, ds = build(args)
+    model = module.model.eval()
+    budget = set_test_budget(model, 100, 100)
+    path = Path(tempfile.mkdtemp()) / f"model{SUFFIXES[fmt]}"
+    meta = export_metadata(module, fmt, path, budget)
+    (write_onnx if fmt == "onnx" else write_torchscript)(model, path, meta)
+    base_rss = rss_mb()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads torch gets, not every core
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def run(batch: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            out = []
+            for im in batch:  # the ONNX graph takes one image
+                b, s, lab = session.run(None, {"image": im.numpy()})
+                out.append({"boxes": torch.from_numpy(b), "scores": torch.from_numpy(s),
+                            "labels": torch.from_numpy(lab)})
+            return out
+    else:
+        scripted = torch.jit.load(str(path), map_location=device)
+
+        def run(batch: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            with torch.no_grad():
+                return [dict(d) for d in scripted([im.to(device) for im in batch])]
+
+    images = images_for(args, ds)
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+
+    def run_all() -> float:
+        t = time.perf_counter()
+        for b in batches:
+            run(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    run(batches[0])  # warm-up
+    times = [run_all() for _ in range(args.repeats)]
+    row: dict[str, Any] = {
+        "images_per_s": round(len(images) / median(times), 3),
+        "runs": [round(len(images) / t, 3) for t in times],
+        "precision": f"32 ({'onnxruntime CPU' if fmt == 'onnx' else 'TorchScript'})", "channels_last": False,
+        **budget, "time_shares": {}, "file_mb": round(path.stat().st_size / 2**20, 1),
+        "peak_rss_mb": round(rss_mb(), 1), "rss_growth_mb": round(rss_mb() - base_rss, 1),
+    }
+    if ds is not None:
+        from finetune.coco_eval import evaluate_coco
+        from finetune.coco_results import detections_to_coco
+        from finetune.module import original_scale
+
+        preds, ids = [], []
+        for i in range(len(ds)):
+            image, target = ds[i]
+            iid = int(target["image_id"])
+            d = run([image])[0]
+            preds += detections_to_coco(iid, d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(),
+                                        module.label_map.label_to_cat_id,
+                                        scale=original_scale(ds.coco.imgs[iid], image))
+            ids.append(iid)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = evaluate_coco(ds.coco, preds, image_ids=ids)
+        row["AP"], row["AP50"] = round(result.stats["AP"], 4), round(result.stats["AP50"], 4)
+    return row
+
+
 def one_mode(args: argparse.Namespace) -> dict[str, Any]:
     from finetune.inference import InferenceSetup, prepare, set_test_budget
+
+    if args.one in EXPORTED:
+        return exported_mode(args)
 
     device = torch.device(args.device)
     precision, proposals = MODES[args.one]
@@ -199,10 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=16, help="images timed per pass")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=[*MODES, *EXPORTED], choices=[*MODES, *EXPORTED])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)  # internal: run one mode, print JSON
+    p.add_argument("--one", choices=[*MODES, *EXPORTED], help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     args = p.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(one_mode(args)), flush=True)

@@ -254,3 +254,16 @@ def test_refusals_name_what_and_why(runs, tmp_path, capsys):
     assert export.main([str(run), "--format", "tflite"]) == 1
     assert "error: unsupported export format 'tflite'" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow  # a fresh interpreter per mode
+def test_inference_benchmark_times_the_exported_files(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_infer
+
+    bench_infer.main(["--images", "2", "--repeats", "1", "--min-size", "96", "--classes", "3",
+                      "--modes", "ours_fp32_p100", "onnx_p100", "torchscript_p100", "--json", str(tmp_path / "i.json")])
+    rows = json.loads((tmp_path / "i.json").read_text())["rows"]
+    for mode in ("onnx_p100", "torchscript_p100"):
+        assert rows[mode]["images_per_s"] > 0 and rows[mode]["rpn_post_nms_top_n_test"] == 100
+        assert rows[mode]["file_mb"] > 1 and rows[mode]["precision"].startswith("32")
