@@ -351,6 +351,35 @@ def test_unlabeled_views_keep_hidden_ground_truth_aligned(synthetic_data):
     assert changed >= len(ds) - 2  # the strong view is augmented (all its steps skipped: p ~ 0.3%)
 
 
+def test_unlabeled_views_at_the_detectors_working_size(tmp_path):
+    """A 400x200 unlabeled photograph for a detector at (min 50, max 80) is viewed at 80x40, the size
+    the detector resizes it to, with its hidden box scaled by the same factor (and flipped with the
+    view); an image already smaller is left as it is."""
+    from PIL import Image
+
+    img = Image.new("RGB", (400, 200))
+    img.paste((255, 255, 255), (100, 40, 160, 100))
+    img.save(tmp_path / "a.png")
+    Image.new("RGB", (60, 30), (9, 9, 9)).save(tmp_path / "b.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 400, "height": 200},
+                       {"id": 2, "file_name": "b.png", "width": 60, "height": 30}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [100, 40, 60, 60], "iscrowd": 0}],
+            "categories": [{"id": 5, "name": "square"}]}
+    (tmp_path / "u.json").write_text(json.dumps(coco))
+    ds = UnlabeledDetectionImages(tmp_path / "u.json", cat_id_to_label={5: 1}, working_size=(50, 80))
+    for _ in range(4):
+        item = ds[0]
+        assert item["weak"].shape == item["strong"].shape == (3, 40, 80)
+        box = [100 / 5, 40 / 5, 160 / 5, 100 / 5]
+        if item["flipped"]:
+            box = [80 - box[2], box[1], 80 - box[0], box[3]]
+        torch.testing.assert_close(item["ground_truth"]["boxes"], torch.tensor([box]))
+        x1, y1, x2, y2 = (round(v) for v in box)
+        assert float(item["weak"][:, y1 + 2:y2 - 2, x1 + 2:x2 - 2].min()) > 0.9  # the square is under its box
+    assert ds[1]["weak"].shape == (3, 30, 60)  # smaller than the working size: not upscaled here
+    assert UnlabeledDetectionImages(tmp_path / "u.json", {5: 1})[0]["weak"].shape == (3, 200, 400)
+
+
 def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
     with pytest.raises(ValueError, match="semi.unlabeled=PATH"):
         train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.unlabeled=null"), run_dir=tmp_path)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
 from pretrain.core.data.images import DEFAULT_MAX_PIXELS
@@ -41,6 +42,12 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
             perturb on their own, e.g. consistency).
         max_pixels: images with more pixels are skipped with a warning.
         image_root: for a COCO JSON, the folder its file_names are relative to (default: its folder).
+        working_size: the detector's ``(min_size, max_size)``: an image larger than the detector
+            will see it is downscaled to that size (short side ``min_size``, long side at most
+            ``max_size``, as the detector's own transform resizes) before its views are made, and its
+            hidden ground truth with it. The strong view's blur and erasing then act at the scale the
+            detector sees, and a 2048 px photograph is not augmented at full size for a 480 px
+            detector (each step paid ~20x the pixels). None: the images as they are.
 
     Unreadable images are skipped (logged, counted in ``.skipped``) and the next readable one is
     returned in their place, so one bad file never stops a long run.
@@ -53,9 +60,11 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         strong: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_root: str | Path | None = None,
+        working_size: tuple[int, int] | None = None,
     ) -> None:
         self.images = UnlabeledImages(source, transform=None, max_pixels=max_pixels, image_root=image_root)
         self.strong = strong
+        self.working_size = working_size
         self.ground_truth: list[dict[str, np.ndarray]] | None = None
         self.unknown_categories = 0
         src = Path(source)
@@ -80,6 +89,13 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         raise RuntimeError(f"none of the {n} unlabeled images from {self.images.source} is readable")
 
     def _views(self, index: int, img: Any) -> dict[str, Any]:
+        scale = working_scale(img.width, img.height, self.working_size)
+        if scale < 1.0:
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            scale_xy = (size[0] / img.width, size[1] / img.height)
+            img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        else:
+            scale_xy = (1.0, 1.0)
         arr = np.asarray(img, dtype=np.uint8)
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
         flipped = bool(torch.rand(()) < 0.5)
@@ -88,11 +104,30 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         gt = None
         if self.ground_truth is not None:
             g = self.ground_truth[index]
-            boxes = torch.from_numpy(g["boxes"])
+            boxes = torch.from_numpy(g["boxes"]) * torch.tensor([*scale_xy, *scale_xy])
             if flipped:
                 boxes = flip_boxes(boxes, image.shape[-1])
             gt = {"boxes": boxes, "labels": torch.from_numpy(g["labels"])}
         return {"weak": weak, "strong": strong, "flipped": flipped, "index": index, "ground_truth": gt}
+
+
+def working_scale(width: int, height: int, working_size: tuple[int, int] | None) -> float:
+    """The factor torchvision's detection transform resizes a ``width`` x ``height`` image by: short
+    side to ``min_size``, long side at most ``max_size``. 1.0 without a working size."""
+    if working_size is None:
+        return 1.0
+    min_size, max_size = working_size
+    return min(float(min_size) / min(width, height), float(max_size) / max(width, height))
+
+
+def detector_working_size(detector_cfg: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(min_size, max_size)`` of the detector config (the largest of a multi-scale ``min_size``)."""
+    lo, hi = detector_cfg.get("min_size"), detector_cfg.get("max_size")
+    if lo is None or hi is None:
+        return None
+    if not isinstance(lo, (int, float)):  # a list (multi-scale training)
+        lo = max(lo)
+    return int(lo), int(hi)
 
 
 def collate_unlabeled(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:

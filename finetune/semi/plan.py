@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from finetune.data.labeled import boxes_per_image
 from finetune.fit_plan import FitContext, FitPlan
 from finetune.semi.base import mode_class, modes_of
-from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, unlabeled_source
+from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, detector_working_size, unlabeled_source
 from finetune.semi.module import SemiDetectionModule
 from finetune.semi.teacher_student import teacher_options_set
 from finetune.train import train
@@ -43,7 +43,7 @@ def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, l
     s = cfg.semi
     ds = UnlabeledDetectionImages(unlabeled_source(cfg), cat_id_to_label=train_ds.cat_id_to_label,
                                   strong=strong, max_pixels=cfg.data.get("max_pixels"),
-                                  image_root=s.get("image_root"))
+                                  image_root=s.get("image_root"), working_size=detector_working_size(cfg.detector))
     ratio = float(s.unlabeled_ratio)
     if ratio <= 0:
         raise ValueError(f"semi.unlabeled_ratio must be > 0 (unlabeled images per labeled image), got {ratio}")
