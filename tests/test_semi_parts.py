@@ -606,3 +606,49 @@ def test_semi_phase_in_a_decaying_schedule_warns_with_its_mean_lr(caplog):
     with caplog.at_level("WARNING"):
         assert mean_lr("constant", 150) == 1.0 and mean_lr("cosine", 0) is None
     assert caplog.text == ""
+
+
+def test_retinanet_pseudo_losses_over_the_batchs_foreground_anchors():
+    """batch_normalised: a RetinaNet's classification and box losses are the batch's sums over the
+    batch's foreground anchors (an image with one box no longer weighs as much as one with five);
+    outside the block, torchvision's per-image normalisation is back. Checked against sums computed
+    here from the head's own outputs and anchor matches."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    from finetune.semi.dense_norm import batch_normalised
+
+    torch.manual_seed(0)
+    model = build_detector("retinanet", build_resnet("resnet18", "bn"), "resnet18", 3, min_size=64, max_size=64,
+                           trainable_layers=5).train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[2.0, 2, 20, 20], [30, 30, 60, 60], [5, 35, 25, 62], [35, 5, 62, 28],
+                                       [20, 20, 44, 44]]), "labels": torch.tensor([1, 2, 3, 1, 2])}]
+    seen = {}
+    real = model.head.compute_loss
+
+    def spy(tg, outputs, anchors, matched):
+        seen.update(outputs=outputs, matched=matched)
+        return real(tg, outputs, anchors, matched)
+
+    model.head.compute_loss = spy
+    torch.manual_seed(1)
+    with torch.no_grad(), batch_normalised(model) as applied:
+        batch = model(images, targets)
+    assert applied
+    sums, fgs = [], []
+    for t, logits, m in zip(targets, seen["outputs"]["cls_logits"], seen["matched"]):
+        fg = m >= 0
+        onehot = torch.zeros_like(logits)
+        onehot[fg, t["labels"][m[fg]] - 1] = 1.0  # KClassRetinaNet trains labels 1..K as outputs 0..K-1
+        valid = m != -2
+        sums.append(sigmoid_focal_loss(logits[valid], onehot[valid], reduction="sum"))
+        fgs.append(int(fg.sum()))
+    assert fgs[0] < fgs[1]
+    torch.testing.assert_close(batch["classification"], (sums[0] + sums[1]) / sum(fgs))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        per_image = model(images, targets)  # torchvision's again
+    torch.testing.assert_close(per_image["classification"], (sums[0] / fgs[0] + sums[1] / fgs[1]) / 2)
+    with batch_normalised(tiny_frcnn()) as applied:
+        assert not applied  # other detectors keep their losses

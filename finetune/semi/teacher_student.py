@@ -32,6 +32,7 @@ from finetune.semi.base import (
     UnsupOutput,
     running_stats_frozen,
 )
+from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
 from finetune.semi.thresholds import max_pseudo_per_image
@@ -94,6 +95,9 @@ class TeacherStudentMode(SemiMode):
         """The detector's capabilities, then the pseudo-label and EMA settings' values."""
         super().check(cfg)
         s = cfg.semi
+        if str(s.get("dense_loss_norm", "batch")) not in ("batch", "image"):
+            raise ValueError(f"semi.dense_loss_norm={s.get('dense_loss_norm')!r} must be 'batch' (the pseudo-labeled "
+                             "losses over the batch's foreground anchors, mmdetection's) or 'image' (torchvision's)")
         if str(s.get("roi_focal_on", "all")) not in ("all", "unlabeled"):
             raise ValueError(f"semi.roi_focal_on={s.get('roi_focal_on')!r} must be 'all' (labeled and pseudo-labeled "
                              "RoI losses, Unbiased Teacher's) or 'unlabeled' (the labeled loss stays cross-entropy)")
@@ -157,7 +161,9 @@ class TeacherStudentMode(SemiMode):
         targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
         soft = (soft_background(module.model, teacher, tpass)  # type: ignore[arg-type]
                 if tpass is not None else contextlib.nullcontext())
-        with running_stats_frozen(module.model), soft, focal_gamma(module.model, self.unlabeled_gamma):
+        norm = (batch_normalised(module.model) if str(self.settings.get("dense_loss_norm", "batch")) == "batch"
+                else contextlib.nullcontext())
+        with running_stats_frozen(module.model), soft, focal_gamma(module.model, self.unlabeled_gamma), norm:
             losses = module.model(strong, targets)
         keep_box = bool(self.settings.get("unsup_box_loss", False))
         terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}
