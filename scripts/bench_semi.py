@@ -53,6 +53,40 @@ PROTOCOL = REPO / "conf" / "bench" / "semi.yaml"
 ARMS = ("converge", "labeled", "semi", "control", "ceiling")
 
 
+PER_DATASET = ("converge_epochs", "continue_steps", "working_size", "finetune")
+
+
+def synthetic_root(preset: str) -> Path:
+    """The built-in synthetic set of ``conf/shared/synthetic/<preset>.yaml``, generated if missing."""
+    import yaml
+
+    from pretrain.core.data.synthetic import ensure_synthetic
+
+    conf = yaml.safe_load((REPO / "conf" / "shared" / "synthetic" / f"{preset}.yaml").read_text())
+    root = (REPO / conf["synthetic_dir"]).resolve()
+    ensure_synthetic(root, **conf["synthetic"])
+    return root
+
+
+def has_boxes(coco: Path) -> bool:
+    """A COCO JSON with annotations (an unlabeled set's hidden ground truth); False for a folder."""
+    return coco.is_file() and bool(json.loads(coco.read_text()).get("annotations"))
+
+
+def full_set(a: argparse.Namespace) -> Path:
+    """The ceiling's training set: the whole pool, or, with --unlabeled whose ground truth is hidden
+    in it, the labeled and the unlabeled images with their labels (one merged JSON, made once)."""
+    if a.unlabeled is None:
+        return a.train
+    out = a.out / "data" / "full.json"
+    if not out.is_file():
+        from finetune.data.cocofile import merge_coco, write_coco
+
+        parts = [json.loads(p.read_text()) for p in (a.train, a.unlabeled)]
+        write_coco(merge_coco(parts, [a.train.parent, a.unlabeled.parent]), out)
+    return out
+
+
 def load_protocol(path: Path = PROTOCOL) -> dict[str, Any]:
     import yaml
 
@@ -84,7 +118,8 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     if arm == "converge":
         return {**base, "arm": arm, "epochs": p["converge_epochs"]}
     if arm == "ceiling":
-        return {**base, "arm": arm, "fraction": 1.0, "epochs": p["converge_epochs"],
+        return {**base, "arm": arm, "fraction": 1.0, "unlabeled_labels": a.unlabeled is not None,
+                "epochs": p["converge_epochs"],
                 "continue_steps": p["continue_steps"]}
     r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": p["continue_steps"],
          "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
@@ -133,7 +168,7 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
               start: Path | None = None) -> list[str]:
     """The Hydra overrides of one arm's run."""
     p = a.protocol
-    train = a.train if arm == "ceiling" else split["labeled"]
+    train = full_set(a) if arm == "ceiling" else split["labeled"]
     common = [*shlex.split(p["finetune"]), *shlex.split(a.args), f"data.train_json={quote(train)}",
               f"data.val_json={quote(a.val)}", f"seed={seed}"]
     cfg = finetune_config(common)
@@ -343,9 +378,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.protocol = load_protocol(a.protocol)
     if a.dataset:
         ds = a.protocol["datasets"][a.dataset]
-        a.train, a.val = SHARED / ds["train"], SHARED / ds["val"]
+        base = synthetic_root(ds["synthetic"]) if ds.get("synthetic") else SHARED
+        a.train, a.val = base / ds["train"], base / ds["val"]
+        if ds.get("unlabeled") and a.unlabeled is None:
+            a.unlabeled = base / ds["unlabeled"]
         a.args = ds.get("args", "") if a.args is None else a.args
         a.name = a.name or a.dataset
+        # A dataset's own budget or working size (e.g. small synthetic scenes) replaces the protocol's.
+        a.protocol.update({k: v for k, v in ds.items() if k in PER_DATASET})
     elif a.train is None or a.val is None:
         p.error("give --dataset, or --train and --val (COCO JSON)")
     a.args = a.args or ""
@@ -354,9 +394,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if path is not None and not path.exists():
             p.error(f"--{what} {path} does not exist")
     a.name = a.name or a.train.resolve().parent.name
-    if a.unlabeled is not None and "ceiling" in a.arms:
+    if a.unlabeled is not None and "ceiling" in a.arms and not has_boxes(a.unlabeled):
         a.arms = [x for x in a.arms if x != "ceiling"]  # no labels beyond --train: nothing to reach
-        print("no ceiling arm: with --unlabeled, the unlabeled images have no labels to train a 100% arm on")
+        print("no ceiling arm: the --unlabeled images have no (hidden) labels to train a 100% arm on")
     a.train, a.val = a.train.resolve(), a.val.resolve()
     a.unlabeled = a.unlabeled.resolve() if a.unlabeled is not None else None
     a.out = (a.out or REPO / "outputs" / "bench_semi" / a.name).resolve()
