@@ -181,7 +181,7 @@ def accuracy_phase(record: Record, size: str, work: Path, out: Path, deadline: f
         if item == "ssl_pretrain" and result["status"] == "pass":
             record.update("accuracy", ssl_argv=accuracy.ssl_argv(size, work, result["pretrain"]), pretrain=result)
 
-    record.update("accuracy", semi_argv=accuracy.semi_argv(size, work), pretrain_budget_s=pretrain_s,
+    record.update("accuracy", semi_table=accuracy.semi_table_args(size, work), pretrain_budget_s=pretrain_s,
                   ledgers={name: path.name for name, path in targets.items()})
     phase(record, "accuracy", accuracy.jobs(size, work, pretrain_s, threads), deadline, parallel, work, on_done=keep)
 
@@ -221,7 +221,7 @@ def run(a: argparse.Namespace) -> int:
         if "correctness" in a.phases:
             expect = correct.expected_hardware(gpu)
             record.update("correctness", expected=expect)
-            parallel = a.parallel or (max(1, min(4, cpus // 4)) if gpu else 2)
+            parallel = a.parallel or (max(1, min(6, cpus // 2)) if gpu else 2)
             jobs = correct.items(gpu, work, expect)
             threads = str(max(1, cpus // parallel))
             for job in jobs:

@@ -104,6 +104,14 @@ def semi_argv(size: str, work: Path, arm: str | None = None, seed: int | None = 
     return [*argv, "--arms", arm, "--seeds", str(seed)]
 
 
+def semi_table_args(size: str, work: Path) -> dict[str, Any]:
+    """What bench_semi's table and fingerprints read of its arguments, without paths (the report renders
+    it on another machine, where the run's files are not)."""
+    a = bench_semi.parse(semi_argv(size, work))
+    return {"name": a.name, "args": a.args, "seeds": a.seeds, "arms": a.arms, "protocol": a.protocol,
+            "unlabeled": str(a.unlabeled)}
+
+
 # --------------------------------------------------------------------------------------- children
 def make_data(size: str, work: Path) -> dict[str, Any]:
     """The data (the 10k SSL scenes take minutes: the check starts this first, in the background), the

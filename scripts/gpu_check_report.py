@@ -6,6 +6,7 @@ check wrote (``gpu_check.json`` and its two ledgers), one section per GPU model.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from collections.abc import Mapping
@@ -130,8 +131,8 @@ def accuracy_lines(data: Mapping[str, Any], folder: Path) -> list[str]:
         a = bench_ssl.parse(ph["ssl_argv"])
         lines += ["", bench_ssl.table(json.loads(ssl_file.read_text()), a, "bash scripts/gpu_check.sh (phase 3)")
                   .replace("### ", "#### ", 1).rstrip()]
-    if ph.get("semi_argv") and semi_file.is_file():
-        a = bench_semi.parse(ph["semi_argv"])
+    if ph.get("semi_table") and semi_file.is_file():
+        a = argparse.Namespace(**ph["semi_table"])
         lines += ["", bench_semi.table(json.loads(semi_file.read_text()), a, "bash scripts/gpu_check.sh (phase 3)")
                   .replace("### ", "#### Labeled only against semi: ", 1).rstrip()]
     return lines
