@@ -20,8 +20,9 @@ recorded with its error and the check goes on):
    pretraining and bench_semi's labeled-only-vs-semi protocol with 10k unlabeled scenes, 5 seeds, into
    their ledger formats (``OUT/ssl_synthetic.json``, ``OUT/semi_synthetic.json``).
 
-Writes into OUT (the ``OUT`` environment variable, else outputs/gpu_check): gpu_check.json, the ledgers,
-and gpu_check.log (the shell wrapper's copy of this output); run folders go to ``--work``.
+Writes into OUT (the ``OUT`` environment variable, else outputs/gpu_check): gpu_check.json, the two
+ledgers and gpu_check.log (the shell wrapper's copy of this output), four files; run folders and each
+item's log go to ``--work`` (outputs/gpu_check_work).
 
 On a lent GPU, one call of the device tool's ``run`` (wheels: ``make gpu-wheels`` first, here):
 
@@ -199,6 +200,8 @@ def run(a: argparse.Namespace) -> int:
     deadline = t_start + (a.deadline_s or DEADLINE_S[size])
     out, work = a.out.resolve(), a.work.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for scratch in ("correctness", "speed", "logs"):  # a re-run checks afresh (a stale run dir would resume);
+        shutil.rmtree(work / scratch, ignore_errors=True)  # the accuracy runs resume, as their benchmarks do
     work.mkdir(parents=True, exist_ok=True)
     record = Record(out / "gpu_check.json", {
         "check": "gpu_check", "version": 1, "mode": "gpu" if gpu else "cpu-smoke", "started": now(),
@@ -264,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="the dry run on a CPU at toy sizes")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "outputs" / "gpu_check"))
-    p.add_argument("--work", type=Path, default=None, help="run folders (default: OUT's sibling gpu_check_work)")
+    p.add_argument("--work", type=Path, default=REPO / "outputs" / "gpu_check_work",
+                   help="run folders and logs (default outputs/gpu_check_work: OUT holds only what comes back)")
     p.add_argument("--phases", nargs="+", default=["correctness", "speed", "accuracy"],
                    choices=("correctness", "speed", "accuracy"))
     p.add_argument("--deadline-s", type=float, default=None, help="seconds for the whole check (default 540 on a "
@@ -283,7 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu_check_report.main(a.report, a.benchmarks, a.readme, a.save_to)
         return 0
     a.passthrough = list(argv if argv is not None else sys.argv[1:])
-    a.work = a.work or a.out.resolve().parent / "gpu_check_work"
     return run(a)
 
 
