@@ -283,7 +283,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     """The markdown table: each arm's final AP (deployed and student) as mean +- std over the seeds,
     the paired difference to labeled-only continued, pseudo-label health, seconds per step, a verdict."""
     runs = {arm: {s: ledger["runs"][key(arm, s)] for s in a.seeds if done(ledger, arm, s, a)} for arm in ARMS}
-    base = runs["labeled"]
+    base, conv = runs["labeled"], runs["converge"]
     lines = [f"### {a.name}\n",
              "| arm | seeds | AP | AP50 | student AP | AP - labeled (paired) | pseudo P / R | s/step |",
              "|---|---|---|---|---|---|---|---|"]
@@ -310,12 +310,18 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
                      f"| {mean_std(stud) if stud else '-'} "
                      f"| {mean_std(d) if arm != 'labeled' and d else '-'} | {health} "
                      f"| {f'{statistics.mean(sps):.2f}' if sps else '-'} |")
-    conv = runs["converge"]
     if conv:
         gains = [e["curve"][-1][1] - e["curve"][-3][1] for e in conv.values() if len(e["curve"]) >= 3]
         if gains:
             lines.append(f"\nConvergence: the labeled-only run gained {mean_std(gains)} AP over its last third "
                          "(two validations); near 0 is a plateau, the start of every continuation.")
+    start = [base[s]["AP"] - conv[s]["best_AP"] for s in base if s in conv and base[s]["AP"] is not None]
+    if start:
+        m = statistics.mean(start)
+        lines.append(f"\nLabeled-only continued ends {m * 100:+.1f} AP from the checkpoint it started at (the "
+                     f"converged run's best validation; {len(start)} seeds): "
+                     + ("the continuation's LR keeps what convergence reached." if m >= 0 else
+                        "it fell, so the continuation's LR is too high for this set (lower continue_lr_factor)."))
     lines.append("")
     lines.append(verdict(diffs, spread))
     p = a.protocol
