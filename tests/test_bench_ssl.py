@@ -3,6 +3,7 @@ the table's means and paired differences are the ledger's arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, knn: float, knn_random
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
     train.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     val.write_text(train.read_text())
-    monkeypatch.setattr(bs, "synthetic_set", lambda: {"train": train, "val": val, "root": tmp_path})
+    files = {"train": train, "val": val, "root": tmp_path}
+    for name in ("synthetic", "bccd"):
+        monkeypatch.setitem(bs.DATASETS, name, dataclasses.replace(bs.DATASETS[name], prepare=lambda out: files))
 
     def run_stage(stage: str, run_dir: Path, overrides: list[str]) -> Path:
         calls.append((stage, list(overrides)))
@@ -78,6 +81,22 @@ def test_the_knn_gate_keeps_a_backbone_no_better_than_random_features_out(monkey
     finetunes = [o for s, o in calls if s == "finetune"]
     assert len(finetunes) == 1 and not any(x.startswith("backbone.checkpoint") for x in finetunes[0])
     assert f"data.train_json='{tmp_path / 'train.json'}'" in finetunes[0]  # 100 >= 30 labeled: all of them
+
+
+def test_a_saturated_probe_does_not_gate_and_photos_give_pretraining_their_files(monkeypatch, tmp_path):
+    """BCCD's cells are told apart by random features (kNN 0.99): no backbone can clear a 0.05 margin,
+    so the gate is not applied and both arms are fine-tuned; the photographs' pretraining reads the
+    prepared files, fine-tuning at the dataset's own step budget."""
+    calls = fake(monkeypatch, tmp_path, knn=0.97, knn_random=0.99)
+    bs.main(["--dataset", "bccd", "--arms", "random", "ssl", "--seeds", "1", "--out", str(tmp_path / "out"),
+             "--ledger", str(tmp_path / "l.json")])
+    pre = [o for st, o in calls if st == "pretrain"]
+    assert len(pre) == 1 and f"data.root='{tmp_path / 'train.json'}'" in pre[0]
+    assert f"data.knn_val_json='{tmp_path / 'val.json'}'" in pre[0]
+    finetunes = [o for st, o in calls if st == "finetune"]
+    assert len(finetunes) == 2 and sum(any(x.startswith("backbone.checkpoint") for x in o) for o in finetunes) == 1
+    assert all("trainer.max_epochs=60" in o and "experiment=semi_bench" in o for o in finetunes)  # 300 steps at batch 4
+    assert set(bs.load_ledger(tmp_path / "l.json")["runs"]) == {"random/n20/seed1", "ssl/n20/seed1"}
 
 
 def test_schedule_gives_each_label_count_its_steps():
