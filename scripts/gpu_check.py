@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -216,7 +217,7 @@ def run(a: argparse.Namespace) -> int:
         with open(work / "logs" / "background_data.log", "w") as log:
             background = subprocess.Popen([sys.executable, str(Path(accuracy.__file__).resolve()), "data",
                                            "--work", str(work), *(["--toy"] if size == "toy" else [])],
-                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     smoke_data()
     cpus = os.cpu_count() or 2
     span = deadline - t_start
@@ -263,6 +264,10 @@ def summary(data: dict[str, Any]) -> int:
     return 1 if bad else 0
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_jobs, which kills the jobs it runs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="the dry run on a CPU at toy sizes")
@@ -287,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu_check_report.main(a.report, a.benchmarks, a.readme, a.save_to)
         return 0
     a.passthrough = list(argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _stop)
     return run(a)
 
 

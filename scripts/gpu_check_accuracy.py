@@ -45,7 +45,6 @@ from finetune.pipeline import run_stage
 ME = str(Path(__file__).resolve())
 SEEDS = {"gpu": (0, 1, 2, 3, 4), "toy": (0, 1)}
 SEMI_SEEDS = {"gpu": (1, 2, 3, 4, 5), "toy": (1,)}
-LABELS = {"gpu": (20, 100), "toy": (4,)}
 SSL_ARMS = {"gpu": bench_ssl.ARMS, "toy": ("random", "ssl")}
 SEMI_ARMS = ("converge", "semi", "labeled", "control")  # bench_semi's, less the ceiling
 # GPU-scale pretraining: bench_ssl's SimCLR recipe at batch 256 (the LR follows base_lr * batch / 256),
@@ -62,10 +61,23 @@ SEMI_ARGS = {"gpu": "detector.min_size=128 detector.max_size=128",
 TOY_PROTOCOL = {"converge_epochs": 2, "continue_steps": 2, "validations": 1}  # conf/bench/semi.yaml, shortened
 
 
+def smoke_set(out: Path | None = None) -> dict[str, Path]:
+    """experiment=smoke's tiny set, in the form bench_ssl's datasets prepare theirs."""
+    from pretrain.core.data.synthetic import ensure_synthetic
+
+    conf = yaml.safe_load((REPO / "conf" / "shared" / "synthetic" / "smoke.yaml").read_text())
+    root = (REPO / conf["synthetic_dir"]).resolve()
+    made = ensure_synthetic(root, **conf["synthetic"])
+    return {"train": Path(made["train_json"]).resolve(), "val": Path(made["val_json"]).resolve(), "root": root}
+
+
 def toy() -> None:
-    """Point bench_ssl at experiment=smoke's set and a 4-step schedule for its 4-label regime."""
-    bench_ssl.DATA = "conf/shared/synthetic/smoke.yaml"
-    bench_ssl.STEPS = {4: 4}
+    """bench_ssl's synthetic dataset replaced by experiment=smoke's set: 4 labels, 4 steps, its recipes."""
+    bench_ssl.DATASETS["synthetic"] = bench_ssl.SslData(smoke_set, TOY_PRETRAIN, TOY_FINETUNE, (4,), {4: 4}, 8)
+
+
+def ssl_data() -> bench_ssl.SslData:
+    return bench_ssl.DATASETS["synthetic"]
 
 
 def ledgers(work: Path) -> dict[str, Path]:
@@ -84,8 +96,8 @@ def with_epochs(recipe: str, epochs: int, validations: int = 4) -> str:
 def ssl_argv(size: str, work: Path, pretrain: str, arms: Sequence[str] | None = None,
              labels: Sequence[int] | None = None, seeds: Sequence[int] | None = None) -> list[str]:
     """bench_ssl's command line for these runs (the report rebuilds its table from the full one)."""
-    finetune = TOY_FINETUNE if size == "toy" else bench_ssl.FINETUNE
-    return ["--labels", *map(str, labels or LABELS[size]), "--seeds", *map(str, seeds or SEEDS[size]),
+    finetune = ssl_data().finetune
+    return ["--labels", *map(str, labels or ssl_data().labels), "--seeds", *map(str, seeds or SEEDS[size]),
             "--arms", *(arms or SSL_ARMS[size]), "--pretrain", pretrain, "--finetune", finetune,
             "--out", str(work / "ssl"), "--ledger", str(ledgers(work)["ssl"]),
             "--knn-gate", "-1" if size == "toy" else "0.05"]
@@ -93,7 +105,7 @@ def ssl_argv(size: str, work: Path, pretrain: str, arms: Sequence[str] | None = 
 
 def semi_argv(size: str, work: Path, arm: str | None = None, seed: int | None = None) -> list[str]:
     """bench_semi's command line for one arm and seed, or for the whole table (``arm`` None)."""
-    root = (REPO / yaml.safe_load((REPO / bench_ssl.DATA).read_text())["synthetic_dir"]).resolve()
+    root = ssl_data().prepare(work / "ssl")["root"]
     argv = ["--train", str(root / "train.json"), "--unlabeled", str(root / "unlabeled.json"),
             "--val", str(root / "val.json"), "--name", f"{root.name}_gpu" if size == "gpu" else root.name,
             "--args", SEMI_ARGS[size], "--out", str(work / "semi"), "--ledger", str(ledgers(work)["semi"])]
@@ -117,8 +129,8 @@ def make_data(size: str, work: Path) -> dict[str, Any]:
     """The data (the 10k SSL scenes take minutes: the check starts this first, in the background), the
     SSL label splits and bench_semi's working copies, made once here so that parallel runs never
     write them at the same time."""
-    data = bench_ssl.synthetic_set()
-    for n in LABELS[size]:
+    data = ssl_data().prepare(work / "ssl")
+    for n in ssl_data().labels:
         for s in SEEDS[size]:
             bench_ssl.labeled_json(data, n, s, work / "ssl")
     if size == "toy":
@@ -176,7 +188,7 @@ def epoch_seconds(clock: Path, steps_per_epoch: int) -> tuple[float, float]:
 
 def pretrain(size: str, work: Path, budget_s: float) -> dict[str, Any]:
     """Time two epochs, then pretrain for the epochs that fit ``budget_s`` (bench_ssl's pretraining)."""
-    base = TOY_PRETRAIN if size == "toy" else " ".join([bench_ssl.PRETRAIN, *GPU_PRETRAIN_EXTRA])
+    base = ssl_data().pretrain if size == "toy" else " ".join([ssl_data().pretrain, *GPU_PRETRAIN_EXTRA])
     probe = run_stage("pretrain", work / "ssl_probe", [*shlex.split(with_epochs(base, 2, 1)),
                                                        "logger.extra=[{_target_: gpu_check_accuracy.StepClock}]"])
     m = json.loads((probe / "metrics.json").read_text())
@@ -200,7 +212,7 @@ def ssl_run(size: str, work: Path, arm: str, n: int, seed: int) -> dict[str, Any
     """One bench_ssl run (arm, label count, seed) into the shared ledger (bench_ssl locks it)."""
     # random init's recipe has no pretraining in it (its fingerprint leaves it out): the base recipe stands in.
     recipe = (json.loads((work / "ssl_pretrain.json").read_text())["pretrain"] if arm != "random"
-              else TOY_PRETRAIN if size == "toy" else bench_ssl.PRETRAIN)
+              else ssl_data().pretrain)
     a = bench_ssl.parse(ssl_argv(size, work, recipe, [arm], [n], [seed]))
     bench_ssl.run(a)
     entry = bench_ssl.load_ledger(a.ledger)["runs"].get(bench_ssl.key(arm, n, seed)) or {}
@@ -253,7 +265,7 @@ def jobs(size: str, work: Path, pretrain_s: float, threads: int) -> list[Job]:
                    1800, needs=() if arm == "converge" else (f"semi_converge_seed{s}",), check=check_entry, env=env,
                    min_start_s=start)
 
-    labels, seeds, arms, semi_seeds = LABELS[size], SEEDS[size], SSL_ARMS[size], SEMI_SEEDS[size]
+    labels, seeds, arms, semi_seeds = ssl_data().labels, SEEDS[size], SSL_ARMS[size], SEMI_SEEDS[size]
     out += [ssl("random", labels[0], s) for s in seeds]
     out += [semi("converge", s) for s in semi_seeds]
     out += [ssl("ssl", labels[0], s) for s in seeds]

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ SEMI_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "self_training": ("self_training", ("semi=self_training", "semi.threshold=0.0", "detector.detections_per_img=5")),
 }
 TEACHER_MODES = ("unbiased_teacher", "mean_teacher")
+Check = Callable[[str], dict[str, Any]]  # a job's log -> the details it recorded (or CheckFailed)
 
 
 def config_names(group: str) -> list[str]:
@@ -93,7 +94,7 @@ def _hardware(m: Mapping[str, Any], expect: Mapping[str, Any], precision: str | 
     return {"device": hw.get("device"), "precision": m.get("precision"), "channels_last": hw.get("channels_last")}
 
 
-def check_pretrain(run_dir: Path, method: str, expect: Mapping[str, Any], precision: str | None = None):  # type: ignore[no-untyped-def]
+def check_pretrain(run_dir: Path, method: str, expect: Mapping[str, Any], precision: str | None = None) -> Check:
     def check(log: str) -> dict[str, Any]:
         m = _metrics(run_dir)
         out = _hardware(m, expect, precision)
@@ -112,7 +113,7 @@ def check_pretrain(run_dir: Path, method: str, expect: Mapping[str, Any], precis
 
 
 def check_detection(run_dir: Path, expect: Mapping[str, Any], precision: str | None = None,
-                    mode: str | None = None, world_size: int | None = None):  # type: ignore[no-untyped-def]
+                    mode: str | None = None, world_size: int | None = None) -> Check:
     def check(log: str) -> dict[str, Any]:
         m = _metrics(run_dir)
         out = _hardware(m, expect, precision)
@@ -138,7 +139,7 @@ def check_detection(run_dir: Path, expect: Mapping[str, Any], precision: str | N
     return check
 
 
-def check_evaluate(out_dir: Path, device: str):  # type: ignore[no-untyped-def]
+def check_evaluate(out_dir: Path, device: str) -> Check:
     def check(log: str) -> dict[str, Any]:
         m = _metrics(out_dir)
         inference = m.get("inference") or {}
@@ -151,7 +152,7 @@ def check_evaluate(out_dir: Path, device: str):  # type: ignore[no-untyped-def]
     return check
 
 
-def check_predict(out_dir: Path, device: str, images: int):  # type: ignore[no-untyped-def]
+def check_predict(out_dir: Path, device: str, images: int) -> Check:
     def check(log: str) -> dict[str, Any]:
         p = _metrics(out_dir, "predictions.json")
         inference = p.get("inference") or {}

@@ -116,7 +116,7 @@ class _Running:
 
 def _kill(proc: subprocess.Popen) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job's own session: its children too
+        os.killpg(proc.pid, signal.SIGKILL)  # the job's own process group: its children too
     except ProcessLookupError:
         pass
     proc.wait()
@@ -140,6 +140,16 @@ def run_jobs(jobs: Sequence[Job], logs: Path, deadline: float, parallel: int = 1
         if on_done is not None:
             on_done(name, result)
 
+    try:
+        _loop(waiting, running, results, finish, logs, deadline, parallel)
+    finally:  # an exception or a signal (SIGTERM: the check was stopped) takes the running jobs with it
+        for r in running:
+            _kill(r.proc)
+    return results
+
+
+def _loop(waiting: list[Job], running: list[_Running], results: dict[str, dict[str, Any]],
+          finish: Callable[[str, dict[str, Any]], None], logs: Path, deadline: float, parallel: int) -> None:
     while waiting or running:
         for r in list(running):
             elapsed = time.monotonic() - r.start
@@ -186,12 +196,13 @@ def run_jobs(jobs: Sequence[Job], logs: Path, deadline: float, parallel: int = 1
             with open(log_path, "w") as out:
                 out.write("$ " + " ".join(argv) + "\n")
                 out.flush()
+                # Its own process group (to kill it whole) in the check's session: whatever ends the
+                # check's session (the device tool at its time limit) ends the jobs too.
                 proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **job.env}, start_new_session=True)
+                                        env={**os.environ, **job.env}, process_group=0)
             running.append(_Running(job, proc, log_path, time.monotonic()))
         if waiting and not running and all(any(n not in results for n in j.needs) for j in waiting):
             for job in waiting:  # their dependencies are not in this run
                 finish(job.name, {"status": "skipped", "error": f"needs {', '.join(job.needs)}, not run here"})
             waiting.clear()
         time.sleep(0.1)
-    return results

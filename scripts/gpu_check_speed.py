@@ -63,7 +63,7 @@ def _photo(job: tuple[Path, int, tuple[int, int]]) -> None:
 
     path, seed, (w, h) = job
     rng = np.random.default_rng(seed)
-    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     arr = np.asarray(low, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
     Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
@@ -132,7 +132,7 @@ def swav(mode: str, data: Path, size: str) -> dict[str, Any]:
                              "data.augment=tensor", "data.views_on=device", "data.cache_decoded=false")
         model = SwAV(config)
         timer = StepTimer(s["warmup"], device)
-        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=auto.precision,
+        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=auto.precision,  # type: ignore[arg-type]
                              max_steps=s["warmup"] + s["steps"], logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                              num_sanity_val_steps=0)
@@ -150,16 +150,16 @@ def swav(mode: str, data: Path, size: str) -> dict[str, Any]:
         from pretrain.core.backbone.resnet import FEATURE_DIMS, build_resnet
         from pretrain.core.data.unlabeled import UnlabeledImages
 
-        transform = SwaVTransform(crop_sizes=tuple(sizes), crop_counts=tuple(counts),
-                                  crop_min_scales=(0.14,) + (0.05,) * (len(sizes) - 1),
-                                  crop_max_scales=(1.0,) + (0.14,) * (len(sizes) - 1))
+        transform = SwaVTransform(crop_sizes=tuple(sizes), crop_counts=tuple(counts),  # type: ignore[arg-type]
+                                  crop_min_scales=(0.14,) + (0.05,) * (len(sizes) - 1),  # type: ignore[arg-type]
+                                  crop_max_scales=(1.0,) + (0.14,) * (len(sizes) - 1))  # type: ignore[arg-type]
         loader = torch.utils.data.DataLoader(UnlabeledImages(folder, transform=transform),
                                              batch_size=s["batch_size"], shuffle=True, drop_last=True,
                                              num_workers=n_workers)
-        model = _ExampleSwaV(build_resnet(s["arch"], "bn"), FEATURE_DIMS[s["arch"]], s["prototypes"]).to(device)
+        example = _ExampleSwaV(build_resnet(s["arch"], "bn"), FEATURE_DIMS[s["arch"]], s["prototypes"]).to(device)
         criterion = SwaVLoss()
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-        model.train()
+        optimizer = torch.optim.Adam(example.parameters(), lr=0.001)
+        example.train()
         t0, steps = 0.0, 0
         for i, batch in enumerate(loader):
             if i == s["warmup"]:
@@ -168,8 +168,8 @@ def swav(mode: str, data: Path, size: str) -> dict[str, Any]:
             if i >= s["warmup"] + s["steps"]:
                 break
             views = [v.to(device) for v in batch]
-            model.prototypes.normalize()
-            feats = [model(x) for x in views]
+            example.prototypes.normalize()
+            feats = [example(x) for x in views]
             loss = criterion(feats[:counts[0]], feats[counts[0]:])
             loss.backward()
             optimizer.step()

@@ -64,6 +64,29 @@ def test_a_deadline_kills_what_runs_and_leaves_the_rest_not_run(tmp_path: Path) 
     assert results["later"]["status"] == "not run"
 
 
+def test_a_stopped_check_takes_its_running_jobs_with_it(tmp_path: Path) -> None:
+    """SIGTERM to the check (what a time limit sends) kills the jobs it runs, and their children."""
+    pid_file = tmp_path / "pids"
+    child = (f"import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(f'{{os.getpid()}} {{p.pid}}'); time.sleep(60)")
+    driver = (f"import signal, sys, time; sys.path.insert(0, {str(SCRIPTS)!r}); import gpu_check; "
+              "signal.signal(signal.SIGTERM, gpu_check._stop); from gpu_check_jobs import Job, run_jobs; "
+              f"from pathlib import Path; run_jobs([Job('j', [sys.executable, '-c', {child!r}], 120)], "
+              f"Path({str(tmp_path / 'logs')!r}), time.monotonic() + 120)")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO)
+    t0 = time.monotonic()
+    while not pid_file.is_file() or not pid_file.read_text().strip():
+        assert time.monotonic() - t0 < 60 and proc.poll() is None
+        time.sleep(0.1)
+    pids = [int(p) for p in pid_file.read_text().split()]
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    time.sleep(0.5)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 # ------------------------------------------------------------------------- what runs on the GPU
 def _compose(argv: list[str]) -> object:
     module = argv[argv.index("-m") + 1]
@@ -108,6 +131,16 @@ def test_the_gpu_pretraining_recipe_composes_with_its_calibrated_epochs() -> Non
     # bench_ssl's own parser takes the check's command line (the report rebuilds its table from it).
     a = bench_ssl.parse(gpu_check_accuracy.ssl_argv("gpu", Path("/w"), recipe))
     assert a.pretrain == recipe and a.labels == [20, 100] and a.seeds == [0, 1, 2, 3, 4]
+
+
+def test_the_dry_run_shrinks_bench_ssl_through_its_dataset_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_ssl
+
+    monkeypatch.setitem(bench_ssl.DATASETS, "synthetic", bench_ssl.DATASETS["synthetic"])  # restored afterwards
+    gpu_check_accuracy.toy()
+    a = bench_ssl.parse(gpu_check_accuracy.ssl_argv("toy", Path("/w"), gpu_check_accuracy.TOY_PRETRAIN))
+    assert a.labels == [4] and a.seeds == [0, 1] and a.finetune == gpu_check_accuracy.TOY_FINETUNE
+    assert bench_ssl.schedule(4, a) == ["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1"]
 
 
 def test_the_semi_protocol_runs_at_the_scenes_size_with_the_benchmarks_own_recipe() -> None:
