@@ -380,6 +380,46 @@ def test_unlabeled_views_at_the_detectors_working_size(tmp_path):
     assert UnlabeledDetectionImages(tmp_path / "u.json", {5: 1})[0]["weak"].shape == (3, 200, 400)
 
 
+def test_burn_in_reads_no_unlabeled_image(synthetic_data, tmp_path, monkeypatch):
+    """During burn-in the teacher modes never look at the unlabeled batch, so none is read: the
+    sampler hands placeholders for those steps; from the first semi step on, every image is read."""
+    from finetune.semi import data
+
+    reads = []
+    real_views = data.UnlabeledDetectionImages._views
+
+    def spy(self, index, img):
+        reads.append(index)
+        return real_views(self, index, img)
+
+    monkeypatch.setattr(data.UnlabeledDetectionImages, "_views", spy)
+    cfg = smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST, "semi.burn_in=3", "trainer.max_epochs=2")
+    m = train(cfg, run_dir=tmp_path)
+    semi_steps = m["global_step"] - 3
+    assert semi_steps > 0 and len(reads) == semi_steps * int(cfg.data.batch_size)
+    assert m["history"][-1]["unsup_loss"] > 0
+
+
+def test_burn_in_sampler_matches_the_plain_stream_after_burn_in():
+    """BurnInSampler: the same (index, seed) pairs as the plain sampler, with index -1 for the samples of
+    steps before burn-in, counted across epochs and after a mid-epoch resume (start_at)."""
+    from finetune.semi.plan import BurnInSampler
+    from pretrain.core.run.resume import EpochSampler
+
+    plain, skip = EpochSampler(10, 6, seed=4), BurnInSampler(10, 6, 4, batch=2, steps_per_epoch=3, burn_in_steps=4)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        skip.set_epoch(epoch)
+        got, want = list(skip), list(plain)
+        assert [s for _, s in got] == [s for _, s in want]
+        steps = [epoch * 3 + pos // 2 for pos in range(6)]
+        assert [i for i, _ in got] == [-1 if st < 4 else w for st, (w, _) in zip(steps, want)]
+    skip.set_epoch(1)
+    skip.start_at(2)  # resumed at step 4 of epoch 1: past burn-in, real indices
+    assert [i for i, _ in skip] == [i for i, _ in want[2:]]
+    assert UnlabeledDetectionImages.__getitem__(None, -1) == {"skipped": True}  # type: ignore[arg-type]
+
+
 def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
     with pytest.raises(ValueError, match="semi.unlabeled=PATH"):
         train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.unlabeled=null"), run_dir=tmp_path)

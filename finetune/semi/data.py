@@ -80,6 +80,8 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if index == -1:  # a burn-in step's sample (plan.BurnInSampler): nothing is read
+            return {"skipped": True}
         n = len(self.images)
         for k in range(n):
             i = (index + k) % n

@@ -272,6 +272,10 @@ class SemiDetectionModule(DetectionModule):
         scaled: bool | None = None  # semi.empty_weight's rule applied this step
         started_now = False
         burn_in = self.global_step < self.resolve_burn_in()
+        if not burn_in and unl.get("skipped"):  # placeholders past burn-in (cannot happen: BurnInSampler counts
+            log.warning("step %d: the unlabeled batch is burn-in placeholders; this step trains labeled only",
+                        self.global_step)  # batches, and the global step never runs ahead of them)
+            burn_in = True
         for mode in self.modes:
             if mode.after_burn_in and burn_in:
                 continue

@@ -9,7 +9,7 @@ mode with a runner of its own (self-training) runs that.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,46 @@ from pretrain.core.run.resume import EpochSampler, seeded_loader_parts
 log = logging.getLogger(__name__)
 
 
+class BurnInSampler(EpochSampler):
+    """The unlabeled stream's sampler that hands out index -1 (a placeholder the dataset returns
+    without reading an image) for every sample of a step before ``burn_in_steps``: during burn-in
+    the teacher modes never look at the unlabeled batch, and decoding plus strong augmentation of
+    those images cost the CPU as much as the labeled step. The step of a sample is read from its
+    position in the epoch's stream (``batch`` samples per step, ``steps_per_epoch`` steps), the same
+    count the module's burn-in test uses, so the first semi step gets real images."""
+
+    def __init__(self, n: int, num_samples: int, seed: int, batch: int, steps_per_epoch: int,
+                 burn_in_steps: int) -> None:
+        super().__init__(n, num_samples, seed)
+        self.batch, self.steps_per_epoch, self.burn_in_steps = int(batch), int(steps_per_epoch), int(burn_in_steps)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pos = self._start
+        for index, sample_seed in super().__iter__():
+            step = self.epoch * self.steps_per_epoch + pos // self.batch
+            pos += 1
+            yield (-1 if step < self.burn_in_steps else index), sample_seed
+
+
+def burn_in_skip_steps(cfg: DictConfig, steps_per_epoch: int, modes_need_burn_in: bool) -> int:
+    """Steps whose unlabeled images need not be read: the burn-in, when every mode waits for it, on
+    one process without gradient accumulation (where a loader's batch is a step); else 0."""
+    import os
+
+    import torch
+
+    s = cfg.semi
+    burn_in = (round(float(s.burn_in_epochs) * steps_per_epoch) if s.get("burn_in_epochs") is not None
+               else int(s.get("burn_in", 0) or 0))
+    devices = str(cfg.trainer.get("devices", "auto"))
+    one_process = (int(os.environ.get("WORLD_SIZE", "1")) == 1 and int(cfg.trainer.get("num_nodes", 1) or 1) == 1
+                   and (devices == "1" or (devices == "auto" and torch.cuda.device_count() <= 1)))
+    plain = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) == 1
+    return burn_in if modes_need_burn_in and one_process and plain else 0
+
+
 def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, loader_kw: Mapping[str, Any],
-                strong: bool = True) -> tuple[CombinedLoader, tuple[EpochSampler, int]]:
+                strong: bool = True, skip_steps: int = 0) -> tuple[CombinedLoader, tuple[EpochSampler, int]]:
     """Labeled and unlabeled batches together: ``{"labeled": (images, targets), "unlabeled": {...}}``,
     and the unlabeled loader's ``(sampler, batch size)`` for :class:`~pretrain.core.run.resume.DeterministicResume`.
 
@@ -51,6 +89,8 @@ def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, l
     # As many batches as the labeled loader has, whether the unlabeled set is larger or smaller:
     # back-to-back permutations, seeded apart from the labeled order.
     samples, sampler = seeded_loader_parts(ds, int(cfg.seed) + 1, num_samples=len(labeled) * batch)
+    if skip_steps > 0:  # the burn-in's unlabeled samples are placeholders, never read
+        sampler = BurnInSampler(len(ds), len(labeled) * batch, int(cfg.seed) + 1, batch, len(labeled), skip_steps)
     kw = {**loader_kw, "collate_fn": collate_unlabeled}
     unlabeled = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=False, **kw)
     log.info("semi %s: %d labeled images (batch %d) + %d unlabeled from %s (batch %d)%s", s.mode, len(train_ds),
@@ -127,8 +167,9 @@ def semi_plan(ctx: FitContext) -> FitPlan:
     module = SemiDetectionModule(cfg=ctx.plain_cfg, label_map=ctx.train_ds.label_map.to_json(),
                                  backbone_info=ctx.backbone_info, num_classes=ctx.train_ds.num_classes,
                                  resnet=ctx.resnet, labeled_boxes_per_image=boxes_per_image(ctx.train_ds))
+    skip = burn_in_skip_steps(cfg, len(ctx.labeled), all(m.after_burn_in for m in module.modes))
     loader, unlabeled = semi_loader(cfg, ctx.labeled, ctx.train_ds, ctx.loader_kw,
-                                    strong=any(m.strong_view for m in module.modes))
+                                    strong=any(m.strong_view for m in module.modes), skip_steps=skip)
 
     def metrics(history: Sequence[Mapping[str, Any]], best: Any) -> tuple[str, dict[str, Any]]:
         return "semi", semi_metrics(cfg, history, best, module)
