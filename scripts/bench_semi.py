@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import hashlib
 import json
 import math
 import shlex
@@ -105,6 +106,12 @@ def steps_per_epoch(num_images: int, batch: int) -> int:
     return -(-num_images // batch)  # the labeled loader keeps its last partial batch
 
 
+def every_dividing(epochs: int, validations: int = 6) -> int:
+    """A validation interval that divides ``epochs`` (the last validation at the last epoch, so a run's
+    final AP is its end's), about ``validations`` of them."""
+    return max(d for d in range(1, max(1, epochs // validations) + 1) if epochs % d == 0)
+
+
 def num_images(coco_json: Path) -> int:
     return len(json.loads(Path(coco_json).read_text())["images"])
 
@@ -113,19 +120,30 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     """What decides a run's result (no paths): its fingerprint in the ledger. The continuations carry
     the converged run's recipe, so a changed convergence re-runs them."""
     p = a.protocol
-    base = {"data": a.name, "fraction": None if a.unlabeled else p["fraction"], "seed": seed,
+    base = {"data": a.name, "data_hash": data_hash(a), "fraction": None if a.unlabeled else p["fraction"], "seed": seed,
             "working_size": p.get("working_size"), "finetune": p["finetune"], "args": a.args}
+    config = config_hash(tuple(arm_settings(arm, a)))
     if arm == "converge":
-        return {**base, "arm": arm, "epochs": p["converge_epochs"]}
+        return {**base, "arm": arm, "epochs": p["converge_epochs"], "config": config}
     if arm == "ceiling":
         return {**base, "arm": arm, "fraction": 1.0, "unlabeled_labels": a.unlabeled is not None,
-                "epochs": p["converge_epochs"],
-                "continue_steps": p["continue_steps"]}
+                "epochs": p["converge_epochs"], "continue_steps": p["continue_steps"], "config": config}
     r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": p["continue_steps"],
          "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
     if arm in ("semi", "control"):
         r["semi"] = p["semi"]
-    return {**r, "config": config_hash(tuple(arm_settings(arm, a)))}
+    return {**r, "config": config}
+
+
+def data_hash(a: argparse.Namespace) -> str:
+    """What the data is, by content (two sets under one --name, or a changed file, never share runs)."""
+    if getattr(a, "_data_hash", None) is None:
+        parts = {w: hashlib.sha1(getattr(a, w).read_bytes()).hexdigest() for w in ("train", "val", "unlabeled")
+                 if getattr(a, w) is not None and getattr(a, w).is_file()}
+        if a.unlabeled is not None and a.unlabeled.is_dir():
+            parts["unlabeled"] = str(sorted(f.name for f in a.unlabeled.rglob("*") if f.is_file()))
+        a._data_hash = fingerprint(parts)
+    return a._data_hash
 
 
 def arm_settings(arm: str, a: argparse.Namespace) -> list[str]:
@@ -175,12 +193,12 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
     per_epoch = steps_per_epoch(num_images(train), int(cfg.data.batch_size))
     if arm == "converge":
         epochs = int(p["converge_epochs"])
-        return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={max(1, epochs // 6)}"]
+        return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every_dividing(epochs)}"]
     if arm == "ceiling":  # the converged run's and the continuation's steps, in epochs of the full set
         batch = int(cfg.data.batch_size)
         labeled_steps = steps_per_epoch(num_images(split["labeled"]), batch) * int(p["converge_epochs"])
         epochs = max(1, round((labeled_steps + int(p["continue_steps"])) / per_epoch))
-        return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={max(1, epochs // 6)}"]
+        return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every_dividing(epochs)}"]
     assert start is not None
     epochs = max(1, math.ceil(int(p["continue_steps"]) / per_epoch))
     every = max(1, epochs // int(p["validations"]))
@@ -226,6 +244,10 @@ def at_working_size(a: argparse.Namespace) -> None:
     size = a.protocol.get("working_size")
     if not size:
         return
+    detector = finetune_config(arm_settings("converge", a)).detector
+    if int(size) < int(detector.max_size):
+        raise SystemExit(f"working_size={size} is below the detector's max_size={detector.max_size}: every image "
+                         "would be upsampled back (lower resolution than asked); raise working_size or set it null")
     from finetune.data.resize import resize_coco
 
     for what in ("train", "val", "unlabeled"):
@@ -318,9 +340,11 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     start = [base[s]["AP"] - conv[s]["best_AP"] for s in base if s in conv and base[s]["AP"] is not None]
     if start:
         m = statistics.mean(start)
+        # converge's best is a maximum over its validations (biased up): only a fall beyond the spread counts
+        noise = statistics.stdev([base[s]["AP"] for s in base]) if len(base) > 1 else 0.0
         lines.append(f"\nLabeled-only continued ends {m * 100:+.1f} AP from the checkpoint it started at (the "
                      f"converged run's best validation; {len(start)} seeds): "
-                     + ("the continuation's LR keeps what convergence reached." if m >= 0 else
+                     + ("the continuation's LR keeps what convergence reached." if m >= -noise else
                         "it fell, so the continuation's LR is too high for this set (lower continue_lr_factor)."))
     lines.append("")
     lines.append(verdict(diffs, spread))
@@ -344,6 +368,9 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float]) -> st
         if arm not in diffs:
             continue
         m, s = statistics.mean(diffs[arm]), spread[arm]
+        if len(diffs[arm]) < 2:  # one pair has no spread to weigh a difference against
+            out.append(f"{what}: {m * 100:+.1f} AP against labeled-only continued on 1 seed (no verdict before 2).")
+            continue
         word = "beats" if m > s else ("falls below" if m < -s else "is within the spread of")
         out.append(f"{what} {word} labeled-only continued: {m * 100:+.1f} AP (paired, {len(diffs[arm])} seeds; "
                    f"spread {s * 100:.1f}).")
@@ -382,6 +409,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="run nothing: the table from the ledger")
     a = p.parse_args(argv)
     a.protocol = load_protocol(a.protocol)
+    if a.dataset and (a.train or a.val):
+        p.error("give --dataset or --train/--val, not both")
     if a.dataset:
         ds = a.protocol["datasets"][a.dataset]
         base = synthetic_root(ds["synthetic"]) if ds.get("synthetic") else SHARED
@@ -417,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = table(ledger, a, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *args]))
     print("\n" + text)
     if a.benchmarks is not None:
-        put_section(a.benchmarks, text, "semi", a.name, "## Teacher-student", SEMI_HEAD)
+        put_section(a.benchmarks, text, "semi_continue", a.name, "## Teacher-student", SEMI_HEAD)
         print(f"updated {a.benchmarks}")
 
 

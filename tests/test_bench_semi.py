@@ -133,7 +133,7 @@ def test_table_pairs_every_arm_with_labeled_only_continued(fake: dict[str, Any])
     md = fake["tmp"] / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Speed\n\nspeed figures\n")
     for body in (text, text.replace("X", "Y")):  # a re-run replaces its own section
-        bs.put_section(md, body, "semi", a.name, "## Teacher-student", bs.SEMI_HEAD)
+        bs.put_section(md, body, "semi_continue", a.name, "## Teacher-student", bs.SEMI_HEAD)
     out = md.read_text()
     assert "speed figures" in out and out.count("### toy") == 1 and "bench_semi.py Y" in out
 

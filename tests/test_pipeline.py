@@ -171,12 +171,12 @@ def test_a_stage_dies_with_the_process_that_started_it(tmp_path):
     import time
 
     (tmp_path / "sleeper.py").write_text("import os, sys, time\n"
-                                         "open(sys.argv[1].split('=', 1)[1].strip(\"'\") + '/pid', 'w')"
-                                         ".write(str(os.getpid()))\ntime.sleep(60)\n")
+                                         + "open(sys.argv[1].split('=', 1)[1].strip(\"'\") + '/pid', 'w')"
+                                         + ".write(str(os.getpid()))\ntime.sleep(60)\n")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    parent = subprocess.Popen([sys.executable, "-c", "import time\nfrom finetune.pipeline import start_stage\n"
-                               f"start_stage('sleeper', {str(run_dir)!r})\ntime.sleep(60)\n"],
+    parent = subprocess.Popen([sys.executable, "-c", ("import time\nfrom finetune.pipeline import start_stage\n"
+                                                      f"start_stage('sleeper', {str(run_dir)!r})\ntime.sleep(60)\n")],
                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])})
     deadline = time.time() + 30
     while not (run_dir / "pid").is_file() or not (run_dir / "pid").read_text():

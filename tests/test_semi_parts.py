@@ -628,7 +628,7 @@ def test_retinanet_pseudo_losses_over_the_batchs_foreground_anchors():
     real = model.head.compute_loss
 
     def spy(tg, outputs, anchors, matched):
-        seen.update(outputs=outputs, matched=matched)
+        seen.update(outputs=outputs, matched=matched, anchors=anchors)
         return real(tg, outputs, anchors, matched)
 
     model.head.compute_loss = spy
@@ -646,9 +646,18 @@ def test_retinanet_pseudo_losses_over_the_batchs_foreground_anchors():
         fgs.append(int(fg.sum()))
     assert fgs[0] < fgs[1]
     torch.testing.assert_close(batch["classification"], (sums[0] + sums[1]) / sum(fgs))
+    # The box term at the head's own smooth-L1 beta, over the batch's foreground anchors.
+    from torchvision.models.detection._utils import _box_loss
+
+    head = model.head.regression_head
+    box = [_box_loss(head._loss_type, head.box_coder, anc[m >= 0], t["boxes"][m[m >= 0]], reg[m >= 0],
+                     cnf={"beta": head.beta} if hasattr(head, "beta") else None)
+           for t, reg, anc, m in zip(targets, seen["outputs"]["bbox_regression"], seen["anchors"], seen["matched"])]
+    torch.testing.assert_close(batch["bbox_regression"], (box[0] + box[1]) / sum(fgs))
     torch.manual_seed(1)
     with torch.no_grad():
         per_image = model(images, targets)  # torchvision's again
     torch.testing.assert_close(per_image["classification"], (sums[0] / fgs[0] + sums[1] / fgs[1]) / 2)
+    torch.testing.assert_close(per_image["bbox_regression"], (box[0] / fgs[0] + box[1] / fgs[1]) / 2)
     with batch_normalised(tiny_frcnn()) as applied:
         assert not applied  # other detectors keep their losses

@@ -5,11 +5,12 @@
 A detector that trains at a 320 px short side on 2048 px photographs decodes, augments and then
 throws away ~95% of every image's pixels, every step (the semi stage's strong view too, where a blur
 at 2048 px does nothing at 320 px). Downscaling once to just above the working size leaves what the
-detector sees unchanged and saves that work. JPEGs decode at a reduced DCT scale first
-(``Image.draft``), then a Lanczos resize. Images already at or below ``long_side`` are copied as they
-are; annotations (``bbox``, ``area``, polygon ``segmentation``) are scaled by each image's own factor.
-A re-run with the same output folder skips images already written. Evaluate a model trained on the
-copy on a copy of the validation set made the same way (AP does not depend on the scale).
+detector sees unchanged and saves that work. Images are read as the training loader reads them (EXIF
+orientation, RGBA composited), resized with Lanczos to at most ``long_side`` and written atomically;
+annotations (``bbox``, ``area``, polygon ``segmentation``) are scaled by each image's own factor. A
+re-run into the same folder skips images already written at that size. Evaluate a model trained on
+the copy on a copy of the validation set made the same way: AP and AP50 do not depend on the scale,
+APs/APm/APl do (COCO's area thresholds are absolute, 32^2 and 96^2 px).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,37 @@ def _scale_ann(ann: dict[str, Any], sx: float, sy: float) -> dict[str, Any]:
     return out
 
 
+def img_format(path: Path) -> str:
+    return "PNG" if path.suffix.lower() == ".png" else "JPEG"
+
+
+def _written(dst: Path, size: tuple[int, int]) -> bool:
+    """An image written by an earlier run at this size (a re-run at another size rewrites it)."""
+    if not dst.is_file():
+        return False
+    try:
+        with Image.open(dst) as img:
+            return img.size == size
+    except OSError:
+        return False
+
+
+def _load_as_annotated(path: Path, size: tuple[int, int], ann_file: Path) -> Image.Image:
+    from pretrain.core.data.images import ImageError, load_rgb
+
+    try:
+        img = load_rgb(path)
+        if img.size != size:
+            raw = load_rgb(path, exif_transpose=False)
+            if raw.size == size:
+                return raw  # the boxes were drawn on the stored pixels (the loader's rule)
+    except ImageError as e:
+        raise FileNotFoundError(f"{ann_file}: {e}") from e
+    if img.size != size:
+        raise ValueError(f"{path}: {img.width}x{img.height} pixels, {ann_file} says {size[0]}x{size[1]}")
+    return img
+
+
 def resize_coco(ann_file: str | os.PathLike[str], out_dir: str | os.PathLike[str], long_side: int,
                 image_root: str | os.PathLike[str] | None = None, quality: int = 95) -> Path:
     """Write ``out_dir/<ann_file's name>`` and its images at most ``long_side`` px on the long side.
@@ -54,24 +85,20 @@ def resize_coco(ann_file: str | os.PathLike[str], out_dir: str | os.PathLike[str
     coco = json.loads(src.read_text())
     images, scale = [], {}
     for im in coco["images"]:
-        path = root / im["file_name"]
         dst = out / "images" / f"{im['id']}_{Path(im['file_name']).name}"  # unique: names may repeat across folders
         w, h = int(im["width"]), int(im["height"])
         s = min(1.0, long_side / max(w, h))
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        if not dst.is_file():
-            if not path.is_file():
-                raise FileNotFoundError(f"{src}: image {im['file_name']} is not in {root}")
+        if not _written(dst, (nw, nh)):
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if s >= 1.0:
-                shutil.copyfile(path, dst)
-            else:
-                with Image.open(path) as img:
-                    if (img.width, img.height) != (w, h):
-                        raise ValueError(f"{path}: {img.width}x{img.height} pixels, the JSON says {w}x{h}")
-                    img.draft("RGB", (nw, nh))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
-                    img = img.convert("RGB").resize((nw, nh), Image.Resampling.LANCZOS)
-                    img.save(dst, quality=quality)
+            # The training loader's reading: upright by EXIF unless the JSON's size says the boxes
+            # were drawn on the stored pixels, RGBA composited; a size it would rescale is refused.
+            img = _load_as_annotated(root / im["file_name"], (w, h), src)
+            if s < 1.0:
+                img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+            tmp = dst.with_name(dst.name + ".tmp")
+            img.save(tmp, format=img_format(dst), quality=quality)
+            os.replace(tmp, dst)  # a killed run leaves no truncated image behind
         scale[im["id"]] = (nw / w, nh / h)
         images.append({**im, "file_name": f"images/{dst.name}", "width": nw, "height": nh})
     anns = [_scale_ann(a, *scale[a["image_id"]]) for a in coco.get("annotations", [])]

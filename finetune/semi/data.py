@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
-from PIL import Image
 
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
 from pretrain.core.data.images import DEFAULT_MAX_PIXELS
@@ -44,7 +44,7 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         image_root: for a COCO JSON, the folder its file_names are relative to (default: its folder).
         working_size: the detector's ``(min_size, max_size)``: an image larger than the detector
             will see it is downscaled to that size (short side ``min_size``, long side at most
-            ``max_size``, as the detector's own transform resizes) before its views are made, and its
+            ``max_size``, with the detector's own bilinear resize) before its views are made, and its
             hidden ground truth with it. The strong view's blur and erasing then act at the scale the
             detector sees, and a 2048 px photograph is not augmented at full size for a 480 px
             detector (each step paid ~20x the pixels). None: the images as they are.
@@ -91,15 +91,15 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         raise RuntimeError(f"none of the {n} unlabeled images from {self.images.source} is readable")
 
     def _views(self, index: int, img: Any) -> dict[str, Any]:
-        scale = working_scale(img.width, img.height, self.working_size)
-        if scale < 1.0:
-            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-            scale_xy = (size[0] / img.width, size[1] / img.height)
-            img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-        else:
-            scale_xy = (1.0, 1.0)
         arr = np.asarray(img, dtype=np.uint8)
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        scale = working_scale(image.shape[-1], image.shape[-2], self.working_size)
+        scale_xy = (1.0, 1.0)
+        if scale < 1.0:  # as the detector's transform resizes (bilinear, no antialiasing): the same pixels
+            h, w = image.shape[-2:]
+            image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                                  align_corners=False)[0]
+            scale_xy = (image.shape[-1] / w, image.shape[-2] / h)
         flipped = bool(torch.rand(()) < 0.5)
         weak = weak_view(image, flipped)
         strong = strong_augment(weak) if self.strong else weak

@@ -44,8 +44,9 @@ def _regression_loss(self: Any, targets: list[dict[str, torch.Tensor]], head_out
     for target, deltas, anchors_i, matched in zip(targets, head_outputs["bbox_regression"], anchors, matched_idxs):
         fg = torch.where(matched >= 0)[0]
         foreground += fg.numel()
+        beta = getattr(self, "beta", None)  # SmoothL1RegressionHead's (torchvision's own head passes none: 1.0)
         total = total + _box_loss(self._loss_type, self.box_coder, anchors_i[fg], target["boxes"][matched[fg]],
-                                  deltas[fg])
+                                  deltas[fg], cnf=None if beta is None else {"beta": beta})
     return total / max(1, foreground)
 
 

@@ -9,11 +9,13 @@ mode with a runner of its own (self-training) runs that.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader
@@ -52,13 +54,18 @@ class BurnInSampler(EpochSampler):
             yield (-1 if step < self.burn_in_steps else index), sample_seed
 
 
+def steps_per_epoch(cfg: DictConfig, batches: int) -> int:
+    """The training steps of an epoch of ``batches`` labeled batches, as Lightning counts them
+    (``trainer.num_training_batches`` under ``trainer.limit_train_batches``, an int or a fraction)."""
+    limit = cfg.trainer.get("limit_train_batches")
+    if limit is None:
+        return batches
+    return min(batches, int(limit)) if isinstance(limit, int) or float(limit) > 1 else int(batches * float(limit))
+
+
 def burn_in_skip_steps(cfg: DictConfig, steps_per_epoch: int, modes_need_burn_in: bool) -> int:
     """Steps whose unlabeled images need not be read: the burn-in, when every mode waits for it, on
     one process without gradient accumulation (where a loader's batch is a step); else 0."""
-    import os
-
-    import torch
-
     s = cfg.semi
     burn_in = (round(float(s.burn_in_epochs) * steps_per_epoch) if s.get("burn_in_epochs") is not None
                else int(s.get("burn_in", 0) or 0))
@@ -90,7 +97,8 @@ def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, l
     # back-to-back permutations, seeded apart from the labeled order.
     samples, sampler = seeded_loader_parts(ds, int(cfg.seed) + 1, num_samples=len(labeled) * batch)
     if skip_steps > 0:  # the burn-in's unlabeled samples are placeholders, never read
-        sampler = BurnInSampler(len(ds), len(labeled) * batch, int(cfg.seed) + 1, batch, len(labeled), skip_steps)
+        sampler = BurnInSampler(len(ds), len(labeled) * batch, int(cfg.seed) + 1, batch,
+                                steps_per_epoch(cfg, len(labeled)), skip_steps)
     kw = {**loader_kw, "collate_fn": collate_unlabeled}
     unlabeled = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=False, **kw)
     log.info("semi %s: %d labeled images (batch %d) + %d unlabeled from %s (batch %d)%s", s.mode, len(train_ds),
@@ -167,7 +175,8 @@ def semi_plan(ctx: FitContext) -> FitPlan:
     module = SemiDetectionModule(cfg=ctx.plain_cfg, label_map=ctx.train_ds.label_map.to_json(),
                                  backbone_info=ctx.backbone_info, num_classes=ctx.train_ds.num_classes,
                                  resnet=ctx.resnet, labeled_boxes_per_image=boxes_per_image(ctx.train_ds))
-    skip = burn_in_skip_steps(cfg, len(ctx.labeled), all(m.after_burn_in for m in module.modes))
+    per_epoch = steps_per_epoch(cfg, len(ctx.labeled))
+    skip = burn_in_skip_steps(cfg, per_epoch, all(m.after_burn_in for m in module.modes))
     loader, unlabeled = semi_loader(cfg, ctx.labeled, ctx.train_ds, ctx.loader_kw,
                                     strong=any(m.strong_view for m in module.modes), skip_steps=skip)
 
