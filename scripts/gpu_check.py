@@ -230,10 +230,16 @@ def run(a: argparse.Namespace) -> int:
             threads = str(max(1, cpus // parallel))
             for job in jobs:
                 job.env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **job.env}
-            phase(record, "correctness", jobs, min(deadline, t_start + PHASE_END["correctness"] * span), parallel,
-                  work)
+            results = phase(record, "correctness", jobs, min(deadline, t_start + PHASE_END["correctness"] * span),
+                            parallel, work)
+            if not a.keep:  # checkpoints of ~20 detectors: gigabytes; a failed item's run stays to be read
+                for name, r in results.items():
+                    if r["status"] == "pass":
+                        shutil.rmtree(work / "correctness" / name, ignore_errors=True)
         if "speed" in a.phases:
             speed_phase(record, size, work, min(deadline, t_start + PHASE_END["speed"] * span))
+            if not a.keep:
+                shutil.rmtree(work / "speed", ignore_errors=True)
         if "accuracy" in a.phases:
             accuracy_phase(record, size, work, out, deadline - 5, a.parallel or (max(1, cpus // 2 - 1) if gpu else 2),
                            background)
@@ -280,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                   "GPU, 1800 for --cpu-smoke)")
     p.add_argument("--pretrain-s", type=float, default=None, help="phase 3's SSL pretraining budget (default 90 s)")
     p.add_argument("--parallel", type=int, default=None, help="jobs at a time in phases 1 and 3")
+    p.add_argument("--keep", action="store_true", help="keep every run folder (default: only failed items' and "
+                                                       "the accuracy runs, which resume)")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="render DIR/gpu_check.json (and its ledgers) as markdown instead of running")
     p.add_argument("--benchmarks", type=Path, default=None, help="with --report: write the GPU section here")

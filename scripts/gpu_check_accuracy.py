@@ -54,7 +54,7 @@ EPOCHS = {"gpu": (8, 400), "toy": (1, 2)}  # the calibrated epochs are clamped t
 # The dry run: experiment=smoke's 32 unlabeled, 8 labeled and 4 validation scenes, schedules of steps.
 TOY_PRETRAIN = ("method=simclr experiment=smoke trainer.max_epochs=24 checkpoint_every_n_steps=100 "
                 "trainer.enable_progress_bar=false")
-TOY_FINETUNE = "experiment=smoke eval.plots=false trainer.limit_train_batches=null"
+TOY_FINETUNE = "experiment=smoke detector=fasterrcnn_cpu eval.plots=false trainer.limit_train_batches=null"
 # bench_semi on the SSL set's scenes at their own size (experiment=semi_bench is sized for photographs).
 SEMI_ARGS = {"gpu": "detector.min_size=128 detector.max_size=128",
              "toy": "detector.min_size=96 detector.max_size=128 data.batch_size=2"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -273,8 +274,11 @@ def test_the_wheels_are_here_intact_and_under_the_limit() -> None:
 def test_cpu_smoke_runs_every_phase_and_the_report_renders_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--cpu-smoke", "--work", str(tmp_path / "work")],
-                       check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--cpu-smoke", "--work", str(tmp_path / "work")],
+                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    finally:  # the accuracy runs' checkpoints: a few GB that pytest would keep for three sessions
+        shutil.rmtree(tmp_path / "work", ignore_errors=True)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     data = json.loads((out / "gpu_check.json").read_text())
     assert data["mode"] == "cpu-smoke" and data.get("finished")
