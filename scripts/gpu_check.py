@@ -180,11 +180,16 @@ def accuracy_phase(record: Record, size: str, work: Path, out: Path, deadline: f
         for name, ledger in ledgers.items():
             if ledger.is_file():
                 shutil.copyfile(ledger, targets[name])
+        ph = record.phase("accuracy")
         if item == "ssl_pretrain" and result["status"] == "pass":
-            record.update("accuracy", ssl_argv=accuracy.ssl_argv(size, work, result["pretrain"]), pretrain=result)
+            ph["pretrain"] = result
+        try:  # rendered here, where the runs' files are (the report only copies the text)
+            ph["tables"] = accuracy.tables(size, work, (ph.get("pretrain") or {}).get("pretrain"))
+        except Exception as e:  # noqa: BLE001 - a table that cannot be drawn must not stop the runs
+            ph["tables_error"] = f"{type(e).__name__}: {e}"
+        record.save()
 
-    record.update("accuracy", semi_table=accuracy.semi_table_args(size, work), pretrain_budget_s=pretrain_s,
-                  ledgers={name: path.name for name, path in targets.items()})
+    record.update("accuracy", pretrain_budget_s=pretrain_s, ledgers={name: path.name for name, path in targets.items()})
     phase(record, "accuracy", accuracy.jobs(size, work, pretrain_s, threads), deadline, parallel, work, on_done=keep)
 
 

@@ -58,6 +58,7 @@ TOY_FINETUNE = "experiment=smoke detector=fasterrcnn_cpu eval.plots=false traine
 # bench_semi on the SSL set's scenes at their own size (experiment=semi_bench is sized for photographs).
 SEMI_ARGS = {"gpu": "detector.min_size=128 detector.max_size=128",
              "toy": "detector.min_size=96 detector.max_size=128 data.batch_size=2"}
+COMMAND = "bash scripts/gpu_check.sh (phase 3)"  # what the tables name as their command
 TOY_PROTOCOL = {"converge_epochs": 2, "continue_steps": 2, "validations": 1}  # conf/bench/semi.yaml, shortened
 
 
@@ -116,12 +117,17 @@ def semi_argv(size: str, work: Path, arm: str | None = None, seed: int | None = 
     return [*argv, "--arms", arm, "--seeds", str(seed)]
 
 
-def semi_table_args(size: str, work: Path) -> dict[str, Any]:
-    """What bench_semi's table and fingerprints read of its arguments, without paths (the report renders
-    it on another machine, where the run's files are not)."""
-    a = bench_semi.parse(semi_argv(size, work))
-    return {"name": a.name, "args": a.args, "seeds": a.seeds, "arms": a.arms, "protocol": a.protocol,
-            "unlabeled": str(a.unlabeled)}
+def tables(size: str, work: Path, pretrain: str | None) -> dict[str, str]:
+    """Both protocols' markdown tables of the runs so far, by the benchmarks' own table functions, on
+    the machine that ran them (bench_semi fingerprints its data files by their content)."""
+    out, led = {}, ledgers(work)
+    if led["ssl"].is_file():  # before (or without) a pretraining, the random-init rows alone
+        a = bench_ssl.parse(ssl_argv(size, work, pretrain or ssl_data().pretrain))
+        out["ssl"] = bench_ssl.table(bench_ssl.load_ledger(led["ssl"]), a, COMMAND)
+    if led["semi"].is_file():
+        a = bench_semi.parse(semi_argv(size, work))
+        out["semi"] = bench_semi.table(bench_semi.load_ledger(led["semi"]), a, COMMAND)
+    return out
 
 
 # --------------------------------------------------------------------------------------- children

@@ -6,16 +6,12 @@ check wrote (``gpu_check.json`` and its two ledgers), one section per GPU model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import bench_semi
-import bench_ssl
-import gpu_check_accuracy as accuracy
 from bench_common import put_section
 from gpu_check_jobs import headline
 
@@ -110,10 +106,8 @@ def speed_lines(ph: Mapping[str, Any]) -> list[str]:
     return lines + ([""] + [f"- {f}" for f in failed] if failed else [])
 
 
-def accuracy_lines(data: Mapping[str, Any], folder: Path) -> list[str]:
+def accuracy_lines(data: Mapping[str, Any]) -> list[str]:
     ph = data["phases"].get("accuracy") or {}
-    if data["mode"] != "gpu":
-        accuracy.toy()
     c = ph.get("counts") or {}
     lines = [f"**Accuracy** ({ph.get('status')}, {ph.get('wall_s')} s): "
              + ", ".join(f"{v} runs {k}" for k, v in c.items() if v) + "."]
@@ -126,19 +120,17 @@ def accuracy_lines(data: Mapping[str, Any], folder: Path) -> list[str]:
                        f"{_f(pre.get('pretrain_s'), '{:.0f}')} s ({pre.get('precision')}); kNN top-1 "
                        f"{_f(pre.get('knn'), '{:.3f}')} against {_f(pre.get('knn_random'), '{:.3f}')} "
                        "for its random init.")]
-    ssl_file, semi_file = folder / "ssl_synthetic.json", folder / "semi_synthetic.json"
-    if ph.get("ssl_argv") and ssl_file.is_file():
-        a = bench_ssl.parse(ph["ssl_argv"])
-        lines += ["", bench_ssl.table(json.loads(ssl_file.read_text()), a, "bash scripts/gpu_check.sh (phase 3)")
-                  .replace("### ", "#### ", 1).rstrip()]
-    if ph.get("semi_table") and semi_file.is_file():
-        a = argparse.Namespace(**ph["semi_table"])
-        lines += ["", bench_semi.table(json.loads(semi_file.read_text()), a, "bash scripts/gpu_check.sh (phase 3)")
-                  .replace("### ", "#### Labeled only against semi: ", 1).rstrip()]
+    tables = ph.get("tables") or {}
+    if "ssl" in tables:
+        lines += ["", tables["ssl"].replace("### ", "#### ", 1).rstrip()]
+    if "semi" in tables:
+        lines += ["", tables["semi"].replace("### ", "#### Labeled only against semi: ", 1).rstrip()]
+    if ph.get("tables_error"):
+        lines += ["", f"(The tables could not be drawn: {ph['tables_error']}; the ledgers hold the runs.)"]
     return lines
 
 
-def section(data: Mapping[str, Any], folder: Path) -> str:
+def section(data: Mapping[str, Any]) -> str:
     """BENCHMARKS.md's section for this check."""
     out = [f"### {title(data)}", "", *machine_lines(data), ""]
     phases = data["phases"]
@@ -147,7 +139,7 @@ def section(data: Mapping[str, Any], folder: Path) -> str:
     if "speed" in phases:
         out += [*speed_lines(phases["speed"]), ""]
     if "accuracy" in phases:
-        out += [*accuracy_lines(data, folder), ""]
+        out += [*accuracy_lines(data), ""]
     return "\n".join(out)
 
 
@@ -171,7 +163,7 @@ def readme_paragraph(data: Mapping[str, Any]) -> str:
 
 def main(folder: Path, benchmarks: Path | None, readme: Path | None, save_to: Path | None) -> str:
     data = json.loads((folder / "gpu_check.json").read_text())
-    text = section(data, folder)
+    text = section(data)
     print(text)
     key = _key(data)
     if benchmarks is not None:
