@@ -420,6 +420,21 @@ def test_burn_in_sampler_matches_the_plain_stream_after_burn_in():
     assert UnlabeledDetectionImages.__getitem__(None, -1) == {"skipped": True}  # type: ignore[arg-type]
 
 
+def test_burn_in_skipping_only_where_a_batch_is_a_step(synthetic_data):
+    """Placeholders only on a plain one-process run: any DDP strategy (even one process) regroups the
+    sampler's samples, gradient accumulation makes several batches a step, a consistency mode reads
+    unlabeled images from the first step."""
+    from finetune.semi.plan import burn_in_skip_steps
+
+    def skip(*overrides, need=True):
+        return burn_in_skip_steps(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.burn_in=7",
+                                            *overrides), 3, need)
+
+    assert skip() == 7 and skip("semi.burn_in_epochs=2") == 6
+    assert skip("trainer.strategy=ddp", "trainer.devices=1") == 0
+    assert skip("trainer.accumulate_grad_batches=2") == 0 and skip(need=False) == 0
+
+
 def test_semi_needs_unlabeled_images(synthetic_data, tmp_path):
     with pytest.raises(ValueError, match="semi.unlabeled=PATH"):
         train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.unlabeled=null"), run_dir=tmp_path)

@@ -70,7 +70,11 @@ def burn_in_skip_steps(cfg: DictConfig, steps_per_epoch: int, modes_need_burn_in
     burn_in = (round(float(s.burn_in_epochs) * steps_per_epoch) if s.get("burn_in_epochs") is not None
                else int(s.get("burn_in", 0) or 0))
     devices = str(cfg.trainer.get("devices", "auto"))
-    one_process = (int(os.environ.get("WORLD_SIZE", "1")) == 1 and int(cfg.trainer.get("num_nodes", 1) or 1) == 1
+    # Under any DDP strategy (even one process) Lightning wraps the sampler in a distributed one, which
+    # regroups its samples: placeholders and images would share batches. Only a plain run skips.
+    plain_strategy = str(cfg.trainer.get("strategy", "auto")) in ("auto", "single_device")
+    one_process = (plain_strategy and int(os.environ.get("WORLD_SIZE", "1")) == 1
+                   and int(cfg.trainer.get("num_nodes", 1) or 1) == 1
                    and (devices == "1" or (devices == "auto" and torch.cuda.device_count() <= 1)))
     plain = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) == 1
     return burn_in if modes_need_burn_in and one_process and plain else 0
