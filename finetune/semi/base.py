@@ -168,3 +168,10 @@ def running_stats_frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+def burn_in_steps(semi: Mapping[str, Any], steps_per_epoch: int) -> int:
+    """Burn-in in student steps: ``semi.burn_in_epochs`` epochs of ``steps_per_epoch`` steps if set, else
+    ``semi.burn_in`` (the module's burn-in test and the unlabeled sampler's placeholders both read it)."""
+    epochs = semi.get("burn_in_epochs")
+    return round(float(epochs) * steps_per_epoch) if epochs is not None else int(semi.get("burn_in", 0) or 0)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.module import DetectionModule
-from finetune.semi.base import DEPLOY_CHOICES, modes_of
+from finetune.semi.base import DEPLOY_CHOICES, burn_in_steps, modes_of
 from finetune.semi.ema import copy_weights, ema_update, freeze_teacher, make_teacher
 from finetune.semi.health import LossWatch, PseudoLabelHealth
 from finetune.semi.thresholds import ScoreThreshold, build_threshold, max_pseudo_per_image
@@ -161,12 +161,8 @@ class SemiDetectionModule(DetectionModule):
     def resolve_burn_in(self) -> int:
         """Burn-in in student steps: ``semi.burn_in_epochs`` of the labeled loader if set, else ``semi.burn_in``."""
         if self.burn_in_steps is None:
-            epochs = self.semi.get("burn_in_epochs")
-            if epochs is not None:
-                per_epoch = int(self.trainer.num_training_batches) // max(1, int(self.trainer.accumulate_grad_batches))
-                self.burn_in_steps = round(float(epochs) * per_epoch)
-            else:
-                self.burn_in_steps = int(self.semi.get("burn_in", 0))
+            per_epoch = int(self.trainer.num_training_batches) // max(1, int(self.trainer.accumulate_grad_batches))
+            self.burn_in_steps = burn_in_steps(self.semi, per_epoch)
             log.info("semi %s: burn-in %d steps, then %s", self.mode, self.burn_in_steps,
                      "the teacher starts as a copy of the student" if self.teacher is not None
                      else "the unsupervised loss on the unlabeled images")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from finetune.data.labeled import boxes_per_image
 from finetune.fit_plan import FitContext, FitPlan
-from finetune.semi.base import mode_class, modes_of
+from finetune.semi.base import burn_in_steps, mode_class, modes_of
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, detector_working_size, unlabeled_source
 from finetune.semi.module import SemiDetectionModule
 from finetune.semi.teacher_student import teacher_options_set
@@ -67,8 +67,7 @@ def burn_in_skip_steps(cfg: DictConfig, steps_per_epoch: int, modes_need_burn_in
     """Steps whose unlabeled images need not be read: the burn-in, when every mode waits for it, on
     one process without gradient accumulation (where a loader's batch is a step); else 0."""
     s = cfg.semi
-    burn_in = (round(float(s.burn_in_epochs) * steps_per_epoch) if s.get("burn_in_epochs") is not None
-               else int(s.get("burn_in", 0) or 0))
+    burn_in = burn_in_steps(s, steps_per_epoch)
     devices = str(cfg.trainer.get("devices", "auto"))
     # Under any DDP strategy (even one process) Lightning wraps the sampler in a distributed one, which
     # regroups its samples: placeholders and images would share batches. Only a plain run skips.
