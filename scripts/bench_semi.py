@@ -54,6 +54,11 @@ PROTOCOL = REPO / "conf" / "bench" / "semi.yaml"
 ARMS = ("converge", "labeled", "semi", "control", "ceiling")
 
 
+# Settings added to the configs after the ledger had runs, with the value that behaves as before they
+# existed: at that value they stay out of a run's fingerprint, so adding an option does not re-run
+# (or orphan) every recorded run. Any other value is part of the fingerprint as usual.
+ADDED_SETTINGS = {"semi.strong_view": "unbiased_teacher"}
+
 PER_DATASET = ("converge_epochs", "continue_steps", "working_size", "finetune")
 
 
@@ -130,9 +135,20 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
                 "epochs": p["converge_epochs"], "continue_steps": p["continue_steps"], "config": config}
     r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": p["continue_steps"],
          "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
-    if arm in ("semi", "control"):
-        r["semi"] = p["semi"]
+    if is_semi(arm):
+        r["semi"] = semi_overrides(arm, a)
     return {**r, "config": config}
+
+
+def is_semi(arm: str) -> bool:
+    """The arms that run the semi recipe: semi, its ``--variant`` arms (``semi:NAME``) and control."""
+    return arm in ("semi", "control") or arm.startswith("semi:")
+
+
+def semi_overrides(arm: str, a: argparse.Namespace) -> str:
+    """The protocol's semi overrides, followed by a ``semi:NAME`` arm's variant overrides."""
+    base = a.protocol["semi"]
+    return f"{base} {a.variants[arm[5:]]}" if arm.startswith("semi:") else base
 
 
 def data_hash(a: argparse.Namespace) -> str:
@@ -150,10 +166,10 @@ def arm_settings(arm: str, a: argparse.Namespace) -> list[str]:
     """An arm's overrides that are not data, paths or step counts (those come from the data)."""
     p = a.protocol
     out = [*shlex.split(p["finetune"]), *shlex.split(a.args)]
-    if arm in ("labeled", "semi", "control"):
+    if arm == "labeled" or is_semi(arm):
         out += ["scheduler=constant", "scheduler.warmup_steps=0"]
-    if arm in ("semi", "control"):
-        out += shlex.split(p["semi"])
+    if is_semi(arm):
+        out += shlex.split(semi_overrides(arm, a))
     if arm == "control":
         out.append("semi.unsup_weight=0")
     return out
@@ -165,7 +181,15 @@ def config_hash(settings: tuple[str, ...]) -> str:
     (experiment=semi_bench, semi=bench, a default they inherit) re-runs what it changes."""
     from omegaconf import OmegaConf
 
-    return fingerprint(OmegaConf.to_container(finetune_config(settings), resolve=False))  # type: ignore[arg-type]
+    config = OmegaConf.to_container(finetune_config(settings), resolve=False)
+    for dotted, neutral in ADDED_SETTINGS.items():  # an option added later, at the value that reproduces older runs
+        *parents, leaf = dotted.split(".")
+        node = config
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf, neutral) == neutral:
+            node.pop(leaf, None)
+    return fingerprint(config)  # type: ignore[arg-type]
 
 
 def key(arm: str, seed: int) -> str:
@@ -207,7 +231,7 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
     out = [*common, f"init_from={quote(start)}", *extra[:2],
            f"optimizer.lr={float(cfg.optimizer.lr) * float(p['continue_lr_factor']):g}",
            f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}", *extra[2:]]
-    if arm in ("semi", "control"):
+    if is_semi(arm):
         out.append(f"semi.unlabeled={quote(split['unlabeled'])}")
     return out
 
@@ -283,7 +307,7 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path
             start: Path | None = None) -> Path | None:
     """Run (or resume, or find done) one arm; its run dir, or None when another process holds it."""
     rec = recipe(arm, seed, a)
-    run_dir = a.out / f"seed{seed}" / f"{arm}_{fingerprint(rec)}"
+    run_dir = a.out / f"seed{seed}" / f"{arm.replace(':', '-')}_{fingerprint(rec)}"
     if done(load_ledger(a.ledger), arm, seed, a) and (run_dir / "metrics.json").is_file():
         return run_dir
     with claimed(run_dir) as mine:
@@ -304,14 +328,15 @@ def _fmt(x: float | None, scale: float = 100.0) -> str:
 def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str:
     """The markdown table: each arm's final AP (deployed and student) as mean +- std over the seeds,
     the paired difference to labeled-only continued, pseudo-label health, seconds per step, a verdict."""
-    runs = {arm: {s: ledger["runs"][key(arm, s)] for s in a.seeds if done(ledger, arm, s, a)} for arm in ARMS}
+    arms = table_arms(a)
+    runs = {arm: {s: ledger["runs"][key(arm, s)] for s in a.seeds if done(ledger, arm, s, a)} for arm in arms}
     base, conv = runs["labeled"], runs["converge"]
     lines = [f"### {a.name}\n",
              "| arm | seeds | AP | AP50 | student AP | AP - labeled (paired) | pseudo P / R | s/step |",
              "|---|---|---|---|---|---|---|---|"]
     spread: dict[str, float] = {}
     diffs: dict[str, list[float]] = {}
-    for arm in ARMS:
+    for arm in arms:
         r = runs[arm]
         if not r:
             continue
@@ -351,7 +376,8 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     p = a.protocol
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
-                 f"`{p['finetune']} {a.args}`".rstrip() + f"; semi arm `{p['semi']}`.")
+                 f"`{p['finetune']} {a.args}`".rstrip() + f"; semi arm `{p['semi']}`"
+                 + "".join(f"; `semi:{n}` adds `{o}`" for n, o in a.variants.items()) + ".")
     machines = sorted({e["machine"] for r in runs.values() for e in r.values()})
     dates = sorted({e["date"] for r in runs.values() for e in r.values()})
     if machines:
@@ -359,12 +385,23 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     return "\n".join(lines) + "\n"
 
 
+def table_arms(a: argparse.Namespace) -> list[str]:
+    """The table's rows: the protocol's arms with each ``--variant`` after ``semi``."""
+    out = []
+    for arm in ARMS:
+        out.append(arm)
+        if arm == "semi":
+            out += [f"semi:{n}" for n in a.variants]
+    return out
+
+
 def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float]) -> str:
     """What the table says, from its own numbers: a gain counts when the mean paired difference
     exceeds the larger of the two arms' std over the seeds."""
     out = []
-    for arm, what in (("semi", "Teacher-student training"), ("control", "The control (EMA teacher, no unlabeled loss)"),
-                      ("ceiling", "The 100%-label ceiling")):
+    variants = [(arm, f"Teacher-student training with `{arm}`") for arm in diffs if arm.startswith("semi:")]
+    for arm, what in (("semi", "Teacher-student training"), *variants,
+                      ("control", "The control (EMA teacher, no unlabeled loss)"), ("ceiling", "The 100%-label ceiling")):
         if arm not in diffs:
             continue
         m, s = statistics.mean(diffs[arm]), spread[arm]
@@ -374,9 +411,11 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float]) -> st
         word = "beats" if m > s else ("falls below" if m < -s else "is within the spread of")
         out.append(f"{what} {word} labeled-only continued: {m * 100:+.1f} AP (paired, {len(diffs[arm])} seeds; "
                    f"spread {s * 100:.1f}).")
-    if "semi" in diffs and "control" in diffs:
-        gap = statistics.mean(diffs["semi"]) - statistics.mean(diffs["control"])
-        out.append(f"What the unlabeled images add beyond the control: {gap * 100:+.1f} AP.")
+    for arm in ("semi", *(v for v, _ in variants)):
+        if arm in diffs and "control" in diffs:
+            gap = statistics.mean(diffs[arm]) - statistics.mean(diffs["control"])
+            name = "" if arm == "semi" else f" (`{arm}`)"
+            out.append(f"What the unlabeled images add beyond the control{name}: {gap * 100:+.1f} AP.")
     if "ceiling" in diffs and statistics.mean(diffs["ceiling"]) <= spread["ceiling"]:
         out.append("The ceiling is not clearly above labeled-only at this budget: no semi method can show a gain here.")
     return " ".join(out) or "No paired runs yet."
@@ -400,7 +439,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None,
                    help="the ledger's and table's name (default: the dataset's or --train's folder)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=None,
+                   help=f"of {', '.join(ARMS)} and semi:NAME for each --variant (default: all of them)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="an extra semi arm `semi:NAME`: the protocol's semi recipe plus these Hydra overrides, e.g. "
+                        "--variant erase=semi.strong_view=soft_teacher (repeatable; its own ledger rows)")
     p.add_argument("--args", default=None, help="Hydra overrides added to every run (default: the dataset's)")
     p.add_argument("--protocol", type=Path, default=PROTOCOL, help="the protocol's YAML (default conf/bench/semi.yaml)")
     p.add_argument("--out", type=Path, default=None, help="run directories (default outputs/bench_semi/<name>)")
@@ -409,6 +452,17 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="run nothing: the table from the ledger")
     a = p.parse_args(argv)
     a.protocol = load_protocol(a.protocol)
+    a.variants = {}
+    for v in a.variant:
+        name, sep, extra = v.partition("=")
+        if not sep or not name or not extra.strip() or not name.replace("_", "").replace("-", "").isalnum():
+            p.error(f"--variant {v!r}: give NAME=OVERRIDES (NAME letters, digits, - or _)")
+        a.variants[name] = extra.strip()
+    known = [*ARMS, *(f"semi:{n}" for n in a.variants)]
+    a.arms = a.arms or known
+    for arm in a.arms:
+        if arm not in known:
+            p.error(f"--arms {arm}: not one of {', '.join(known)}")
     if a.dataset and (a.train or a.val):
         p.error("give --dataset or --train/--val, not both")
     if a.dataset:

@@ -17,12 +17,14 @@ import bench_semi as bs
 
 # Final-validation AP per arm and seed that the fake runs report.
 AP = {"converge": {1: 0.18, 2: 0.20}, "labeled": {1: 0.20, 2: 0.22}, "semi": {1: 0.25, 2: 0.28},
-      "control": {1: 0.21, 2: 0.22}, "ceiling": {1: 0.40, 2: 0.42}}
+      "control": {1: 0.21, 2: 0.22}, "ceiling": {1: 0.40, 2: 0.42}, "semi:erase": {1: 0.23, 2: 0.27}}
 
 
 def arm_of(ov: list[str]) -> str:
     if any(o.startswith("semi.unsup_weight=0") for o in ov):
         return "control"
+    if "semi.strong_view=soft_teacher" in ov:
+        return "semi:erase"
     if any(o.startswith("semi.unlabeled=") for o in ov):
         return "semi"
     if any(o.startswith("init_from=") for o in ov):
@@ -54,7 +56,7 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
         calls.append((arm_of(ov), ov))
         seed = int(next(o for o in ov if o.startswith("seed=")).split("=")[1])
         ap = AP[arm_of(ov)][seed]
-        semi = arm_of(ov) in ("semi", "control")
+        semi = arm_of(ov) in ("semi", "control", "semi:erase")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints" / "best.ckpt").write_bytes(b"")
         hist = [{"step": 100, "val_AP": ap - 0.02, "val_AP50": 2 * ap}, {"step": 200, "val_AP": ap - 0.01},
@@ -178,3 +180,44 @@ def test_resized_copy_keeps_boxes_on_their_objects(tmp_path: Path) -> None:
         assert px[32, 17] > 200 and px[10, 40] < 50  # inside the scaled box white, outside black
     with pytest.raises(FileNotFoundError, match="a.jpg"):
         resize_coco(tmp_path / "src" / "train.json", tmp_path / "other", 100, image_root=tmp_path / "nowhere")
+
+
+def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[str, Any]) -> None:
+    bs.run(bs.parse(fake["argv"]))
+    calls = fake["calls"]
+    calls.clear()
+    a = bs.parse([*fake["argv"], "--variant", "erase=semi.strong_view=soft_teacher"])
+    assert a.arms == [*bs.ARMS, "semi:erase"]
+    bs.run(a)
+    # only the new arm runs: the converged detector, the other arms and their fingerprints are reused
+    assert [arm for arm, _ in calls] == ["semi:erase", "semi:erase"]
+    for _, ov in calls:
+        assert a.protocol["semi"] in ov and ov.index("semi.strong_view=soft_teacher") > ov.index(a.protocol["semi"])
+        assert any(o.startswith("init_from=") and "converge_" in o for o in ov)
+        assert "scheduler=constant" in ov and any(o.startswith("semi.unlabeled=") for o in ov)
+    assert all(d.name.startswith("semi-erase_") for d in (fake["tmp"] / "runs" / "seed1").iterdir()
+               if "erase" in d.name)
+    text = bs.table(bs.load_ledger(fake["tmp"] / "ledger.json"), a, "cmd")
+    # semi:erase - labeled: +3 and +5 -> +4.0 +- 1.4, right after the semi row
+    assert "| semi | 2 |" in text and "| semi:erase | 2 | 25.0 +- 2.8 |" in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seeds" not in line]
+    assert rows == ["| converge", "| labeled", "| semi", "| semi:erase", "| control", "| ceiling"]
+    assert "Teacher-student training with `semi:erase` beats labeled-only continued: +4.0 AP" in text
+    assert "What the unlabeled images add beyond the control (`semi:erase`): +3.5 AP." in text
+    assert "`semi:erase` adds `semi.strong_view=soft_teacher`" in text
+    for bad in ("erase", "=semi.x=1", "er ase=semi.x=1", "erase= "):
+        with pytest.raises(SystemExit):
+            bs.parse([*fake["argv"], "--variant", bad])
+    with pytest.raises(SystemExit):
+        bs.parse([*fake["argv"], "--arms", "semi:nope"])
+
+
+def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
+    from omegaconf import OmegaConf
+
+    settings = ("experiment=semi_bench", "semi=bench")
+    config = OmegaConf.to_container(bs.finetune_config(settings), resolve=False)
+    assert config["semi"]["strong_view"] == "unbiased_teacher"
+    del config["semi"]["strong_view"]  # the config as it was before the option existed
+    assert bs.config_hash(settings) == bs.fingerprint(config)
+    assert bs.config_hash((*settings, "semi.strong_view=soft_teacher")) != bs.config_hash(settings)

@@ -387,6 +387,31 @@ def test_strong_view_survives_grayscale_without_erasing():
     assert gray_untouched >= 1
 
 
+def _erased_fraction(view: torch.Tensor) -> float:
+    """Of a view of a constant image (colour jitter and grayscale keep it constant): the fraction of
+    pixels that differ from its most common colour, i.e. that an erasing pass filled."""
+    background = view.flatten(1).mode(1).values.reshape(-1, 1, 1)
+    return float((view != background).any(0).float().mean())
+
+
+def test_soft_teacher_view_erases_one_to_five_small_squares():
+    img = torch.full((3, 60, 80), 0.5)
+    erased = []
+    for seed in range(60):
+        s = strong_augment(img, torch.Generator().manual_seed(seed), view="soft_teacher")
+        assert s.shape == img.shape and 0 <= float(s.min()) and float(s.max()) <= 1
+        assert torch.equal(s, strong_augment(img, torch.Generator().manual_seed(seed), view="soft_teacher"))
+        erased.append(_erased_fraction(s))
+    # at most 5 squares of side < 0.2 x 60 = 12 px, and some erasing in most views
+    assert max(erased) <= 5 * 11 * 11 / (60 * 80)
+    assert sum(e > 0 for e in erased) >= 50
+    # Unbiased Teacher's view erases several times more of the image (5-20% per pass, up to 3 passes)
+    ut = [_erased_fraction(strong_augment(img, torch.Generator().manual_seed(k))) for k in range(60)]
+    assert sum(erased) < sum(ut) / 3, (sum(erased), sum(ut))
+    with pytest.raises(ValueError, match="strong view 'heavy'"):
+        strong_augment(img, view="heavy")
+
+
 # ----------------------------------------------------------------------------------- health
 def test_health_precision_recall_by_hand():
     h = PseudoLabelHealth(2, ["a", "b"])

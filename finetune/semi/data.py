@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from finetune.semi.views import flip_boxes, strong_augment, weak_view
+from finetune.transforms import STRONG_VIEWS
 from pretrain.core.data.images import DEFAULT_MAX_PIXELS
 from pretrain.core.data.unlabeled import UnlabeledImages
 
@@ -48,6 +49,8 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
             hidden ground truth with it. The strong view's blur and erasing then act at the scale the
             detector sees, and a 2048 px photograph is not augmented at full size for a 480 px
             detector (each step paid ~20x the pixels). None: the images as they are.
+        strong_view: which strong view (:data:`finetune.transforms.STRONG_VIEWS`): ``unbiased_teacher``
+            or ``soft_teacher``.
 
     Unreadable images are skipped (logged, counted in ``.skipped``) and the next readable one is
     returned in their place, so one bad file never stops a long run.
@@ -61,9 +64,13 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_root: str | Path | None = None,
         working_size: tuple[int, int] | None = None,
+        strong_view: str = "unbiased_teacher",
     ) -> None:
         self.images = UnlabeledImages(source, transform=None, max_pixels=max_pixels, image_root=image_root)
         self.strong = strong
+        if strong_view not in STRONG_VIEWS:
+            raise ValueError(f"semi.strong_view={strong_view!r} must be one of {sorted(STRONG_VIEWS)}")
+        self.strong_view = strong_view
         self.working_size = working_size
         self.ground_truth: list[dict[str, np.ndarray]] | None = None
         self.unknown_categories = 0
@@ -102,7 +109,7 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
             scale_xy = (image.shape[-1] / w, image.shape[-2] / h)
         flipped = bool(torch.rand(()) < 0.5)
         weak = weak_view(image, flipped)
-        strong = strong_augment(weak) if self.strong else weak
+        strong = strong_augment(weak, view=self.strong_view) if self.strong else weak
         gt = None
         if self.ground_truth is not None:
             g = self.ground_truth[index]

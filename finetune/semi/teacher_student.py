@@ -36,6 +36,7 @@ from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
 from finetune.semi.thresholds import max_pseudo_per_image
+from finetune.transforms import STRONG_VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class TeacherStudentMode(SemiMode):
         if str(s.get("roi_focal_on", "all")) not in ("all", "unlabeled"):
             raise ValueError(f"semi.roi_focal_on={s.get('roi_focal_on')!r} must be 'all' (labeled and pseudo-labeled "
                              "RoI losses, Unbiased Teacher's) or 'unlabeled' (the labeled loss stays cross-entropy)")
+        if str(s.get("strong_view", "unbiased_teacher")) not in STRONG_VIEWS:
+            raise ValueError(f"semi.strong_view={s.get('strong_view')!r} must be one of {sorted(STRONG_VIEWS)}")
         if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
