@@ -188,7 +188,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, plan: PlanBuilder 
         checkpoint = ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="best", monitor="val/AP", mode="max",
                                      save_top_k=1, save_last=False, auto_insert_metric_name=False)
     trainer_cfg: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-    hardware = precision.apply(trainer_cfg)
+    # Fine-tuning trains NCHW: torchvision's detection transform batches the images NCHW and the
+    # model is not converted, so metrics.json's hardware record says so (inference, finetune.inference,
+    # converts where it helps; training in channels_last is not measured yet).
+    hardware = precision.apply(trainer_cfg, channels_last=False)
     trainer_cfg["sync_batchnorm"] = use_sync_batchnorm(trainer_cfg, str(cfg.backbone.norm), norms=("syncbn",))
     extra: list[pl.Callback] = [DeterministicResume(int(cfg.seed), fit_plan.samplers)]
     extra += [DistributedReport()] if int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or str(
