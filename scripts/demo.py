@@ -150,8 +150,37 @@ SEMI_ARM_SMOKE = ["semi=bench", "semi.ema_time_constant=null", "semi.ema_decay=0
                   "trainer.max_epochs=1"]
 
 
-def semi_note(semi: dict, ssl: dict) -> str:
-    """One sentence on the semi arm: AP against the SSL fine-tune it started from, and its pseudo-labels."""
+SEMI_LEDGERS = {"from random init": "synthetic", "from the SSL backbone": "synthetic_ssl"}
+SEMI_BENCH = "python scripts/bench_semi.py --dataset synthetic"
+
+
+def semi_benchmark_figures(root: Path = LEDGER.parents[1] / "semi") -> list[str]:
+    """The semi benchmark's paired results on the demo's scenes (converge, then continue; ledgers
+    ``benchmarks/semi/<name>.json``): per start and semi arm with at least 2 seeds paired with
+    labeled-only continued, the mean +- std of the paired AP difference, in AP points."""
+    import statistics
+
+    out = []
+    for start, name in SEMI_LEDGERS.items():
+        path = root / f"{name}.json"
+        if not path.is_file():
+            continue
+        runs = json.loads(path.read_text()).get("runs", {})
+        labeled = {k.split("/seed")[1]: v["AP"] for k, v in runs.items() if k.startswith("labeled/") and v.get("AP")}
+        arms = sorted({k.split("/")[0] for k in runs if k.startswith("semi")})
+        for arm in arms:
+            d = [(v["AP"] - labeled[k.split("/seed")[1]]) * 100 for k, v in runs.items()
+                 if k.split("/")[0] == arm and v.get("AP") is not None and k.split("/seed")[1] in labeled]
+            if len(d) >= 2:
+                out.append(f"{start}, `{arm}` {statistics.mean(d):+.1f} +- {statistics.stdev(d):.1f} AP "
+                           f"against labeled-only continued ({len(d)} seeds)")
+    return out
+
+
+def semi_note(semi: dict, ssl: dict, bench: list[str] | None = None) -> str:
+    """The semi arm in words: AP against the SSL fine-tune it started from, its pseudo-labels, why it
+    did not pay when it did not, and the semi benchmark's paired figures (``bench``, see
+    :func:`semi_benchmark_figures`)."""
     s = semi.get("semi") or {}
     ap, base = semi["coco"]["AP"] * 100, ssl["coco"]["AP"] * 100
     health = s.get("pseudo_labels") or {}
@@ -163,9 +192,16 @@ def semi_note(semi: dict, ssl: dict) -> str:
     # Below half a point the two runs are within the demo's run-to-run spread: no verdict either way.
     word = ("improved it" if ap > base + 0.5 else "did not improve it" if ap < base - 0.5
             else "left it about where it was")
+    why = ""
+    if ap <= base + 0.5 and health.get("precision") is not None and health["precision"] < 0.5:
+        why = (f" Fewer than half of the pseudo-boxes are right (a teacher of AP {base:.0f} on these scenes), so the "
+               "unlabeled images teach more wrong boxes than right ones.")
+    bench = semi_benchmark_figures() if bench is None else bench
+    measured = (f" The semi benchmark on these scenes ({SEMI_BENCH}; BENCHMARKS.md): {'; '.join(bench)}."
+                if bench else "")
     return (f"Unbiased Teacher from the SSL fine-tune ({s.get('deployed', '?')} weights deployed) {word}: AP "
             f"{ap:.1f} against {base:.1f} ({ap - base:+.1f} points, {semi.get('global_step')} more steps with "
-            f"the unlabeled images){pr}.")
+            f"the unlabeled images){pr}.{why}{measured}")
 
 
 def main() -> None:

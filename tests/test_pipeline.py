@@ -167,6 +167,28 @@ def test_demo_reads_its_spread_and_the_longer_budget_from_the_ssl_ledger(tmp_pat
     assert "20 labels: fine-tuned backbone +3.5 +- 0.7 AP over 2 seeds" in demo.longer_budget_note(f)
 
 
+def test_demo_semi_note_says_why_and_reads_the_semi_ledgers(tmp_path):
+    demo = _demo_module()
+    assert demo.semi_benchmark_figures(tmp_path) == []
+    runs = {"labeled/seed1": {"AP": 0.19}, "labeled/seed2": {"AP": 0.18}, "semi/seed1": {"AP": 0.18},
+            "semi/seed2": {"AP": 0.18}, "semi:erase/seed1": {"AP": 0.22}, "semi:erase/seed2": {"AP": 0.20},
+            "semi:t7/seed1": {"AP": 0.30}, "control/seed1": {"AP": 0.30}}  # one seed of t7: no figure
+    (tmp_path / "synthetic_ssl.json").write_text(json.dumps({"runs": runs}))
+    bench = demo.semi_benchmark_figures(tmp_path)
+    assert bench == ["from the SSL backbone, `semi` -0.5 +- 0.7 AP against labeled-only continued (2 seeds)",
+                     "from the SSL backbone, `semi:erase` +2.5 +- 0.7 AP against labeled-only continued (2 seeds)"]
+    ssl = {"coco": {"AP": 0.16}}
+    noisy = {"coco": {"AP": 0.14}, "global_step": 78, "semi": {"deployed": "teacher", "pseudo_labels": {
+        "precision": 0.38, "recall": 0.36, "pseudo_boxes_per_image": 2.8, "labeled_boxes_per_image": 2.86}}}
+    text = demo.semi_note(noisy, ssl, bench)
+    assert "did not improve it: AP 14.0 against 16.0 (-2.0 points" in text
+    assert "Fewer than half of the pseudo-boxes are right" in text and "`semi:erase` +2.5 +- 0.7" in text
+    clean = {**noisy, "coco": {"AP": 0.18}}
+    clean["semi"] = {**noisy["semi"], "pseudo_labels": {**noisy["semi"]["pseudo_labels"], "precision": 0.8}}
+    text = demo.semi_note(clean, ssl, [])
+    assert "improved it: AP 18.0" in text and "Fewer than half" not in text and "semi benchmark" not in text
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_stage_dies_with_the_process_that_started_it(tmp_path):
     """A benchmark killed mid-run must not leave its stage writing into the run directory that its
