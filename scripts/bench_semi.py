@@ -286,6 +286,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     """Every (seed, arm) of ``a`` not in the ledger: the converged run first, then its continuations."""
     if any(not done(load_ledger(a.ledger), arm, s, a) for s in a.seeds for arm in a.arms):
         at_working_size(a)
+    if a.variants:  # the table of a later run (or --report-only) without --variant keeps these rows
+        update_ledger(a.ledger, lambda led: led.setdefault("variants", {}).update(a.variants))
     for seed in a.seeds:
         split = None
         for arm in a.arms:
@@ -371,8 +373,15 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
                      f"converged run's best validation; {len(start)} seeds): "
                      + ("the continuation's LR keeps what convergence reached." if m >= -noise else
                         "it fell, so the continuation's LR is too high for this set (lower continue_lr_factor)."))
+    vs_semi = {}  # a variant against the protocol's semi arm, paired by seed: what the variant changes
+    for arm in arms:
+        if arm.startswith("semi:") and runs[arm] and runs["semi"]:
+            common = [s for s in runs[arm] if s in runs["semi"] and runs[arm][s]["AP"] is not None
+                      and runs["semi"][s]["AP"] is not None]
+            if common:
+                vs_semi[arm] = [runs[arm][s]["AP"] - runs["semi"][s]["AP"] for s in common]
     lines.append("")
-    lines.append(verdict(diffs, spread))
+    lines.append(verdict(diffs, spread, vs_semi))
     p = a.protocol
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
@@ -395,9 +404,11 @@ def table_arms(a: argparse.Namespace) -> list[str]:
     return out
 
 
-def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float]) -> str:
+def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
+            vs_semi: Mapping[str, list[float]] | None = None) -> str:
     """What the table says, from its own numbers: a gain counts when the mean paired difference
-    exceeds the larger of the two arms' std over the seeds."""
+    exceeds the larger of the two arms' std over the seeds. ``vs_semi``: each variant's paired AP
+    differences to the protocol's semi arm."""
     out = []
     variants = [(arm, f"Teacher-student training with `{arm}`") for arm in diffs if arm.startswith("semi:")]
     for arm, what in (("semi", "Teacher-student training"), *variants,
@@ -416,6 +427,10 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float]) -> st
             gap = statistics.mean(diffs[arm]) - statistics.mean(diffs["control"])
             name = "" if arm == "semi" else f" (`{arm}`)"
             out.append(f"What the unlabeled images add beyond the control{name}: {gap * 100:+.1f} AP.")
+    for arm, d in (vs_semi or {}).items():
+        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
+        out.append(f"`{arm}` against `semi` on the same seeds: {statistics.mean(d) * 100:+.1f}{sd} AP "
+                   f"(paired, {len(d)} seed{'s' if len(d) > 1 else ''}).")
     if "ceiling" in diffs and statistics.mean(diffs["ceiling"]) <= spread["ceiling"]:
         out.append("The ceiling is not clearly above labeled-only at this budget: no semi method can show a gain here.")
     return " ".join(out) or "No paired runs yet."
@@ -457,6 +472,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         name, sep, extra = v.partition("=")
         if not sep or not name or not extra.strip() or not name.replace("_", "").replace("-", "").isalnum():
             p.error(f"--variant {v!r}: give NAME=OVERRIDES (NAME letters, digits, - or _)")
+        if name in a.variants:
+            p.error(f"--variant {name} is given twice")
         a.variants[name] = extra.strip()
     known = [*ARMS, *(f"semi:{n}" for n in a.variants)]
     a.arms = a.arms or known
@@ -496,6 +513,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse(argv)
     ledger = load_ledger(a.ledger) if a.report_only else run(a)
+    a.variants = {**ledger.get("variants", {}), **a.variants}  # recorded variants keep their rows
     args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--report-only"]
     text = table(ledger, a, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *args]))
     print("\n" + text)

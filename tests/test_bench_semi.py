@@ -182,7 +182,8 @@ def test_resized_copy_keeps_boxes_on_their_objects(tmp_path: Path) -> None:
         resize_coco(tmp_path / "src" / "train.json", tmp_path / "other", 100, image_root=tmp_path / "nowhere")
 
 
-def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[str, Any]) -> None:
+def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[str, Any],
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     bs.run(bs.parse(fake["argv"]))
     calls = fake["calls"]
     calls.clear()
@@ -205,6 +206,14 @@ def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[
     assert "Teacher-student training with `semi:erase` beats labeled-only continued: +4.0 AP" in text
     assert "What the unlabeled images add beyond the control (`semi:erase`): +3.5 AP." in text
     assert "`semi:erase` adds `semi.strong_view=soft_teacher`" in text
+    assert "`semi:erase` against `semi` on the same seeds: -1.5 +- 0.7 AP (paired, 2 seeds)." in text
+    # the ledger keeps the variant: a report without --variant still has its row
+    assert bs.load_ledger(fake["tmp"] / "ledger.json")["variants"] == {"erase": "semi.strong_view=soft_teacher"}
+    capsys.readouterr()
+    bs.main([*fake["argv"], "--report-only"])
+    assert "| semi:erase | 2 | 25.0 +- 2.8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bs.parse([*fake["argv"], "--variant", "erase=semi.x=1", "--variant", "erase=semi.x=2"])
     for bad in ("erase", "=semi.x=1", "er ase=semi.x=1", "erase= "):
         with pytest.raises(SystemExit):
             bs.parse([*fake["argv"], "--variant", bad])

@@ -394,7 +394,7 @@ def _erased_fraction(view: torch.Tensor) -> float:
     return float((view != background).any(0).float().mean())
 
 
-def test_soft_teacher_view_erases_one_to_five_small_squares():
+def test_soft_teacher_view_erases_one_to_four_small_squares():
     img = torch.full((3, 60, 80), 0.5)
     erased = []
     for seed in range(60):
@@ -402,9 +402,9 @@ def test_soft_teacher_view_erases_one_to_five_small_squares():
         assert s.shape == img.shape and 0 <= float(s.min()) and float(s.max()) <= 1
         assert torch.equal(s, strong_augment(img, torch.Generator().manual_seed(seed), view="soft_teacher"))
         erased.append(_erased_fraction(s))
-    # at most 5 squares of side < 0.2 x 60 = 12 px, and some erasing in most views
-    assert max(erased) <= 5 * 11 * 11 / (60 * 80)
-    assert sum(e > 0 for e in erased) >= 50
+    # at most 4 squares of side < 0.2 x 60 = 12 px, and some erasing in most views
+    assert max(erased) <= 4 * 11 * 11 / (60 * 80)
+    assert sum(e > 0 for e in erased) >= 45
     # Unbiased Teacher's view erases several times more of the image (5-20% per pass, up to 3 passes)
     ut = [_erased_fraction(strong_augment(img, torch.Generator().manual_seed(k))) for k in range(60)]
     assert sum(erased) < sum(ut) / 3, (sum(erased), sum(ut))

@@ -221,7 +221,7 @@ def test_semi_options_refuse_bad_values(synthetic_data, caplog):
            "semi.max_pseudo_per_image=many": "max_pseudo_per_image", "semi.max_pseudo_factor=0": "max_pseudo_factor",
            "semi.gmm_fallback=1.5": "gmm_fallback", "semi.ema_time_constant=0": "ema_time_constant",
            "semi.ema_time_constant=1.5": "ema_time_constant", "semi.deploy=ensemble": "semi.deploy",
-           "semi.ema_ramp=sometimes": "ema_ramp"}
+           "semi.ema_ramp=sometimes": "ema_ramp", "semi.strong_view=heavy": "strong_view"}
     for override, key in bad.items():
         with pytest.raises((ValueError, TypeError), match=key):
             check_config(smoke_cfg(root, "semi=unbiased_teacher", override))
@@ -232,6 +232,8 @@ def test_semi_options_refuse_bad_values(synthetic_data, caplog):
         check_config(smoke_cfg(root, "semi=consistency", "detector=retinanet", "semi.pseudo_nms_iou=0.5"))
     with pytest.raises(ValueError, match="ema_ramp"):
         check_unused(smoke_cfg(root, "semi.ema_ramp=true"))
+    with pytest.raises(ValueError, match="strong_view"):  # no mode of semi=none builds a strong view
+        check_unused(smoke_cfg(root, "semi.strong_view=soft_teacher"))
     # The old key is read, with a deprecation warning.
     with caplog.at_level("WARNING"):
         check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", "semi.empty_batch_weight=0.05"))
@@ -378,6 +380,21 @@ def test_unlabeled_views_at_the_detectors_working_size(tmp_path):
         assert float(item["weak"][:, y1 + 2:y2 - 2, x1 + 2:x2 - 2].min()) > 0.9  # the square is under its box
     assert ds[1]["weak"].shape == (3, 30, 60)  # smaller than the working size: not upscaled here
     assert UnlabeledDetectionImages(tmp_path / "u.json", {5: 1})[0]["weak"].shape == (3, 200, 400)
+    # semi.strong_view reaches the views: on the blank image b.png, Soft Teacher's view erases at most
+    # 4 squares of side < 0.2 x 30 px, Unbiased Teacher's far more (5-20% of the image per pass)
+    def erased(view: str) -> float:
+        d = UnlabeledDetectionImages(tmp_path / "u.json", {5: 1}, strong_view=view)
+        torch.manual_seed(0)
+        total = 0.0
+        for _ in range(30):
+            strong = d[1]["strong"]
+            background = strong.flatten(1).mode(1).values.reshape(3, 1, 1)
+            total += float((strong != background).any(0).float().mean()) / 30
+        return total
+    soft_area, ut_area = erased("soft_teacher"), erased("unbiased_teacher")
+    assert 0 < soft_area <= 4 * 5 * 5 / (30 * 60) and ut_area > 2 * soft_area, (soft_area, ut_area)
+    with pytest.raises(ValueError, match="strong_view"):
+        UnlabeledDetectionImages(tmp_path / "u.json", {5: 1}, strong_view="heavy")
 
 
 def test_burn_in_reads_no_unlabeled_image(synthetic_data, tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 # Settings that act only on a teacher and its pseudo-labels, with the value that leaves them off: a
 # run without a teacher refuses them when set (they would silently do nothing).
 TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
-                                   "ema_ramp": False, "ema_time_constant": None}
+                                   "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher"}
 
 EMPTY_WEIGHT = 0.01  # Consistent Teacher's background_weight
 
