@@ -220,6 +220,16 @@ def test_collapse_warnings_fire_after_their_patience():
     swav.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 0)
     assert swav.streak == 0 and not swav.warned
 
+    # SimCLR: ln(2N - 1) with N the images per step over all processes (here 8 x 2 processes)
+    from pretrain.methods.simclr import UniformSimilarityWarning
+
+    simclr = UniformSimilarityWarning(batch_size=8, margin=0.02, patience=2)
+    simclr.setup(SimpleNamespace(world_size=2), None, "fit")
+    assert simclr.target == pytest.approx(math.log(31))
+    simclr.on_train_batch_end(trainer, None, {"loss": torch.tensor(math.log(31) - 0.01)}, None, 0)
+    with pytest.warns(UserWarning, match=r"ln\(2N - 1\) = 3.434 \(N = 16 .*min_scale"):
+        simclr.on_train_batch_end(trainer, None, {"loss": torch.tensor(math.log(31) + 0.01)}, None, 0)
+
     vic = MetricBelowWarning("vicreg_std", threshold=0.05, patience=2, message="std near zero")
     trainer.callback_metrics = {"vicreg_std": torch.tensor(0.5)}
     vic.on_train_batch_end(trainer, None, None, None, 0)

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightly.loss import NTXentLoss
@@ -16,7 +18,29 @@ from lightly.models.modules import SimCLRProjectionHead
 from omegaconf import DictConfig
 from torch import Tensor
 
+from pretrain.callbacks import LossNearValueWarning
 from pretrain.methods.base import SSLMethod
+
+
+class UniformSimilarityWarning(LossNearValueWarning):
+    """SimCLR's loss stuck at ln(2N - 1), N the images contrasted per step over all processes: every
+    view is as similar to its positive as to the 2N - 2 negatives, the loss of constant embeddings.
+    The value is set when fitting starts (it needs the number of processes)."""
+
+    def __init__(self, batch_size: int, margin: float, patience: int) -> None:
+        super().__init__(value=math.nan, margin=margin, patience=patience, message="")
+        self.batch_size = batch_size
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        n = self.batch_size * int(trainer.world_size)
+        self.target = math.log(2 * n - 1)
+        self.message = (
+            f"SimCLR loss has stayed near ln(2N - 1) = {self.target:.3f} (N = {n} images per step): positives "
+            "are no more similar than negatives, the embeddings have collapsed. The two views of an image "
+            "must share content the other images lack: on images that all look alike (cells, textures) "
+            "raise method.transform.min_scale so the crops overlap, or use a dense objective "
+            "(method=densecl, method=detcon); a lower LR helps when it collapsed after learning."
+        )
 
 
 class SimCLR(SSLMethod):
@@ -33,6 +57,12 @@ class SimCLR(SSLMethod):
             temperature=float(m["temperature"]),
             gather_distributed=dist.is_available(),  # only acts under a process group
         )
+
+    def method_callbacks(self) -> list[pl.Callback]:
+        m = self.method_cfg
+        return [UniformSimilarityWarning(int(self.config["data"]["batch_size"]),
+                                         margin=float(m.get("collapse_margin", 0.02)),
+                                         patience=int(m.get("collapse_patience", 200)))]
 
     def compute_loss(self, views: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor | float]]:
         if len(views) != 2:
