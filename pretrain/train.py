@@ -93,6 +93,7 @@ def train(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     seed = int(config.get("seed", 0))
     loader = train_loader(config["data"], transform, config["method"]["transform"], seed=seed)
     val_loader = knn_loader(config)
+    model.knn_reference_loader = val_loader  # the step-0 reference, whatever the validation cadence
 
     checkpoint, *step_checkpoint = last_checkpoint_callbacks(run_dir, config.get("checkpoint_every_n_steps"))
     resumable = DeterministicResume(seed, {"train": (loader.sampler, int(loader.batch_size or 1))})  # type: ignore[dict-item]

@@ -208,6 +208,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+def test_step0_reference_without_validation_in_the_first_epoch(tmp_path, monkeypatch):
+    """A run that validates every few epochs (long runs probe every 100) still measures its
+    random-features reference at step 0, before any update."""
+    monkeypatch.chdir(tmp_path)
+    saved = train(smoke_cfg("method=simclr", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2"))
+    assert saved["knn_top1_random"] is not None and 0 <= saved["knn_top1_random"] <= 1
+    assert [h["epoch"] for h in saved["knn_history"]] == [1]  # the validations themselves keep their cadence
+
+
 def test_collapse_warnings_fire_after_their_patience():
     trainer = SimpleNamespace(global_step=0, callback_metrics={})
     swav = LossNearValueWarning(value=math.log(16), margin=0.05, patience=3, message="collapse")

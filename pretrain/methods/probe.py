@@ -49,17 +49,18 @@ class KnnProbe(pl.LightningModule):
                     logger.log_metrics({"knn_top1_step0": self.knn_step0}, step=0)
 
     def _knn_val_loader(self) -> Any:
-        """The trainer's validation (kNN probe) loader, or None when the run has none.
-
-        Lightning sets it up before ``on_train_start`` when validation is due in the first epoch
-        (the default ``trainer.check_val_every_n_epoch=1``); otherwise there is no step-0 reference.
-        """
+        """The kNN probe's loader: the trainer's validation loader, set up before ``on_train_start``
+        when validation is due in the first epoch; otherwise the loader the training entry point
+        handed over (``knn_reference_loader``), so that a run validating every 100 epochs still gets
+        its random-features reference. None when the run has no probe."""
         loaders = self.trainer.val_dataloaders
-        if loaders is None and self.config.get("data", {}).get("knn_val_json"):
-            log.info("no step-0 kNN reference: validation is not due in the first epoch "
-                     "(trainer.check_val_every_n_epoch=1 measures it)")
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
+        if loaders is None:
+            loaders = getattr(self, "knn_reference_loader", None)
+            if loaders is None and self.config.get("data", {}).get("knn_val_json"):
+                log.info("no step-0 kNN reference: validation is not due in the first epoch and no "
+                         "reference loader was given")
         return loaders
 
     @torch.no_grad()
