@@ -189,10 +189,12 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
             "date": dt.date.today().isoformat()}
 
 
-def random_features_knn(pretrain: str) -> float:
+def random_features_knn(pretrain: str, data: Sequence[str] = ()) -> float:
     """The kNN top-1 of the pretraining's step-0 backbone, its seeded random init, on its probe's crops
     (fp32): for a run made before pretraining measured it itself (``knn_top1_random``). The module is
-    built as ``pretrain.train`` builds it, after the same seed, so it starts from the same weights."""
+    built as ``pretrain.train`` builds it, after the same seed, so it starts from the same weights.
+    ``data``: the run's data overrides (``data.root``, ``data.knn_val_json``): without them the probe
+    would be the default set's crops, not the run's."""
     import hydra.utils
     import pytorch_lightning as pl
     import torch
@@ -204,7 +206,7 @@ def random_features_knn(pretrain: str) -> float:
     from pretrain.methods.base import plain_config
 
     with initialize_config_dir(config_dir("pretrain"), version_base="1.3"):
-        config = plain_config(compose("pretrain", overrides=shlex.split(pretrain)))
+        config = plain_config(compose("pretrain", overrides=[*data, *shlex.split(pretrain)]))
     pl.seed_everything(int(config.get("seed", 0)))
     model = hydra.utils.get_class(config["method"]["module"])(config).eval()
     loader = knn_loader(config)
@@ -231,7 +233,7 @@ def pretraining(a: argparse.Namespace) -> dict[str, Any]:
     m = json.loads((run_dir / "metrics.json").read_text())
     knn_random, source = m.get("knn_top1_random"), "step 0 of the run"
     if knn_random is None:
-        knn_random, source = random_features_knn(a.pretrain), "its seeded init, recomputed (fp32)"
+        knn_random, source = random_features_knn(a.pretrain, data), "its seeded init, recomputed (fp32)"
     return {"backbone": backbone_of(run_dir), "knn": m.get("knn_top1"), "knn_random": knn_random,
             "knn_random_source": source, "steps": m.get("global_step"), "run_dir": str(run_dir)}
 

@@ -102,3 +102,19 @@ def test_a_saturated_probe_does_not_gate_and_photos_give_pretraining_their_files
 def test_schedule_gives_each_label_count_its_steps():
     assert bs.schedule(100) == ["trainer.max_epochs=30", "trainer.check_val_every_n_epoch=5"]  # 13 steps/epoch
     assert bs.schedule(20)[0] == "trainer.max_epochs=67"
+
+
+def test_random_features_knn_probes_the_runs_own_crops(tmp_path):
+    """The recomputed random-features reference must use the run's data overrides: BCCD's was once
+    measured on the default synthetic crops (0.29 where BCCD's own cells give 0.99)."""
+    from PIL import Image
+
+    images, anns = [], []
+    for i in range(1, 13):  # one class only: any features give kNN top-1 = 1.0 on these crops
+        Image.new("RGB", (48, 48), (10 * i, 200 - 10 * i, 90)).save(tmp_path / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 48, "height": 48})
+        anns.append({"id": i, "image_id": i, "category_id": 7, "bbox": [4, 4, 30, 30], "area": 900, "iscrowd": 0})
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 7, "name": "cell"}]}))
+    data = [f"data.root={tmp_path}", f"data.knn_val_json={val}"]
+    assert bs.random_features_knn("method=simclr experiment=smoke", data) == pytest.approx(1.0)
