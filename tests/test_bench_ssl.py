@@ -97,6 +97,14 @@ def test_a_saturated_probe_does_not_gate_and_photos_give_pretraining_their_files
     assert len(finetunes) == 2 and sum(any(x.startswith("backbone.checkpoint") for x in o) for o in finetunes) == 1
     assert all("trainer.max_epochs=60" in o and "experiment=semi_bench" in o for o in finetunes)  # 300 steps at batch 4
     assert set(bs.load_ledger(tmp_path / "l.json")["runs"]) == {"random/n20/seed1", "ssl/n20/seed1"}
+    # the table says what it measured on, and a backbone far below random init is called that
+    a = bs.parse(["--dataset", "bccd", "--seeds", "1", "2", "--ledger", str(tmp_path / "l.json")])
+    runs = {f"{arm}/n20/seed{s}": {"fingerprint": bs.fingerprint(bs.recipe(arm, 20, s, a)), "AP": ap, "AP50": ap,
+                                   "curve": [(1, ap)], "machine": "m"}
+            for arm, aps in (("random", (0.40, 0.35)), ("ssl", (0.14, 0.15))) for s, ap in zip((1, 2), aps)}
+    text = bs.table({"runs": runs}, a, "cmd")
+    assert text.startswith("### BCCD blood-smear photographs: SSL against random init (ledger `l`)")
+    assert "on BCCD's 87 validation photographs" in text and "-23.0 +- 4.2 (below random init)" in text
 
 
 def test_schedule_gives_each_label_count_its_steps():
