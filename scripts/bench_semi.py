@@ -52,6 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 PROTOCOL = REPO / "conf" / "bench" / "semi.yaml"
 ARMS = ("converge", "labeled", "semi", "control", "ceiling")
+# Opt-in arms (--arms): labeled-only continued for `equal_time_factor` x the continuation's steps, the
+# compute of a semi continuation (a semi step costs 1.4-2x a labeled one): does the extra compute
+# alone buy what the semi arm gains?
+EXTRA_ARMS = ("labeled_time",)
 
 
 # Settings added to the configs after the ledger had runs, with the value that behaves as before they
@@ -133,11 +137,17 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     if arm == "ceiling":
         return {**base, "arm": arm, "fraction": 1.0, "unlabeled_labels": a.unlabeled is not None,
                 "epochs": p["converge_epochs"], "continue_steps": p["continue_steps"], "config": config}
-    r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": p["continue_steps"],
+    r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": continuation_steps(arm, a),
          "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
     if is_semi(arm):
         r["semi"] = semi_overrides(arm, a)
     return {**r, "config": config}
+
+
+def continuation_steps(arm: str, a: argparse.Namespace) -> int:
+    """A continuation's optimizer steps: the protocol's, or x ``equal_time_factor`` for labeled_time."""
+    steps = int(a.protocol["continue_steps"])
+    return round(steps * float(a.protocol.get("equal_time_factor", 2.0))) if arm == "labeled_time" else steps
 
 
 def is_semi(arm: str) -> bool:
@@ -166,7 +176,7 @@ def arm_settings(arm: str, a: argparse.Namespace) -> list[str]:
     """An arm's overrides that are not data, paths or step counts (those come from the data)."""
     p = a.protocol
     out = [*shlex.split(p["finetune"]), *shlex.split(a.args)]
-    if arm == "labeled" or is_semi(arm):
+    if arm in ("labeled", "labeled_time") or is_semi(arm):
         out += ["scheduler=constant", "scheduler.warmup_steps=0"]
     if is_semi(arm):
         out += shlex.split(semi_overrides(arm, a))
@@ -224,7 +234,7 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
         epochs = max(1, round((labeled_steps + int(p["continue_steps"])) / per_epoch))
         return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every_dividing(epochs)}"]
     assert start is not None
-    epochs = max(1, math.ceil(int(p["continue_steps"]) / per_epoch))
+    epochs = max(1, math.ceil(continuation_steps(arm, a) / per_epoch))
     every = max(1, epochs // int(p["validations"]))
     epochs = every * max(1, round(epochs / every))  # the last validation at the last step
     extra = arm_settings(arm, a)[len(shlex.split(p["finetune"])) + len(shlex.split(a.args)):]
@@ -373,6 +383,13 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
                      f"converged run's best validation; {len(start)} seeds): "
                      + ("the continuation's LR keeps what convergence reached." if m >= -noise else
                         "it fell, so the continuation's LR is too high for this set (lower continue_lr_factor)."))
+    vs_time = {}  # each semi arm against labeled-only at equal wall time, paired by seed
+    for arm in arms:
+        if arm.startswith("semi") and runs[arm] and runs["labeled_time"]:
+            common = [s for s in runs[arm] if s in runs["labeled_time"] and runs[arm][s]["AP"] is not None
+                      and runs["labeled_time"][s]["AP"] is not None]
+            if common:
+                vs_time[arm] = [runs[arm][s]["AP"] - runs["labeled_time"][s]["AP"] for s in common]
     vs_semi = {}  # a variant against the protocol's semi arm, paired by seed: what the variant changes
     for arm in arms:
         if arm.startswith("semi:") and runs[arm] and runs["semi"]:
@@ -381,7 +398,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
             if common:
                 vs_semi[arm] = [runs[arm][s]["AP"] - runs["semi"][s]["AP"] for s in common]
     lines.append("")
-    lines.append(verdict(diffs, spread, vs_semi))
+    lines.append(verdict(diffs, spread, vs_semi, vs_time, continuation_steps("labeled_time", a)))
     p = a.protocol
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
@@ -399,16 +416,20 @@ def table_arms(a: argparse.Namespace) -> list[str]:
     out = []
     for arm in ARMS:
         out.append(arm)
+        if arm == "labeled":
+            out += list(EXTRA_ARMS)
         if arm == "semi":
             out += [f"semi:{n}" for n in a.variants]
     return out
 
 
 def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
-            vs_semi: Mapping[str, list[float]] | None = None) -> str:
+            vs_semi: Mapping[str, list[float]] | None = None, vs_time: Mapping[str, list[float]] | None = None,
+            time_steps: int | None = None) -> str:
     """What the table says, from its own numbers: a gain counts when the mean paired difference
     exceeds the larger of the two arms' std over the seeds. ``vs_semi``: each variant's paired AP
-    differences to the protocol's semi arm."""
+    differences to the protocol's semi arm; ``vs_time``: each semi arm's to labeled-only continued
+    for ``time_steps`` steps (equal wall time)."""
     out = []
     variants = [(arm, f"Teacher-student training with `{arm}`") for arm in diffs if arm.startswith("semi:")]
     for arm, what in (("semi", "Teacher-student training"), *variants,
@@ -427,6 +448,10 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
             gap = statistics.mean(diffs[arm]) - statistics.mean(diffs["control"])
             name = "" if arm == "semi" else f" (`{arm}`)"
             out.append(f"What the unlabeled images add beyond the control{name}: {gap * 100:+.1f} AP.")
+    for arm, d in (vs_time or {}).items():
+        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
+        out.append(f"`{arm}` against labeled-only continued for {time_steps} steps (equal wall time): "
+                   f"{statistics.mean(d) * 100:+.1f}{sd} AP (paired, {len(d)} seed{'s' if len(d) > 1 else ''}).")
     for arm, d in (vs_semi or {}).items():
         sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
         out.append(f"`{arm}` against `semi` on the same seeds: {statistics.mean(d) * 100:+.1f}{sd} AP "
@@ -455,7 +480,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the ledger's and table's name (default: the dataset's or --train's folder)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--arms", nargs="+", default=None,
-                   help=f"of {', '.join(ARMS)} and semi:NAME for each --variant (default: all of them)")
+                   help=f"of {', '.join(ARMS)}, semi:NAME for each --variant (default: these) and the opt-in "
+                        f"{', '.join(EXTRA_ARMS)} (labeled-only at the semi arm's wall time)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="an extra semi arm `semi:NAME`: the protocol's semi recipe plus these Hydra overrides, e.g. "
                         "--variant erase=semi.strong_view=soft_teacher (repeatable; its own ledger rows)")
@@ -475,8 +501,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name in a.variants:
             p.error(f"--variant {name} is given twice")
         a.variants[name] = extra.strip()
-    known = [*ARMS, *(f"semi:{n}" for n in a.variants)]
-    a.arms = a.arms or known
+    known = [*ARMS, *EXTRA_ARMS, *(f"semi:{n}" for n in a.variants)]
+    a.arms = a.arms or [arm for arm in known if arm not in EXTRA_ARMS]
     for arm in a.arms:
         if arm not in known:
             p.error(f"--arms {arm}: not one of {', '.join(known)}")

@@ -17,7 +17,8 @@ import bench_semi as bs
 
 # Final-validation AP per arm and seed that the fake runs report.
 AP = {"converge": {1: 0.18, 2: 0.20}, "labeled": {1: 0.20, 2: 0.22}, "semi": {1: 0.25, 2: 0.28},
-      "control": {1: 0.21, 2: 0.22}, "ceiling": {1: 0.40, 2: 0.42}, "semi:erase": {1: 0.23, 2: 0.27}}
+      "control": {1: 0.21, 2: 0.22}, "ceiling": {1: 0.40, 2: 0.42}, "semi:erase": {1: 0.23, 2: 0.27},
+      "labeled_time": {1: 0.21, 2: 0.25}}
 
 
 def arm_of(ov: list[str]) -> str:
@@ -28,7 +29,7 @@ def arm_of(ov: list[str]) -> str:
     if any(o.startswith("semi.unlabeled=") for o in ov):
         return "semi"
     if any(o.startswith("init_from=") for o in ov):
-        return "labeled"
+        return "labeled_time" if "trainer.max_epochs=600" in ov else "labeled"
     return "ceiling" if any(o.startswith("data.train_json=") and "split_" not in o for o in ov) else "converge"
 
 
@@ -230,3 +231,20 @@ def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
     del config["semi"]["strong_view"]  # the config as it was before the option existed
     assert bs.config_hash(settings) == bs.fingerprint(config)
     assert bs.config_hash((*settings, "semi.strong_view=soft_teacher")) != bs.config_hash(settings)
+
+
+def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, Any]) -> None:
+    bs.run(bs.parse(fake["argv"]))
+    assert "labeled_time" not in {arm for arm, _ in fake["calls"]}  # not a default arm
+    fake["calls"].clear()
+    a = bs.parse([*fake["argv"], "--arms", "labeled_time"])
+    bs.run(a)
+    assert [arm for arm, _ in fake["calls"]] == ["labeled_time", "labeled_time"]
+    for _, ov in fake["calls"]:  # 1 step per epoch on 4 labeled images at batch 4: 2 x 300 steps
+        assert "trainer.max_epochs=600" in ov and any(o.startswith("init_from=") for o in ov)
+        assert "scheduler=constant" in ov and not any(o.startswith("semi") for o in ov)
+    text = bs.table(bs.load_ledger(fake["tmp"] / "ledger.json"), a, "cmd")
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seeds" not in line]
+    assert rows == ["| converge", "| labeled", "| labeled_time", "| semi", "| control", "| ceiling"]
+    # semi - labeled_time: +4 and +3
+    assert "`semi` against labeled-only continued for 600 steps (equal wall time): +3.5 +- 0.7 AP" in text
