@@ -398,7 +398,9 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
             if common:
                 vs_semi[arm] = [runs[arm][s]["AP"] - runs["semi"][s]["AP"] for s in common]
     lines.append("")
-    lines.append(verdict(diffs, spread, vs_semi, vs_time, continuation_steps("labeled_time", a)))
+    time_steps = (round(statistics.mean(e["steps"] for e in runs["labeled_time"].values()))
+                  if runs["labeled_time"] else continuation_steps("labeled_time", a))  # as run (whole epochs)
+    lines.append(verdict(diffs, spread, vs_semi, vs_time, time_steps))
     p = a.protocol
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
@@ -501,11 +503,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name in a.variants:
             p.error(f"--variant {name} is given twice")
         a.variants[name] = extra.strip()
-    known = [*ARMS, *EXTRA_ARMS, *(f"semi:{n}" for n in a.variants)]
-    a.arms = a.arms or [arm for arm in known if arm not in EXTRA_ARMS]
-    for arm in a.arms:
-        if arm not in known:
-            p.error(f"--arms {arm}: not one of {', '.join(known)}")
+    a.pending_arms = a.arms  # checked once the ledger (and its recorded variants) is known
     if a.dataset and (a.train or a.val):
         p.error("give --dataset or --train/--val, not both")
     if a.dataset:
@@ -526,13 +524,20 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if path is not None and not path.exists():
             p.error(f"--{what} {path} does not exist")
     a.name = a.name or a.train.resolve().parent.name
-    if a.unlabeled is not None and "ceiling" in a.arms and not has_boxes(a.unlabeled):
-        a.arms = [x for x in a.arms if x != "ceiling"]  # no labels beyond --train: nothing to reach
-        print("no ceiling arm: the --unlabeled images have no (hidden) labels to train a 100% arm on")
     a.train, a.val = a.train.resolve(), a.val.resolve()
     a.unlabeled = a.unlabeled.resolve() if a.unlabeled is not None else None
     a.out = (a.out or REPO / "outputs" / "bench_semi" / a.name).resolve()
     a.ledger = a.ledger or REPO / "benchmarks" / "semi" / f"{a.name}.json"
+    recorded = load_ledger(a.ledger).get("variants", {})
+    a.variants = {**{k: v for k, v in recorded.items() if k not in a.variants}, **a.variants}
+    known = [*ARMS, *EXTRA_ARMS, *(f"semi:{n}" for n in a.variants)]
+    a.arms = a.pending_arms or [arm for arm in known if arm not in EXTRA_ARMS]
+    for arm in a.arms:
+        if arm not in known:
+            p.error(f"--arms {arm}: not one of {', '.join(known)}")
+    if a.unlabeled is not None and "ceiling" in a.arms and not has_boxes(a.unlabeled):
+        a.arms = [x for x in a.arms if x != "ceiling"]  # no labels beyond --train: nothing to reach
+        print("no ceiling arm: the --unlabeled images have no (hidden) labels to train a 100% arm on")
     return a
 
 

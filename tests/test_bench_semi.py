@@ -210,6 +210,7 @@ def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[
     assert "`semi:erase` against `semi` on the same seeds: -1.5 +- 0.7 AP (paired, 2 seeds)." in text
     # the ledger keeps the variant: a report without --variant still has its row
     assert bs.load_ledger(fake["tmp"] / "ledger.json")["variants"] == {"erase": "semi.strong_view=soft_teacher"}
+    assert bs.parse([*fake["argv"], "--arms", "semi:erase"]).arms == ["semi:erase"]  # known from the ledger
     capsys.readouterr()
     bs.main([*fake["argv"], "--report-only"])
     assert "| semi:erase | 2 | 25.0 +- 2.8 |" in capsys.readouterr().out
@@ -247,4 +248,5 @@ def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, A
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seeds" not in line]
     assert rows == ["| converge", "| labeled", "| labeled_time", "| semi", "| control", "| ceiling"]
     # semi - labeled_time: +4 and +3
-    assert "`semi` against labeled-only continued for 600 steps (equal wall time): +3.5 +- 0.7 AP" in text
+    # the steps as run (the fake runs report 300), not as asked
+    assert "`semi` against labeled-only continued for 300 steps (equal wall time): +3.5 +- 0.7 AP" in text
