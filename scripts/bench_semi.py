@@ -383,20 +383,19 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
                      f"converged run's best validation; {len(start)} seeds): "
                      + ("the continuation's LR keeps what convergence reached." if m >= -noise else
                         "it fell, so the continuation's LR is too high for this set (lower continue_lr_factor)."))
-    vs_time = {}  # each semi arm against labeled-only at equal wall time, paired by seed
-    for arm in arms:
-        if arm.startswith("semi") and runs[arm] and runs["labeled_time"]:
-            common = [s for s in runs[arm] if s in runs["labeled_time"] and runs[arm][s]["AP"] is not None
-                      and runs["labeled_time"][s]["AP"] is not None]
-            if common:
-                vs_time[arm] = [runs[arm][s]["AP"] - runs["labeled_time"][s]["AP"] for s in common]
-    vs_semi = {}  # a variant against the protocol's semi arm, paired by seed: what the variant changes
-    for arm in arms:
-        if arm.startswith("semi:") and runs[arm] and runs["semi"]:
-            common = [s for s in runs[arm] if s in runs["semi"] and runs[arm][s]["AP"] is not None
-                      and runs["semi"][s]["AP"] is not None]
-            if common:
-                vs_semi[arm] = [runs[arm][s]["AP"] - runs["semi"][s]["AP"] for s in common]
+    def paired(of: Sequence[str], against: str) -> dict[str, list[float]]:
+        """AP differences of each arm in ``of`` to ``against`` over the seeds both have."""
+        out = {}
+        for arm in of:
+            d = [runs[arm][s]["AP"] - runs[against][s]["AP"] for s in runs[arm]
+                 if s in runs[against] and runs[arm][s]["AP"] is not None and runs[against][s]["AP"] is not None]
+            if d:
+                out[arm] = d
+        return out
+
+    # each semi arm against labeled-only at equal wall time; a variant against the protocol's semi arm
+    vs_time = paired([x for x in arms if x.startswith("semi")], "labeled_time")
+    vs_semi = paired([x for x in arms if x.startswith("semi:")], "semi")
     lines.append("")
     time_steps = (round(statistics.mean(e["steps"] for e in runs["labeled_time"].values()))
                   if runs["labeled_time"] else continuation_steps("labeled_time", a))  # as run (whole epochs)
