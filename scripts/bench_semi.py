@@ -449,14 +449,14 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
             gap = statistics.mean(diffs[arm]) - statistics.mean(diffs["control"])
             name = "" if arm == "semi" else f" (`{arm}`)"
             out.append(f"What the unlabeled images add beyond the control{name}: {gap * 100:+.1f} AP.")
+    def paired_ap(d: list[float]) -> str:
+        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
+        return f"{statistics.mean(d) * 100:+.1f}{sd} AP (paired, {len(d)} seed{'s' if len(d) > 1 else ''})."
+
     for arm, d in (vs_time or {}).items():
-        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
-        out.append(f"`{arm}` against labeled-only continued for {time_steps} steps (equal wall time): "
-                   f"{statistics.mean(d) * 100:+.1f}{sd} AP (paired, {len(d)} seed{'s' if len(d) > 1 else ''}).")
+        out.append(f"`{arm}` against labeled-only continued for {time_steps} steps (equal wall time): {paired_ap(d)}")
     for arm, d in (vs_semi or {}).items():
-        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
-        out.append(f"`{arm}` against `semi` on the same seeds: {statistics.mean(d) * 100:+.1f}{sd} AP "
-                   f"(paired, {len(d)} seed{'s' if len(d) > 1 else ''}).")
+        out.append(f"`{arm}` against `semi` on the same seeds: {paired_ap(d)}")
     if "ceiling" in diffs and statistics.mean(diffs["ceiling"]) <= spread["ceiling"]:
         out.append("The ceiling is not clearly above labeled-only at this budget: no semi method can show a gain here.")
     return " ".join(out) or "No paired runs yet."
@@ -543,7 +543,6 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse(argv)
     ledger = load_ledger(a.ledger) if a.report_only else run(a)
-    a.variants = {**ledger.get("variants", {}), **a.variants}  # recorded variants keep their rows
     args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--report-only"]
     text = table(ledger, a, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *args]))
     print("\n" + text)
