@@ -171,7 +171,7 @@ def entry_from_metrics(metrics: Mapping[str, Any], recipe: Mapping[str, Any]) ->
             "steps": metrics.get("global_step"), "precision": metrics.get("precision"),
             "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
             "pseudo_per_image": health.get("pseudo_boxes_per_image"),
-            "machine": describe(machine_info()), "date": dt.date.today().isoformat()}
+            "machine": describe(machine_info(), metrics.get("hardware")), "date": dt.date.today().isoformat()}
 
 
 def done(ledger: Mapping[str, Any], arm: str, seed: int, recipe: Mapping[str, Any]) -> bool:

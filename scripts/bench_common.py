@@ -58,8 +58,15 @@ def machine_info(accelerator: str = "auto") -> dict[str, Any]:
     return info
 
 
-def describe(info: dict[str, Any]) -> str:
+def describe(info: dict[str, Any], run: Mapping[str, Any] | None = None) -> str:
+    """One line for a ledger or a report. ``run``: a finished run's own hardware record (its
+    metrics.json ``hardware``), which says what that run used: fine-tuning trains NCHW whatever
+    ``channels_last=auto`` would pick for pretraining, and a run may have had other threads."""
     where = info.get("gpu") or f"{info['cpu']} [{' '.join(info['cpu_flags']) or 'no avx512/bf16 flags'}]"
+    if run:
+        return (f"{where}, {run.get('torch_threads', info['torch_threads'])} torch threads, torch {info['torch']}; "
+                f"the run used precision {run.get('precision')}, channels_last {run.get('channels_last')} "
+                f"({run.get('reason', 'as configured')})")
     auto = info["auto"]
     return (f"{where}, {info['torch_threads']} torch threads, torch {info['torch']}; auto chose precision "
             f"{auto['precision']}, channels_last {auto['channels_last']} ({auto['reason']})")

@@ -263,7 +263,7 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
             "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
             "pseudo_per_image": health.get("pseudo_boxes_per_image"),
             "deployed": (metrics.get("semi") or {}).get("deployed"),
-            "precision": metrics.get("precision"), "machine": describe(machine_info()),
+            "precision": metrics.get("precision"), "machine": describe(machine_info(), metrics.get("hardware")),
             "date": dt.date.today().isoformat()}
 
 

@@ -81,11 +81,16 @@ RECALIBRATE_BATCHES = 8  # BN recalibration batches for the frozen and LP-FT arm
 # ln(2 x 64 - 1) = 4.844 from step ~400 to 2700 and its kNN, 0.862, is the majority class's share
 # (0.851) against 0.989 for random features; fine-tuned, that backbone reached AP 12-15 where random
 # init reached 34-42 (2026-12-06). The smears all look alike, so two small crops of one image share
-# nothing that crops of another lack; at 30% and more the two views overlap.
+# nothing that crops of another lack; at 30% and more the two views overlap. At min_scale 0.3 it
+# collapsed again (loss at 4.844 from step ~450, kNN 0.88): the warmup, one epoch as in make demo,
+# is 3 steps on 205 photographs, and a full LR at step 3 sent it to the collapsed point. With 50
+# warmup epochs (150 steps) the loss fell to 4.0-4.5 by step 300 in two probes (2026-12-06); in
+# grayscale their kNN fell to 0.89 and with SimCLR's own 20% grayscale to 0.96 (random 0.988): the
+# cells' stain colour is what tells them apart, so the views keep it.
 # Fine-tuning: the semi benchmark's photo recipe (experiment=semi_bench: SGD 0.01, cosine, 320 px).
 BCCD_PRETRAIN = ("method=simclr experiment=demo data.working_size=320 method.transform.min_scale=0.3 "
-                 "trainer.max_epochs=900 trainer.check_val_every_n_epoch=100 checkpoint_every_n_steps=100 "
-                 "trainer.enable_progress_bar=false")
+                 "method.transform.random_gray_scale=0.2 scheduler.warmup_epochs=50 trainer.max_epochs=900 "
+                 "trainer.check_val_every_n_epoch=100 checkpoint_every_n_steps=100 trainer.enable_progress_bar=false")
 BCCD_FINETUNE = "experiment=semi_bench detector.max_size=428"
 
 
@@ -191,7 +196,7 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
              if h.get("val_AP") is not None]
     return {"fingerprint": fingerprint(rec), "AP": metrics["coco"]["AP"], "AP50": metrics["coco"]["AP50"],
             "curve": curve, "steps": metrics.get("global_step"), "train_time_s": metrics.get("train_time_s"),
-            "precision": metrics.get("precision"), "machine": describe(machine_info()),
+            "precision": metrics.get("precision"), "machine": describe(machine_info(), metrics.get("hardware")),
             "date": dt.date.today().isoformat()}
 
 

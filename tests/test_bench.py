@@ -87,3 +87,14 @@ def test_infer_and_step_benchmarks_run_each_mode_in_its_own_process(tmp_path: Pa
                       "--modes", "finetune", "semi", "--json", str(tmp_path / "s.json")])
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert rows["semi"]["steps_timed"] == 1 and rows["semi"]["step_vs_finetune"] > 0
+
+
+def test_a_ledger_line_says_what_the_run_used_not_what_auto_would_pick() -> None:
+    """Fine-tuning trains NCHW: its ledger line must not repeat pretraining's channels_last choice."""
+    from bench_common import describe, machine_info
+
+    info = machine_info("cpu")
+    run = {"device": "cpu", "precision": "32", "channels_last": False, "reason": "forced", "torch_threads": 1}
+    line = describe(info, run)
+    assert "precision 32, channels_last False (forced)" in line and "1 torch threads" in line
+    assert f"channels_last {info['auto']['channels_last']} ({info['auto']['reason']})" in describe(info)

@@ -271,6 +271,32 @@ def test_teacher_forward_returns_the_teacher_call_and_its_features():
         teacher_forward(model.train(), images)
 
 
+def test_two_target_losses_route_each_box_set_to_its_stage():
+    """semi.rpn_threshold's forward: the RPN's losses are those of a plain forward on the RPN's boxes,
+    the RoI head's those of a plain forward on the RoI boxes, and one set for both is the plain forward."""
+    from finetune.semi.teacher_student import two_target_losses
+
+    model = tiny_frcnn(3).train()
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = 100_000  # every proposal: no sampling order
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 96)]
+    roi = [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])},
+           {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    rpn = [{"boxes": torch.tensor([[4.0, 4, 30, 30], [34, 30, 60, 60]]), "labels": torch.tensor([1, 2])},
+           {"boxes": torch.tensor([[10.0, 10, 40, 40]]), "labels": torch.tensor([3])}]
+
+    def run(fn):
+        torch.manual_seed(0)
+        return {k: float(v.detach()) for k, v in fn().items()}
+
+    split = run(lambda: two_target_losses(model, images, rpn, roi))
+    on_rpn, on_roi = run(lambda: model(images, rpn)), run(lambda: model(images, roi))
+    rpn_keys, roi_keys = ("loss_objectness", "loss_rpn_box_reg"), ("loss_classifier", "loss_box_reg")
+    assert {k: split[k] for k in rpn_keys} == pytest.approx({k: on_rpn[k] for k in rpn_keys})
+    assert {k: split[k] for k in roi_keys} == pytest.approx({k: on_roi[k] for k in roi_keys}, rel=1e-5)
+    assert split["loss_objectness"] != pytest.approx(on_roi["loss_objectness"])  # the extra boxes reached the RPN
+    assert run(lambda: two_target_losses(model, images, roi, roi)) == pytest.approx(on_roi, rel=1e-5)
+
+
 def test_to_frame_by_hand():
     boxes = [torch.tensor([[10.0, 20, 30, 40]]), torch.zeros(0, 4)]
     out = to_frame(boxes, [(100, 200), (50, 50)], [(50, 100), (100, 100)])

@@ -221,7 +221,8 @@ def test_semi_options_refuse_bad_values(synthetic_data, caplog):
            "semi.max_pseudo_per_image=many": "max_pseudo_per_image", "semi.max_pseudo_factor=0": "max_pseudo_factor",
            "semi.gmm_fallback=1.5": "gmm_fallback", "semi.ema_time_constant=0": "ema_time_constant",
            "semi.ema_time_constant=1.5": "ema_time_constant", "semi.deploy=ensemble": "semi.deploy",
-           "semi.ema_ramp=sometimes": "ema_ramp", "semi.strong_view=heavy": "strong_view"}
+           "semi.ema_ramp=sometimes": "ema_ramp", "semi.strong_view=heavy": "strong_view",
+           "semi.rpn_threshold=1.5": "rpn_threshold"}
     for override, key in bad.items():
         with pytest.raises((ValueError, TypeError), match=key):
             check_config(smoke_cfg(root, "semi=unbiased_teacher", override))
@@ -232,6 +233,10 @@ def test_semi_options_refuse_bad_values(synthetic_data, caplog):
         check_config(smoke_cfg(root, "semi=consistency", "detector=retinanet", "semi.pseudo_nms_iou=0.5"))
     with pytest.raises(ValueError, match="ema_ramp"):
         check_unused(smoke_cfg(root, "semi.ema_ramp=true"))
+    with pytest.raises(ValueError, match="rpn_threshold"):  # RetinaNet has no RPN
+        check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", "semi.rpn_threshold=0.3"))
+    with pytest.raises(ValueError, match="rpn_threshold"):
+        check_unused(smoke_cfg(root, "semi.rpn_threshold=0.3"))
     with pytest.raises(ValueError, match="strong_view"):  # no mode of semi=none builds a strong view
         check_unused(smoke_cfg(root, "semi.strong_view=soft_teacher"))
     # The old key is read, with a deprecation warning.
@@ -275,6 +280,30 @@ def test_soft_background_run_weights_the_pseudo_labeled_rois(synthetic_data, tmp
                         "semi.soft_background=true", *FAST), run_dir=tmp_path / "retina")
     with pytest.raises(ValueError, match="soft_background"):
         train(smoke_cfg(synthetic_data["root"], "semi.soft_background=true"), run_dir=tmp_path / "none")
+
+
+def test_rpn_threshold_gives_the_rpn_its_own_pseudo_boxes(synthetic_data, tmp_path, monkeypatch):
+    """semi.rpn_threshold below semi.threshold: every semi step trains the RPN on the teacher's boxes
+    above the lower score, any class, and the RoI head on those above semi.threshold only."""
+    from finetune.semi import teacher_student
+
+    counts = []
+    real = teacher_student.two_target_losses
+
+    def spy(model, images, rpn_targets, roi_targets):
+        counts.append(([len(t["boxes"]) for t in rpn_targets], [len(t["boxes"]) for t in roi_targets]))
+        return real(model, images, rpn_targets, roi_targets)
+
+    monkeypatch.setattr(teacher_student, "two_target_losses", spy)
+    cfg = smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST, "semi.threshold=0.9",
+                    "semi.rpn_threshold=0.0")
+    m = train(cfg, run_dir=tmp_path)
+    assert m["semi"]["settings"]["rpn_threshold"] == 0.0
+    assert len(counts) == m["global_step"] - int(cfg.semi.burn_in) > 0
+    assert all(r >= o for rpn, roi in counts for r, o in zip(rpn, roi))
+    assert sum(map(sum, (c[0] for c in counts))) > sum(map(sum, (c[1] for c in counts)))
+    logged = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
+    assert any(row.get("semi/rpn_pseudo_boxes_per_image") for row in logged)
 
 
 def test_roi_focal_on_unlabeled_keeps_the_labeled_loss_cross_entropy(synthetic_data, tmp_path, monkeypatch):
