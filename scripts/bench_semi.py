@@ -61,7 +61,7 @@ EXTRA_ARMS = ("labeled_time",)
 # Settings added to the configs after the ledger had runs, with the value that behaves as before they
 # existed: at that value they stay out of a run's fingerprint, so adding an option does not re-run
 # (or orphan) every recorded run. Any other value is part of the fingerprint as usual.
-ADDED_SETTINGS = {"semi.strong_view": "unbiased_teacher"}
+ADDED_SETTINGS = {"semi.strong_view": "unbiased_teacher", "semi.rpn_threshold": None}
 
 PER_DATASET = ("converge_epochs", "continue_steps", "working_size", "finetune")
 

@@ -228,10 +228,14 @@ def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
 
     settings = ("experiment=semi_bench", "semi=bench")
     config = OmegaConf.to_container(bs.finetune_config(settings), resolve=False)
-    assert config["semi"]["strong_view"] == "unbiased_teacher"
-    del config["semi"]["strong_view"]  # the config as it was before the option existed
+    assert set(bs.ADDED_SETTINGS) == {"semi.strong_view", "semi.rpn_threshold"}
+    for dotted, neutral in bs.ADDED_SETTINGS.items():
+        group, leaf = dotted.split(".")
+        assert config[group][leaf] == neutral
+        del config[group][leaf]  # the config as it was before the option existed
     assert bs.config_hash(settings) == bs.fingerprint(config)
     assert bs.config_hash((*settings, "semi.strong_view=soft_teacher")) != bs.config_hash(settings)
+    assert bs.config_hash((*settings, "semi.rpn_threshold=0.3")) != bs.config_hash(settings)
 
 
 def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, Any]) -> None:

@@ -6,8 +6,10 @@ the strong views against them, its BatchNorm running statistics untouched by tho
 ``semi.unsup_box_loss`` only the classification terms count (RPN objectness and RoI classification;
 RetinaNet's classification), as Unbiased Teacher does. With ``semi.soft_background`` (a detector
 with RoI heads) the student's background RoIs on pseudo-labeled images weigh the teacher's
-background probability (Soft Teacher, :mod:`finetune.semi.soft`). The two modes differ only in
-their settings (``conf/finetune/semi/``) and files.
+background probability (Soft Teacher, :mod:`finetune.semi.soft`). With ``semi.rpn_threshold`` (a
+two-stage detector) the RPN trains on its own pseudo-boxes, the teacher's detections above that
+score whatever their class, while the RoI head keeps ``semi.threshold``'s (:func:`two_target_losses`).
+The two modes differ only in their settings (``conf/finetune/semi/``) and files.
 
 Unlabeled images without a pseudo-box train as all background. One rule for every detector
 (``semi.empty_weight``, :func:`empty_weight`): when fewer than half the batch's images have a
@@ -19,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -35,7 +38,7 @@ from finetune.semi.base import (
 from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
-from finetune.semi.thresholds import max_pseudo_per_image
+from finetune.semi.thresholds import FixedThreshold, max_pseudo_per_image
 from finetune.transforms import STRONG_VIEWS
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,8 @@ BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 # Settings that act only on a teacher and its pseudo-labels, with the value that leaves them off: a
 # run without a teacher refuses them when set (they would silently do nothing).
 TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
-                                   "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher"}
+                                   "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher",
+                                   "rpn_threshold": None}
 
 EMPTY_WEIGHT = 0.01  # Consistent Teacher's background_weight
 
@@ -85,6 +89,29 @@ def _number(settings: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def two_target_losses(model: torch.nn.Module, images: Sequence[torch.Tensor],
+                      rpn_targets: Sequence[Mapping[str, torch.Tensor]],
+                      roi_targets: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A two-stage detector's training losses (``GeneralizedRCNN.forward`` in training mode) with the
+    RPN trained on ``rpn_targets`` and the RoI head on ``roi_targets``: Soft Teacher's separate RPN
+    and RoI pseudo-label thresholds (its config: ``rpn_pseudo_threshold`` and ``cls_pseudo_threshold``).
+
+    One resize for both: the two box sets are resized together, so they stay in the same frame.
+    """
+    sizes = [int(t["boxes"].shape[0]) for t in roi_targets]
+    merged = [{"boxes": torch.cat([r["boxes"].reshape(-1, 4), p["boxes"].reshape(-1, 4)]),
+               "labels": torch.cat([r["labels"], p["labels"]])} for r, p in zip(roi_targets, rpn_targets)]
+    batch, resized = model.transform(list(images), merged)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    rpn_t = [{"boxes": t["boxes"][n:], "labels": t["labels"][n:]} for t, n in zip(resized, sizes)]
+    roi_t = [{"boxes": t["boxes"][:n], "labels": t["labels"][:n]} for t, n in zip(resized, sizes)]
+    proposals, rpn_losses = model.rpn(batch, features, rpn_t)
+    _, roi_losses = model.roi_heads(features, proposals, batch.image_sizes, roi_t)
+    return {**roi_losses, **rpn_losses}
+
+
 class TeacherStudentMode(SemiMode):
     """An EMA teacher's thresholded detections on the weak views train the student on the strong ones."""
 
@@ -114,6 +141,12 @@ class TeacherStudentMode(SemiMode):
         iou = _number(s, "pseudo_nms_iou")
         if iou is not None and not 0.0 < iou <= 1.0:
             raise ValueError(f"semi.pseudo_nms_iou={iou} must be an IoU in (0, 1] (or null: no NMS over pseudo-boxes)")
+        rpn = _number(s, "rpn_threshold")
+        if rpn is not None:
+            if not 0.0 <= rpn <= 1.0:
+                raise ValueError(f"semi.rpn_threshold={rpn} must be a score in [0, 1] (or null: the RPN trains on "
+                                 "semi.threshold's pseudo-boxes)")
+            require(str(cfg.detector.name), ("roi_heads",), "semi.rpn_threshold (pseudo-boxes for an RPN)")
         factor = _number(s, "max_pseudo_factor")
         if factor is not None and not (factor > 0 and math.isfinite(factor)):
             raise ValueError(f"semi.max_pseudo_factor={factor} must be > 0 (auto cap = labeled boxes per image x it)")
@@ -135,6 +168,18 @@ class TeacherStudentMode(SemiMode):
             raise ValueError("semi.soft_background=true weights the pseudo-labeled RoI loss by the teacher: it needs "
                              f"a detector with roi_heads, not {type(module.model).__name__}")
         self.empty_weight = empty_weight(self.settings)
+        # semi.rpn_threshold: the RPN's pseudo-boxes, class-agnostic, under the same per-image limits.
+        rpn = _number(self.settings, "rpn_threshold")
+        self.rpn_filter: FixedThreshold | None = None
+        if rpn is not None:
+            iou = _number(self.settings, "pseudo_nms_iou")
+            cap = self.settings.get("max_pseudo_per_image")
+            if isinstance(cap, str) and module.labeled_boxes_per_image is None:
+                cap = None  # a module rebuilt to predict: it never trains
+            self.rpn_filter = FixedThreshold(
+                module.label_map.num_classes, rpn, nms_iou=iou,
+                max_per_image=max_pseudo_per_image(cap, float(self.settings.get("max_pseudo_factor") or 1.0),
+                                                   module.labeled_boxes_per_image))
         gamma = self.settings.get("roi_focal_gamma")
         if self.soft_background and gamma is None:
             gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
@@ -166,8 +211,13 @@ class TeacherStudentMode(SemiMode):
                 if tpass is not None else contextlib.nullcontext())
         norm = (batch_normalised(module.model) if str(self.settings.get("dense_loss_norm", "batch")) == "batch"
                 else contextlib.nullcontext())
+        rpn_targets = None
+        if self.rpn_filter is not None:
+            rpn_targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()}
+                           for p in self.rpn_filter.filter(dets)]
         with running_stats_frozen(module.model), soft, focal_gamma(module.model, self.unlabeled_gamma), norm:
-            losses = module.model(strong, targets)
+            losses = (module.model(strong, targets) if rpn_targets is None
+                      else two_target_losses(module.model, strong, rpn_targets, targets))
         keep_box = bool(self.settings.get("unsup_box_loss", False))
         terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}
         unsup: torch.Tensor = sum(terms.values())  # type: ignore[assignment]
@@ -183,4 +233,7 @@ class TeacherStudentMode(SemiMode):
         logs: dict[str, Any] = {f"train/unsup_{k}": v.detach() for k, v in terms.items()}
         logs["semi/pseudo_boxes_per_image"] = torch.tensor(num_pseudo / max(1, len(targets)))
         logs["semi/images_with_pseudo"] = torch.tensor(with_boxes / max(1, len(targets)))
+        if rpn_targets is not None:
+            logs["semi/rpn_pseudo_boxes_per_image"] = torch.tensor(
+                sum(int(t["boxes"].shape[0]) for t in rpn_targets) / max(1, len(rpn_targets)))
         return UnsupOutput(unsup, logs, num_pseudo, empty_scaled=scaled)
