@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import shlex
 import statistics
@@ -102,8 +103,7 @@ class SslData:
     pretrain: str
     finetune: str
     labels: tuple[int, ...]
-    steps: Mapping[int, int]  # optimizer steps per label count
-    batch: int  # the fine-tuning recipe's batch size
+    steps: Mapping[int, int]  # optimizer steps per label count (epochs from the recipe's batch size)
     pretrain_data: bool = False  # pretraining reads data.root / data.knn_val_json from the prepared files
     title: str = "Synthetic scenes"  # the table's heading and what its AP is measured on
     evaluated_on: str = "the 300 validation scenes"
@@ -142,10 +142,19 @@ def labeled_json(data: Mapping[str, Path], n: int, seed: int, out: Path) -> Path
     return split_dir / "labeled.json"
 
 
+@functools.lru_cache(maxsize=None)
+def batch_size(finetune: str) -> int:
+    """The labeled batch size of the fine-tuning recipe ``finetune`` (its overrides composed)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf" / "finetune"), version_base=None):
+        return int(compose("finetune", overrides=shlex.split(finetune)).data.batch_size)
+
+
 def schedule(n: int, a: argparse.Namespace | None = None) -> list[str]:
     """Epochs for the label count's step budget, and validations spread over the run."""
     ds = DATASETS[a.dataset if a is not None else "synthetic"]
-    per_epoch = -(-n // ds.batch)
+    per_epoch = -(-n // batch_size(ds.finetune if a is None else a.finetune))
     steps = ds.steps.get(n, 390)
     epochs = max(1, round(steps / per_epoch))
     every = max(1, epochs // VALIDATIONS)
@@ -380,9 +389,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 DATASETS.update({
-    "synthetic": SslData(synthetic_set, PRETRAIN, FINETUNE, (20, 100), STEPS, 8),
+    "synthetic": SslData(synthetic_set, PRETRAIN, FINETUNE, (20, 100), STEPS),
     # 10% of BCCD's 205 training photographs: 20 labeled, 300 steps (60 epochs at batch 4).
-    "bccd": SslData(bccd_set, BCCD_PRETRAIN, BCCD_FINETUNE, (20,), {20: 300}, 4, pretrain_data=True,
+    "bccd": SslData(bccd_set, BCCD_PRETRAIN, BCCD_FINETUNE, (20,), {20: 300}, pretrain_data=True,
                     title="BCCD blood-smear photographs", evaluated_on="BCCD's 87 validation photographs"),
 })
 

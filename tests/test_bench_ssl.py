@@ -110,6 +110,9 @@ def test_a_saturated_probe_does_not_gate_and_photos_give_pretraining_their_files
 def test_schedule_gives_each_label_count_its_steps():
     assert bs.schedule(100) == ["trainer.max_epochs=30", "trainer.check_val_every_n_epoch=5"]  # 13 steps/epoch
     assert bs.schedule(20)[0] == "trainer.max_epochs=67"
+    # The epochs follow the recipe's own batch size: BCCD's photo recipe (batch 4), or a user's override.
+    assert bs.schedule(20, bs.parse(["--dataset", "bccd"]))[0] == "trainer.max_epochs=60"  # 300 steps, 5 per epoch
+    assert bs.schedule(100, bs.parse(["--finetune", bs.FINETUNE + " data.batch_size=4"]))[0] == "trainer.max_epochs=16"
 
 
 def test_random_features_knn_probes_the_runs_own_crops(tmp_path):
