@@ -175,6 +175,23 @@ def test_max_pseudo_per_image_auto_follows_the_labeled_set():
         max_pseudo_per_image("auto", 1.0, None)
 
 
+def test_labeled_max_keeps_a_crowded_image_that_the_mean_cap_cuts():
+    """A labeled set of 2 to 8 boxes per image (mean 4): an unlabeled image holding 8 confident objects
+    keeps 4 of them under ``auto`` (the rest would train as background) and all 8 under ``labeled_max``."""
+    from finetune.semi.thresholds import pseudo_label_filter
+
+    assert max_pseudo_per_image("labeled_max", 1.0, 4.0, 8) == 8
+    assert max_pseudo_per_image("labeled_max", 0.5, 4.0, 7) == 4
+    with pytest.raises(ValueError, match="most boxes on one image"):
+        max_pseudo_per_image("labeled_max", 1.0, 4.0, None)
+    crowded = det([0.95 - 0.01 * i for i in range(8)], [1] * 8, [[20.0 * i, 0, 20 * i + 15, 15] for i in range(8)])
+    settings = {"threshold": 0.5, "max_pseudo_per_image": "auto", "pseudo_nms_iou": 0.6}
+    assert len(pseudo_label_filter(settings, 2, 4.0, 8).filter([crowded])[0]["boxes"]) == 4
+    settings["max_pseudo_per_image"] = "labeled_max"
+    assert len(pseudo_label_filter(settings, 2, 4.0, 8).filter([crowded])[0]["boxes"]) == 8
+    assert pseudo_label_filter(settings, 2, 4.0, None).max_per_image is None  # a module that does not train
+
+
 def test_fixed_threshold_and_builder():
     th = build_threshold(0.7, 3)
     assert isinstance(th, FixedThreshold) and th.thresholds().tolist() == pytest.approx([0.7] * 3)

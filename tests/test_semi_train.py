@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,7 @@ def test_semi_options_refuse_bad_values(synthetic_data, caplog):
     for override, key in bad.items():
         with pytest.raises((ValueError, TypeError), match=key):
             check_config(smoke_cfg(root, "semi=unbiased_teacher", override))
+    check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.max_pseudo_per_image=labeled_max"))
     check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.max_pseudo_per_image=auto", "semi.pseudo_nms_iou=0.6",
                            "semi.ema_time_constant=1", "semi.ema_ramp=true", "semi.deploy=best", "semi.empty_weight=0"))
     # Teacher options without a teacher would do nothing: refused.
@@ -296,9 +298,14 @@ def test_rpn_threshold_gives_the_rpn_its_own_pseudo_boxes(synthetic_data, tmp_pa
 
     monkeypatch.setattr(teacher_student, "two_target_losses", spy)
     cfg = smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST, "semi.threshold=0.9",
-                    "semi.rpn_threshold=0.0")
+                    "semi.rpn_threshold=0.0", "semi.max_pseudo_per_image=labeled_max")
     m = train(cfg, run_dir=tmp_path)
     assert m["semi"]["settings"]["rpn_threshold"] == 0.0
+    # labeled_max: the cap is the most boxes on one labeled image, for both box sets.
+    labeled = json.loads(Path(m["train_ann_file"]).read_text())
+    most = max(Counter(a["image_id"] for a in labeled["annotations"]).values())
+    assert m["semi"]["labeled_max_boxes"] == m["semi"]["pseudo_cap_per_image"] == most
+    assert max(n for rpn, roi in counts for n in rpn + roi) <= most
     assert len(counts) == m["global_step"] - int(cfg.semi.burn_in) > 0
     assert all(r >= o for rpn, roi in counts for r, o in zip(rpn, roi))
     assert sum(map(sum, (c[0] for c in counts))) > sum(map(sum, (c[1] for c in counts)))

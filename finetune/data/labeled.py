@@ -113,3 +113,8 @@ def build_datasets(cfg: DictConfig, paths: DataPaths) -> tuple[CocoDetection, Co
 def boxes_per_image(ds: CocoDetection) -> float:
     """Mean number of (non-crowd) boxes per image of a labeled set."""
     return sum(len(ds.annotations(i)["labels"]) for i in range(len(ds))) / max(1, len(ds))
+
+
+def max_boxes_per_image(ds: CocoDetection) -> int:
+    """The most (non-crowd) boxes on one image of a labeled set (0 for an empty set)."""
+    return max((len(ds.annotations(i)["labels"]) for i in range(len(ds))), default=0)

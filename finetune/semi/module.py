@@ -38,7 +38,7 @@ from finetune.module import DetectionModule
 from finetune.semi.base import DEPLOY_CHOICES, burn_in_steps, modes_of
 from finetune.semi.ema import copy_weights, ema_update, freeze_teacher, make_teacher
 from finetune.semi.health import LossWatch, PseudoLabelHealth
-from finetune.semi.thresholds import ScoreThreshold, build_threshold, max_pseudo_per_image
+from finetune.semi.thresholds import pseudo_label_filter
 from pretrain.core.run.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -65,29 +65,12 @@ def health_scalars(health: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
 
 
-def pseudo_label_filter(settings: Mapping[str, Any], num_classes: int,
-                        labeled_boxes_per_image: float | None) -> ScoreThreshold:
-    """``semi.threshold`` with the GMM fallback and the per-image limits (``semi.pseudo_nms_iou``,
-    ``semi.max_pseudo_per_image``: ``auto`` needs ``labeled_boxes_per_image``; a module rebuilt from a
-    checkpoint without it, which does not train, gets no cap)."""
-    cap = settings.get("max_pseudo_per_image")
-    factor = float(settings.get("max_pseudo_factor") or 1.0)
-    if isinstance(cap, str) and labeled_boxes_per_image is None:
-        log.warning("semi.max_pseudo_per_image=%s without the labeled set's boxes per image: no cap", cap)
-        cap = None
-    fallback = settings.get("gmm_fallback")
-    iou = settings.get("pseudo_nms_iou")
-    return build_threshold(settings["threshold"], num_classes,
-                           gmm_fallback=0.5 if fallback is None else float(fallback),
-                           nms_iou=None if iou is None else float(iou),
-                           max_per_image=max_pseudo_per_image(cap, factor, labeled_boxes_per_image))
-
-
 class SemiDetectionModule(DetectionModule):
     """Fine-tuning plus a teacher and an unlabeled stream; see the module docstring.
 
     Args are those of :class:`DetectionModule`; ``cfg["semi"]`` holds the semi settings
-    (``conf/finetune/semi/``). ``labeled_boxes_per_image`` is the labeled set's mean box count,
+    (``conf/finetune/semi/``). ``labeled_boxes_per_image`` is the labeled set's mean box count
+    (``labeled_max_boxes`` its most boxes on one image, for ``semi.max_pseudo_per_image=labeled_max``),
     the reference the pseudo-box counts are logged against.
     """
 
@@ -114,7 +97,7 @@ class SemiDetectionModule(DetectionModule):
 
     def __init__(self, cfg: dict[str, Any], label_map: dict[str, Any], backbone_info: dict[str, Any],
                  num_classes: int | None = None, resnet: nn.Module | None = None,
-                 labeled_boxes_per_image: float | None = None) -> None:
+                 labeled_boxes_per_image: float | None = None, labeled_max_boxes: int | None = None) -> None:
         super().__init__(cfg, label_map, backbone_info, num_classes=num_classes, resnet=resnet)
         s = dict(cfg["semi"])
         self.semi = s
@@ -124,12 +107,13 @@ class SemiDetectionModule(DetectionModule):
             raise ValueError(f"semi.mode={self.mode} does not train in a Lightning loop (it runs whole fine-tuning "
                              "runs): run it with `python -m finetune semi=...` or finetune.run.run")
         self.labeled_boxes_per_image = labeled_boxes_per_image
+        self.labeled_max_boxes = labeled_max_boxes
         for m in self.modes:
             m.setup(self)
         self.teacher: nn.Module | None = (make_teacher(self.model) if any(m.needs_teacher for m in self.modes)
                                           else None)
         k = self.label_map.num_classes
-        self.threshold = pseudo_label_filter(s, k, labeled_boxes_per_image)
+        self.threshold = pseudo_label_filter(s, k, labeled_boxes_per_image, labeled_max_boxes)
         self.health = PseudoLabelHealth(k, self.class_names)
         self.watch = LossWatch(patience=int(s.get("warn_patience", 50)))
         self.deploy = str(s.get("deploy") or "teacher")

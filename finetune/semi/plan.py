@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from finetune.data.labeled import boxes_per_image
+from finetune.data.labeled import boxes_per_image, max_boxes_per_image
 from finetune.fit_plan import FitContext, FitPlan
 from finetune.semi.base import burn_in_steps, mode_class, modes_of
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, detector_working_size, unlabeled_source
@@ -127,6 +127,9 @@ def semi_metrics(cfg: DictConfig, history: Sequence[Mapping[str, Any]], best: An
                 "decay_per_step": module._ema_decay, "last_update_decay": module.last_decay,
                 "ramp": bool(settings.get("ema_ramp", False)), "updates": module.ema_updates},
             "pseudo_labels_first_step": module.first_health,
+            # semi.max_pseudo_per_image as a number (auto / labeled_max resolved on this labeled set)
+            "pseudo_cap_per_image": module.threshold.max_per_image,
+            "labeled_max_boxes": module.labeled_max_boxes,
         }
     return {
         "mode": str(cfg.semi.mode),
@@ -178,7 +181,8 @@ def semi_plan(ctx: FitContext) -> FitPlan:
     cfg = ctx.cfg
     module = SemiDetectionModule(cfg=ctx.plain_cfg, label_map=ctx.train_ds.label_map.to_json(),
                                  backbone_info=ctx.backbone_info, num_classes=ctx.train_ds.num_classes,
-                                 resnet=ctx.resnet, labeled_boxes_per_image=boxes_per_image(ctx.train_ds))
+                                 resnet=ctx.resnet, labeled_boxes_per_image=boxes_per_image(ctx.train_ds),
+                                 labeled_max_boxes=max_boxes_per_image(ctx.train_ds))
     per_epoch = steps_per_epoch(cfg, len(ctx.labeled))
     skip = burn_in_skip_steps(cfg, per_epoch, all(m.after_burn_in for m in module.modes))
     loader, unlabeled = semi_loader(cfg, ctx.labeled, ctx.train_ds, ctx.loader_kw,

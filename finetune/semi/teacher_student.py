@@ -38,7 +38,7 @@ from finetune.semi.base import (
 from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, teacher_forward
-from finetune.semi.thresholds import FixedThreshold, max_pseudo_per_image
+from finetune.semi.thresholds import ScoreThreshold, max_pseudo_per_image, pseudo_label_filter
 from finetune.transforms import STRONG_VIEWS
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class TeacherStudentMode(SemiMode):
         factor = _number(s, "max_pseudo_factor")
         if factor is not None and not (factor > 0 and math.isfinite(factor)):
             raise ValueError(f"semi.max_pseudo_factor={factor} must be > 0 (auto cap = labeled boxes per image x it)")
-        max_pseudo_per_image(s.get("max_pseudo_per_image"), factor or 1.0, 1.0)  # raises on a bad value
+        max_pseudo_per_image(s.get("max_pseudo_per_image"), factor or 1.0, 1.0, 1)  # raises on a bad value
         fallback = _number(s, "gmm_fallback")
         if fallback is not None and not 0.0 <= fallback <= 1.0:
             raise ValueError(f"semi.gmm_fallback={fallback} must be a score in [0, 1]")
@@ -170,16 +170,10 @@ class TeacherStudentMode(SemiMode):
         self.empty_weight = empty_weight(self.settings)
         # semi.rpn_threshold: the RPN's pseudo-boxes, class-agnostic, under the same per-image limits.
         rpn = _number(self.settings, "rpn_threshold")
-        self.rpn_filter: FixedThreshold | None = None
+        self.rpn_filter: ScoreThreshold | None = None
         if rpn is not None:
-            iou = _number(self.settings, "pseudo_nms_iou")
-            cap = self.settings.get("max_pseudo_per_image")
-            if isinstance(cap, str) and module.labeled_boxes_per_image is None:
-                cap = None  # a module rebuilt to predict: it never trains
-            self.rpn_filter = FixedThreshold(
-                module.label_map.num_classes, rpn, nms_iou=iou,
-                max_per_image=max_pseudo_per_image(cap, float(self.settings.get("max_pseudo_factor") or 1.0),
-                                                   module.labeled_boxes_per_image))
+            self.rpn_filter = pseudo_label_filter({**self.settings, "threshold": rpn}, module.label_map.num_classes,
+                                                  module.labeled_boxes_per_image, module.labeled_max_boxes)
         gamma = self.settings.get("roi_focal_gamma")
         if self.soft_background and gamma is None:
             gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
