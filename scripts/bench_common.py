@@ -232,3 +232,15 @@ def claimed(run_dir: Path) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+def finetune_config(overrides: Sequence[str]) -> Any:
+    """The composed fine-tuning config of ``overrides`` (the batch size and LR the protocol scales from)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf" / "finetune"), version_base=None):
+        return compose("finetune", overrides=list(overrides))
+
+
+def steps_per_epoch(num_images: int, batch: int) -> int:
+    return -(-num_images // batch)  # the labeled loader keeps its last partial batch

@@ -43,7 +43,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_common import claimed, describe, fingerprint, load_ledger, machine_info, mean_std, put_section, update_ledger
+from bench_common import (
+    claimed,
+    describe,
+    finetune_config,
+    fingerprint,
+    load_ledger,
+    machine_info,
+    mean_std,
+    put_section,
+    steps_per_epoch,
+    update_ledger,
+)
 
 from finetune.data.split import split_coco
 from finetune.pipeline import best_checkpoint_of, quote, run_stage
@@ -101,18 +112,6 @@ def load_protocol(path: Path = PROTOCOL) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load(path.read_text())
-
-
-def finetune_config(overrides: Sequence[str]) -> Any:
-    """The composed fine-tuning config of ``overrides`` (the batch size and LR the protocol scales from)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(REPO / "conf" / "finetune"), version_base=None):
-        return compose("finetune", overrides=list(overrides))
-
-
-def steps_per_epoch(num_images: int, batch: int) -> int:
-    return -(-num_images // batch)  # the labeled loader keeps its last partial batch
 
 
 def every_dividing(epochs: int, validations: int = 6) -> int:
@@ -434,7 +433,8 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
     out = []
     variants = [(arm, f"Teacher-student training with `{arm}`") for arm in diffs if arm.startswith("semi:")]
     for arm, what in (("semi", "Teacher-student training"), *variants,
-                      ("control", "The control (EMA teacher, no unlabeled loss)"), ("ceiling", "The 100%-label ceiling")):
+                      ("control", "The control (EMA teacher, no unlabeled loss)"),
+                      ("ceiling", "The 100%-label ceiling")):
         if arm not in diffs:
             continue
         m, s = statistics.mean(diffs[arm]), spread[arm]

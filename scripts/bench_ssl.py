@@ -48,7 +48,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_common import claimed, describe, fingerprint, load_ledger, machine_info, mean_std, put_section, update_ledger
+from bench_common import (
+    claimed,
+    describe,
+    finetune_config,
+    fingerprint,
+    load_ledger,
+    machine_info,
+    mean_std,
+    put_section,
+    steps_per_epoch,
+    update_ledger,
+)
 
 from finetune.data.split import split_coco
 from finetune.pipeline import backbone_of, quote, run_stage
@@ -142,19 +153,16 @@ def labeled_json(data: Mapping[str, Path], n: int, seed: int, out: Path) -> Path
     return split_dir / "labeled.json"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def batch_size(finetune: str) -> int:
     """The labeled batch size of the fine-tuning recipe ``finetune`` (its overrides composed)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(REPO / "conf" / "finetune"), version_base=None):
-        return int(compose("finetune", overrides=shlex.split(finetune)).data.batch_size)
+    return int(finetune_config(shlex.split(finetune)).data.batch_size)
 
 
 def schedule(n: int, a: argparse.Namespace | None = None) -> list[str]:
     """Epochs for the label count's step budget, and validations spread over the run."""
     ds = DATASETS[a.dataset if a is not None else "synthetic"]
-    per_epoch = -(-n // batch_size(ds.finetune if a is None else a.finetune))
+    per_epoch = steps_per_epoch(n, batch_size(ds.finetune if a is None else a.finetune))
     steps = ds.steps.get(n, 390)
     epochs = max(1, round(steps / per_epoch))
     every = max(1, epochs // VALIDATIONS)

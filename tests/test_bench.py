@@ -94,7 +94,7 @@ def test_a_ledger_line_says_what_the_run_used_not_what_auto_would_pick() -> None
     from bench_common import describe, machine_info
 
     info = machine_info("cpu")
-    run = {"device": "cpu", "precision": "32", "channels_last": False, "reason": "forced", "torch_threads": 1}
+    run = {"device": "cpu", "precision": "32", "channels_last": False, "reason": "forced", "torch_threads": 7}
     line = describe(info, run)
-    assert "precision 32, channels_last False (forced)" in line and "1 torch threads" in line
+    assert "precision 32, channels_last False (forced)" in line and "7 torch threads" in line
     assert f"channels_last {info['auto']['channels_last']} ({info['auto']['reason']})" in describe(info)

@@ -192,6 +192,18 @@ def test_labeled_max_keeps_a_crowded_image_that_the_mean_cap_cuts():
     assert pseudo_label_filter(settings, 2, 4.0, None).max_per_image is None  # a module that does not train
 
 
+def test_set_thresholds_replaces_the_per_class_scores():
+    """How semi.rpn_threshold follows a GMM: the RPN filter's scores become min(rpn, each class's)."""
+    th = FixedThreshold(3, 0.3)
+    th.set_thresholds(torch.tensor([0.6, 0.2, 0.45]).clamp(max=0.3))
+    assert th.thresholds().tolist() == pytest.approx([0.3, 0.2, 0.3])
+    kept = th.filter([det([0.25, 0.25, 0.35], [1, 2, 3])])[0]
+    assert kept["labels"].tolist() == [2, 3]
+    for bad in (torch.tensor([0.5, 0.5]), torch.tensor([0.5, 1.5, 0.5])):
+        with pytest.raises(ValueError, match="thresholds"):
+            th.set_thresholds(bad)
+
+
 def test_fixed_threshold_and_builder():
     th = build_threshold(0.7, 3)
     assert isinstance(th, FixedThreshold) and th.thresholds().tolist() == pytest.approx([0.7] * 3)
@@ -295,6 +307,7 @@ def test_two_target_losses_route_each_box_set_to_its_stage():
 
     model = tiny_frcnn(3).train()
     model.roi_heads.fg_bg_sampler.batch_size_per_image = 100_000  # every proposal: no sampling order
+    model.transform.min_size = (40, 48, 56, 64)  # multi-scale training: one draw must size both box sets
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 96)]
     roi = [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])},
            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
@@ -312,6 +325,12 @@ def test_two_target_losses_route_each_box_set_to_its_stage():
     assert {k: split[k] for k in roi_keys} == pytest.approx({k: on_roi[k] for k in roi_keys}, rel=1e-5)
     assert split["loss_objectness"] != pytest.approx(on_roi["loss_objectness"])  # the extra boxes reached the RPN
     assert run(lambda: two_target_losses(model, images, roi, roi)) == pytest.approx(on_roi, rel=1e-5)
+    for seed in range(4):  # every size drawn: the RoI losses stay a plain forward's on the same draw
+        torch.manual_seed(seed)
+        got = two_target_losses(model, images, rpn, roi)
+        torch.manual_seed(seed)
+        want = model(images, roi)
+        assert float(got["loss_classifier"]) == pytest.approx(float(want["loss_classifier"]), rel=1e-5)
 
 
 def test_to_frame_by_hand():

@@ -223,7 +223,7 @@ def test_semi_options_refuse_bad_values(synthetic_data, caplog):
            "semi.gmm_fallback=1.5": "gmm_fallback", "semi.ema_time_constant=0": "ema_time_constant",
            "semi.ema_time_constant=1.5": "ema_time_constant", "semi.deploy=ensemble": "semi.deploy",
            "semi.ema_ramp=sometimes": "ema_ramp", "semi.strong_view=heavy": "strong_view",
-           "semi.rpn_threshold=1.5": "rpn_threshold"}
+           "semi.rpn_threshold=1.5": "rpn_threshold", "semi.rpn_threshold=0.8": "rpn_threshold"}  # > threshold 0.7
     for override, key in bad.items():
         with pytest.raises((ValueError, TypeError), match=key):
             check_config(smoke_cfg(root, "semi=unbiased_teacher", override))

@@ -94,8 +94,8 @@ def _image_root(explicit: Any, ann_file: Path | None) -> Path | None:
 
 def build_datasets(cfg: DictConfig, paths: DataPaths) -> tuple[CocoDetection, CocoDetection | None]:
     """Training set with augmentation and the validation set with the training set's label map."""
-    aug = OmegaConf.to_container(cfg.augment, resolve=True)
-    aug.pop("strong_copy", None)  # type: ignore[union-attr]  # applied per step by the module, not per sample
+    aug: dict[str, Any] = OmegaConf.to_container(cfg.augment, resolve=True)  # type: ignore[assignment]
+    aug.pop("strong_copy", None)  # applied per step by the module, not per sample
     common = {"max_pixels": cfg.data.get("max_pixels"), "missing": cfg.data.get("missing", "error")}
     train_ds = CocoDetection(paths.train_json, paths.train_images, transforms=build_transforms(True, **aug),  # type: ignore[arg-type]
                              train=True, bad_images="skip", **common)

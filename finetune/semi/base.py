@@ -30,6 +30,10 @@ class SemiStep(Protocol):
 
     model: nn.Module  # the student
     teacher: nn.Module | None  # the EMA teacher (modes with needs_teacher, after burn-in)
+    label_map: Any  # the labeled set's classes (``num_classes``)
+    labeled_boxes_per_image: float | None  # the labeled set's mean boxes per image
+    labeled_max_boxes: int | None  # the most boxes on one labeled image
+    threshold: Any  # the pseudo-label ScoreThreshold (its per-class thresholds)
 
     @property
     def device(self) -> torch.device: ...  # read-only on a LightningModule

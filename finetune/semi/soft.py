@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.image_list import ImageList
 
 from finetune.semi.focal import FocalRoIHeads
 
@@ -41,6 +42,18 @@ class TeacherPass:
     image_sizes: list[tuple[int, int]]  # after the teacher's resize, before padding
 
 
+def transform_and_features(model: FasterRCNN, images: Sequence[torch.Tensor],
+                           targets: Sequence[dict[str, torch.Tensor]] | None = None
+                           ) -> tuple[ImageList, dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
+    """``GeneralizedRCNN.forward``'s first steps: resize and normalise (with the targets' boxes), then
+    the backbone's features as an ordered dict (a backbone without FPN gives one level, ``"0"``)."""
+    batch, resized = model.transform(list(images), None if targets is None else list(targets))
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    return batch, features, resized
+
+
 @torch.no_grad()
 def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor]) -> TeacherPass:
     """The teacher's eval-mode detections of ``images``, with its FPN features kept.
@@ -52,10 +65,7 @@ def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor]) -> Teac
     if teacher.training:
         raise ValueError("the teacher must be in eval mode (its detections are the eval-mode ones)")
     original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    batch, _ = teacher.transform(list(images))
-    features = teacher.backbone(batch.tensors)
-    if isinstance(features, torch.Tensor):  # a backbone without FPN, as GeneralizedRCNN wraps it
-        features = OrderedDict([("0", features)])
+    batch, features, _ = transform_and_features(teacher, images)
     proposals, _ = teacher.rpn(batch, features)
     dets, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
     dets = teacher.transform.postprocess(dets, batch.image_sizes, original)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
+from torchvision.models.detection import FasterRCNN
 
 from finetune.detectors import capabilities_of, require
 from finetune.semi.base import (
@@ -37,7 +37,7 @@ from finetune.semi.base import (
 )
 from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
-from finetune.semi.soft import soft_background, teacher_forward
+from finetune.semi.soft import soft_background, teacher_forward, transform_and_features
 from finetune.semi.thresholds import ScoreThreshold, max_pseudo_per_image, pseudo_label_filter
 from finetune.transforms import STRONG_VIEWS
 
@@ -89,7 +89,12 @@ def _number(settings: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def two_target_losses(model: torch.nn.Module, images: Sequence[torch.Tensor],
+def as_targets(pseudo: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Pseudo-labels as torchvision training targets (float xyxy boxes, int64 labels)."""
+    return [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
+
+
+def two_target_losses(model: FasterRCNN, images: Sequence[torch.Tensor],
                       rpn_targets: Sequence[Mapping[str, torch.Tensor]],
                       roi_targets: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A two-stage detector's training losses (``GeneralizedRCNN.forward`` in training mode) with the
@@ -101,10 +106,8 @@ def two_target_losses(model: torch.nn.Module, images: Sequence[torch.Tensor],
     sizes = [int(t["boxes"].shape[0]) for t in roi_targets]
     merged = [{"boxes": torch.cat([r["boxes"].reshape(-1, 4), p["boxes"].reshape(-1, 4)]),
                "labels": torch.cat([r["labels"], p["labels"]])} for r, p in zip(roi_targets, rpn_targets)]
-    batch, resized = model.transform(list(images), merged)
-    features = model.backbone(batch.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
+    batch, features, resized = transform_and_features(model, images, merged)
+    assert resized is not None
     rpn_t = [{"boxes": t["boxes"][n:], "labels": t["labels"][n:]} for t, n in zip(resized, sizes)]
     roi_t = [{"boxes": t["boxes"][:n], "labels": t["labels"][:n]} for t, n in zip(resized, sizes)]
     proposals, rpn_losses = model.rpn(batch, features, rpn_t)
@@ -147,9 +150,14 @@ class TeacherStudentMode(SemiMode):
                 raise ValueError(f"semi.rpn_threshold={rpn} must be a score in [0, 1] (or null: the RPN trains on "
                                  "semi.threshold's pseudo-boxes)")
             require(str(cfg.detector.name), ("roi_heads",), "semi.rpn_threshold (pseudo-boxes for an RPN)")
+            roi = s.get("threshold")
+            if isinstance(roi, (int, float)) and not isinstance(roi, bool) and rpn > float(roi):
+                raise ValueError(f"semi.rpn_threshold={rpn} is above semi.threshold={roi}: the RPN would train the "
+                                 "RoI head's pseudo-objects as background; use a score at or below it")
         factor = _number(s, "max_pseudo_factor")
         if factor is not None and not (factor > 0 and math.isfinite(factor)):
-            raise ValueError(f"semi.max_pseudo_factor={factor} must be > 0 (auto cap = labeled boxes per image x it)")
+            raise ValueError(f"semi.max_pseudo_factor={factor} must be > 0 (the auto / labeled_max cap is the "
+                             "labeled set's figure x it)")
         max_pseudo_per_image(s.get("max_pseudo_per_image"), factor or 1.0, 1.0, 1)  # raises on a bad value
         fallback = _number(s, "gmm_fallback")
         if fallback is not None and not 0.0 <= fallback <= 1.0:
@@ -170,6 +178,7 @@ class TeacherStudentMode(SemiMode):
         self.empty_weight = empty_weight(self.settings)
         # semi.rpn_threshold: the RPN's pseudo-boxes, class-agnostic, under the same per-image limits.
         rpn = _number(self.settings, "rpn_threshold")
+        self.rpn_value = 1.0 if rpn is None else rpn
         self.rpn_filter: ScoreThreshold | None = None
         if rpn is not None:
             self.rpn_filter = pseudo_label_filter({**self.settings, "threshold": rpn}, module.label_map.num_classes,
@@ -200,15 +209,17 @@ class TeacherStudentMode(SemiMode):
                 dets = teacher(weak)
         dets = [{k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in d.items()} for d in dets]
         pseudo = module.pseudo_labels(dets, unlabeled.get("ground_truth"))
-        targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()} for p in pseudo]
+        targets = as_targets(pseudo)
         soft = (soft_background(module.model, teacher, tpass)  # type: ignore[arg-type]
                 if tpass is not None else contextlib.nullcontext())
         norm = (batch_normalised(module.model) if str(self.settings.get("dense_loss_norm", "batch")) == "batch"
                 else contextlib.nullcontext())
         rpn_targets = None
         if self.rpn_filter is not None:
-            rpn_targets = [{"boxes": p["boxes"].reshape(-1, 4).float(), "labels": p["labels"].long()}
-                           for p in self.rpn_filter.filter(dets)]
+            # Never above the RoI head's threshold of a class (GMM's move each step): the RPN's boxes
+            # include the RoI head's, so no RoI pseudo-object is an RPN background anchor.
+            self.rpn_filter.set_thresholds(module.threshold.thresholds().clamp(max=self.rpn_value))
+            rpn_targets = as_targets(self.rpn_filter.filter(dets))
         with running_stats_frozen(module.model), soft, focal_gamma(module.model, self.unlabeled_gamma), norm:
             losses = (module.model(strong, targets) if rpn_targets is None
                       else two_target_losses(module.model, strong, rpn_targets, targets))

@@ -126,6 +126,13 @@ class ScoreThreshold:
         """The current (K,) per-class thresholds (a copy)."""
         return self._thr.clone()
 
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Replace the (K,) per-class thresholds (scores in [0, 1])."""
+        t = torch.as_tensor(thresholds, dtype=torch.float32).detach().cpu().reshape(-1)
+        if t.numel() != self.num_classes or not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(f"need {self.num_classes} thresholds in [0, 1], got {t.tolist()}")
+        self._thr = t.clone()
+
     def update(self, detections: list[dict[str, torch.Tensor]]) -> None:
         """See one batch of teacher detections before thresholding (fixed thresholds ignore them)."""
 

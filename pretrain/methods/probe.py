@@ -30,6 +30,7 @@ class KnnProbe(pl.LightningModule):
     _val_index: list[Tensor]
     knn_step0: float | None
     knn_history: list[dict[str, Any]]
+    knn_reference_loader: Any  # the kNN loader for the step-0 reference (pretrain.train hands it over)
 
     @property
     def world_size(self) -> int:
