@@ -210,8 +210,11 @@ def split_of(seed: int, a: argparse.Namespace) -> dict[str, Path]:
     if a.unlabeled is not None:
         return {"labeled": a.train, "unlabeled": a.unlabeled}
     d = a.out / f"split_f{a.protocol['fraction']:g}_seed{seed}"
-    if not (d / "unlabeled.json").is_file():
+    source = d / "source.txt"  # the pool it was drawn from: a split of the full-size photographs made
+    # before the working-size copies existed is drawn again from the copies (same seed, same images)
+    if not (d / "unlabeled.json").is_file() or not source.is_file() or source.read_text() != str(a.train):
         split_coco(a.train, d, fraction=a.protocol["fraction"], seed=seed)
+        source.write_text(str(a.train))
     return {"labeled": d / "labeled.json", "unlabeled": d / "unlabeled.json"}
 
 

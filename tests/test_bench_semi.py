@@ -254,3 +254,24 @@ def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, A
     # semi - labeled_time: +4 and +3
     # the steps as run (the fake runs report 300), not as asked
     assert "`semi` against labeled-only continued for 300 steps (equal wall time): +3.5 +- 0.7 AP" in text
+
+
+def test_a_split_is_drawn_again_when_its_pool_changed(tmp_path: Path) -> None:
+    """A split cached from the full-size photographs is drawn again from the working-size copies (the
+    same seed, so the same images): training must read the images the protocol says it does."""
+    import argparse
+
+    full, copies = tmp_path / "full", tmp_path / "copies"
+    full.mkdir()
+    copies.mkdir()
+    a = argparse.Namespace(unlabeled=None, out=tmp_path / "out", protocol={"fraction": 0.5},
+                           train=write_coco(full / "train.json", 6))
+    first = bs.split_of(1, a)
+    names = sorted(im["file_name"] for im in json.loads(first["labeled"].read_text())["images"])
+    assert all("full" in Path(n).parts or n.startswith("../") for n in names)
+    a.train = write_coco(copies / "train.json", 6)
+    again = bs.split_of(1, a)
+    redrawn = json.loads(again["labeled"].read_text())["images"]
+    assert again == first and all("copies" in str(Path(again["labeled"]).parent / im["file_name"]) for im in redrawn)
+    assert sorted(Path(im["file_name"]).name for im in redrawn) == sorted(Path(n).name for n in names)
+    assert (again["labeled"].parent / "source.txt").read_text() == str(a.train)
