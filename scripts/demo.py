@@ -154,16 +154,21 @@ SEMI_ARM_SMOKE = ["semi=bench", "semi.ema_time_constant=null", "semi.ema_decay=0
 
 SEMI_LEDGERS = {"from random init": "synthetic", "from the SSL backbone": "synthetic_ssl"}
 SEMI_BENCH = "python scripts/bench_semi.py --dataset synthetic"
+# The same protocol on real photographs (BENCHMARKS.md's "bccd": a 10% split of BCCD's 205 training
+# photographs, 20 labeled, from random init).
+SEMI_PHOTO_LEDGERS = {"on BCCD's blood-cell photographs (20 labeled)": "bccd"}
 
 
-def semi_benchmark_figures(root: Path = LEDGER.parents[1] / "semi") -> list[str]:
-    """The semi benchmark's paired results on the demo's scenes (converge, then continue; ledgers
-    ``benchmarks/semi/<name>.json``): per start and semi arm with at least 2 seeds paired with
-    labeled-only continued, the mean +- std of the paired AP difference, in AP points."""
+def semi_benchmark_figures(root: Path = LEDGER.parents[1] / "semi",
+                           ledgers: dict[str, str] | None = None) -> list[str]:
+    """The semi benchmark's paired results (converge, then continue; ledgers
+    ``benchmarks/semi/<name>.json``; default :data:`SEMI_LEDGERS`, the demo's scenes): per ledger and
+    semi arm with at least 2 seeds paired with labeled-only continued, the mean +- std of the paired AP
+    difference, in AP points."""
     import statistics
 
     out = []
-    for start, name in SEMI_LEDGERS.items():
+    for start, name in (SEMI_LEDGERS if ledgers is None else ledgers).items():
         path = root / f"{name}.json"
         if not path.is_file():
             continue
@@ -179,10 +184,10 @@ def semi_benchmark_figures(root: Path = LEDGER.parents[1] / "semi") -> list[str]
     return out
 
 
-def semi_note(semi: dict, ssl: dict, bench: list[str] | None = None) -> str:
+def semi_note(semi: dict, ssl: dict, bench: list[str] | None = None, photos: list[str] | None = None) -> str:
     """The semi arm in words: AP against the SSL fine-tune it started from, its pseudo-labels, why it
-    did not pay when it did not, and the semi benchmark's paired figures (``bench``, see
-    :func:`semi_benchmark_figures`)."""
+    did not pay when it did not, and the semi benchmark's paired figures on the demo's scenes
+    (``bench``) and on real photographs (``photos``; see :func:`semi_benchmark_figures`)."""
     s = semi.get("semi") or {}
     ap, base = semi["coco"]["AP"] * 100, ssl["coco"]["AP"] * 100
     health = s.get("pseudo_labels") or {}
@@ -201,6 +206,9 @@ def semi_note(semi: dict, ssl: dict, bench: list[str] | None = None) -> str:
     bench = semi_benchmark_figures() if bench is None else bench
     measured = (f" The semi benchmark on these scenes ({SEMI_BENCH}; BENCHMARKS.md): {'; '.join(bench)}."
                 if bench else "")
+    photos = semi_benchmark_figures(ledgers=SEMI_PHOTO_LEDGERS) if photos is None else photos
+    if photos:
+        measured += f" The same protocol on real photographs (BENCHMARKS.md): {'; '.join(photos)}."
     return (f"Unbiased Teacher from the SSL fine-tune ({s.get('deployed', '?')} weights deployed) {word}: AP "
             f"{ap:.1f} against {base:.1f} ({ap - base:+.1f} points, {semi.get('global_step')} more steps with "
             f"the unlabeled images){pr}.{why}{measured}")
