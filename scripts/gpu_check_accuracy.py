@@ -74,7 +74,7 @@ def smoke_set(out: Path | None = None) -> dict[str, Path]:
 
 def toy() -> None:
     """bench_ssl's synthetic dataset replaced by experiment=smoke's set: 4 labels, 4 steps, its recipes."""
-    bench_ssl.DATASETS["synthetic"] = bench_ssl.SslData(smoke_set, TOY_PRETRAIN, TOY_FINETUNE, (4,), {4: 4}, 8)
+    bench_ssl.DATASETS["synthetic"] = bench_ssl.SslData(smoke_set, TOY_PRETRAIN, TOY_FINETUNE, (4,), {4: 4})
 
 
 def ssl_data() -> bench_ssl.SslData:

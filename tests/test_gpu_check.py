@@ -153,7 +153,8 @@ def test_the_dry_run_shrinks_bench_ssl_through_its_dataset_registry(monkeypatch:
     gpu_check_accuracy.toy()
     a = bench_ssl.parse(gpu_check_accuracy.ssl_argv("toy", Path("/w"), gpu_check_accuracy.TOY_PRETRAIN))
     assert a.labels == [4] and a.seeds == [0, 1] and a.finetune == gpu_check_accuracy.TOY_FINETUNE
-    assert bench_ssl.schedule(4, a) == ["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1"]
+    # 4 labels at experiment=smoke's batch 2: 2 steps an epoch, so the toy's 4 steps are 2 epochs.
+    assert bench_ssl.schedule(4, a) == ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1"]
 
 
 def test_the_semi_protocol_runs_at_the_scenes_size_with_the_benchmarks_own_recipe() -> None:
