@@ -275,3 +275,34 @@ def test_a_split_is_drawn_again_when_its_pool_changed(tmp_path: Path) -> None:
     assert again == first and all("copies" in str(Path(again["labeled"]).parent / im["file_name"]) for im in redrawn)
     assert sorted(Path(im["file_name"]).name for im in redrawn) == sorted(Path(n).name for n in names)
     assert (again["labeled"].parent / "source.txt").read_text() == str(a.train)
+
+
+def test_two_benchmarks_resizing_one_set_at_once_both_get_it(tmp_path: Path) -> None:
+    """Two benchmark processes started together make the same working-size copies: each writes its own
+    temporary files (a shared name let one process's rename take the other's file away: chess, seeds
+    1 and 2 started at once) and the JSON appears whole."""
+    import subprocess
+    import textwrap
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(1, 41):
+        Image.new("RGB", (640, 480), (i, 2 * i, 3 * i)).save(src / f"{i}.jpg")
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in range(1, 41)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 100, 80], "area": 8000, "iscrowd": 0}
+            for i in range(1, 41)]
+    (src / "train.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                "categories": [{"id": 1, "name": "a"}]}))
+    code = textwrap.dedent(f"""
+        from finetune.data.resize import resize_coco
+        resize_coco({str(src / 'train.json')!r}, {str(tmp_path / 'out')!r}, 320)
+    """)
+    repo = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=repo, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    out = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert len(out["images"]) == 40 and not list((tmp_path / "out").rglob("*.tmp"))

@@ -46,10 +46,13 @@ def box_problems(anns: Iterable[dict], images: dict[int, dict]) -> Counter[str]:
 
 
 def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a COCO dict as JSON (parent folders created)."""
+    """Write a COCO dict as JSON (parent folders created), atomically: a process reading it meanwhile
+    (another benchmark over the same set) sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(coco) + "\n")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(coco) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -96,7 +96,7 @@ def resize_coco(ann_file: str | os.PathLike[str], out_dir: str | os.PathLike[str
             img = _load_as_annotated(root / im["file_name"], (w, h), src)
             if s < 1.0:
                 img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-            tmp = dst.with_name(dst.name + ".tmp")
+            tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # per process: two benchmarks may resize one set
             img.save(tmp, format=img_format(dst), quality=quality)
             os.replace(tmp, dst)  # a killed run leaves no truncated image behind
         scale[im["id"]] = (nw / w, nh / h)
