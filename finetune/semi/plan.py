@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from finetune.data.labeled import boxes_per_image, max_boxes_per_image
+from finetune.data.labeled import boxes_per_image
 from finetune.fit_plan import FitContext, FitPlan
 from finetune.semi.base import burn_in_steps, mode_class, modes_of
 from finetune.semi.data import UnlabeledDetectionImages, collate_unlabeled, detector_working_size, unlabeled_source
@@ -179,10 +179,11 @@ def _refuse_teacher_options(settings: Mapping[str, Any]) -> None:
 def semi_plan(ctx: FitContext) -> FitPlan:
     """A :class:`SemiDetectionModule` on labeled + unlabeled batches, with the ``semi`` metrics section."""
     cfg = ctx.cfg
+    mean_boxes, most_boxes = boxes_per_image(ctx.train_ds)
     module = SemiDetectionModule(cfg=ctx.plain_cfg, label_map=ctx.train_ds.label_map.to_json(),
                                  backbone_info=ctx.backbone_info, num_classes=ctx.train_ds.num_classes,
-                                 resnet=ctx.resnet, labeled_boxes_per_image=boxes_per_image(ctx.train_ds),
-                                 labeled_max_boxes=max_boxes_per_image(ctx.train_ds))
+                                 resnet=ctx.resnet, labeled_boxes_per_image=mean_boxes,
+                                 labeled_max_boxes=most_boxes)
     per_epoch = steps_per_epoch(cfg, len(ctx.labeled))
     skip = burn_in_skip_steps(cfg, per_epoch, all(m.after_burn_in for m in module.modes))
     loader, unlabeled = semi_loader(cfg, ctx.labeled, ctx.train_ds, ctx.loader_kw,

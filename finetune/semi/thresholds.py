@@ -70,6 +70,17 @@ def limit_per_image(d: dict[str, torch.Tensor], nms_iou: float | None = None,
     return {k: (v.reshape(-1, 4) if k == "boxes" else v)[keep] for k, v in d.items()}
 
 
+def _cap_kind(spec: Any) -> str | None:
+    """``auto`` or ``labeled_max`` for a cap given by the labeled set's box counts, else None."""
+    kind = spec.strip().lower() if isinstance(spec, str) else None
+    return kind if kind in ("auto", "labeled_max") else None
+
+
+def _cap_figure(spec: Any, labeled_boxes_per_image: float | None, labeled_max_boxes: int | None) -> float | None:
+    """The labeled set's figure a cap of kind ``spec`` scales: the mean for ``auto``, the most for ``labeled_max``."""
+    return labeled_max_boxes if _cap_kind(spec) == "labeled_max" else labeled_boxes_per_image
+
+
 def max_pseudo_per_image(spec: int | str | None, factor: float = 1.0,
                          labeled_boxes_per_image: float | None = None,
                          labeled_max_boxes: int | None = None) -> int | None:
@@ -87,12 +98,11 @@ def max_pseudo_per_image(spec: int | str | None, factor: float = 1.0,
     """
     if spec is None:
         return None
-    if isinstance(spec, str) and spec.strip().lower() in ("auto", "labeled_max"):
-        use_max = spec.strip().lower() == "labeled_max"
-        figure = labeled_max_boxes if use_max else labeled_boxes_per_image
+    if _cap_kind(spec) is not None:
+        figure = _cap_figure(spec, labeled_boxes_per_image, labeled_max_boxes)
         if figure is None:
             raise ValueError(f"semi.max_pseudo_per_image={spec} needs the labeled set's "
-                             f"{'most boxes on one image' if use_max else 'boxes per image'}")
+                             f"{'most boxes on one image' if _cap_kind(spec) == 'labeled_max' else 'boxes per image'}")
         return max(1, math.ceil(float(figure) * float(factor) - 1e-9))
     if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
         raise ValueError(f"semi.max_pseudo_per_image must be auto, labeled_max, an integer >= 1 or null, got {spec!r}")
@@ -338,8 +348,7 @@ def pseudo_label_filter(settings: Mapping[str, Any], num_classes: int,
     no cap)."""
     cap = settings.get("max_pseudo_per_image")
     factor = float(settings.get("max_pseudo_factor") or 1.0)
-    figure = labeled_max_boxes if str(cap).strip().lower() == "labeled_max" else labeled_boxes_per_image
-    if isinstance(cap, str) and figure is None:
+    if isinstance(cap, str) and _cap_figure(cap, labeled_boxes_per_image, labeled_max_boxes) is None:
         log.warning("semi.max_pseudo_per_image=%s without the labeled set's box counts: no cap", cap)
         cap = None
     fallback = settings.get("gmm_fallback")
