@@ -4,6 +4,7 @@
     python scripts/bench_semi.py --train mine/train.json --val mine/val.json --name mine --seeds 1 2 3
     python scripts/bench_semi.py --train mine/labeled.json --unlabeled mine/photos/ --val mine/val.json --name mine
     python scripts/bench_semi.py --dataset chess --seeds 1 2 3 --report-only --benchmarks BENCHMARKS.md
+    python scripts/bench_semi.py --dataset chess --reproduce semi/seed1   # run one ledger row again
 
 The protocol (issue 32; every figure of it in ``conf/bench/semi.yaml``, the fine-tuning recipe in
 ``conf/finetune/experiment/semi_bench.yaml`` and the semi recipe in ``conf/finetune/semi/bench.yaml``).
@@ -26,6 +27,9 @@ then gives the pseudo-labels' precision and recall). Every finished run goes int
 (``benchmarks/semi/<name>.json``, tracked in git) keyed by arm and seed with a fingerprint of its
 recipe; a run whose fingerprint is there is skipped, an interrupted one resumes from its last
 checkpoint, and several processes over the same seeds share the ledger and never the same run.
+``--reproduce ARM/seedN`` trains one recorded run again from scratch in a directory of its own (the
+same recipe and converged start) and sets its AP beside the ledger's and the arm's spread over seeds;
+the table keeps that line.
 """
 
 from __future__ import annotations
@@ -335,6 +339,65 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path
     return run_dir
 
 
+def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
+    """Train the ledger's run ``which`` (``ARM/seedN``) again, from scratch, into
+    ``<out>/seedN/reproduce/``: the same recipe (fingerprint) and, for a continuation, the same
+    converged checkpoint. Its figures go into the ledger's ``reproduced`` section (a finished
+    reproduction is read, not run again; a killed one resumes). The ledger, updated."""
+    arm, sep, seed_text = which.partition("/seed")
+    if not sep or not seed_text.isdigit():
+        raise SystemExit(f"--reproduce {which!r}: give ARM/seedN, e.g. labeled/seed1")
+    seed = int(seed_text)
+    if arm not in table_arms(a) and arm not in EXTRA_ARMS:
+        raise SystemExit(f"--reproduce {which}: {arm} is not one of {', '.join(table_arms(a))}")
+    if not done(load_ledger(a.ledger), arm, seed, a):
+        raise SystemExit(f"--reproduce {which}: the ledger {a.ledger} has no run of it at today's recipe; run it first "
+                         f"(--seeds {seed} --arms {arm})")
+    at_working_size(a)  # after the fingerprint's data hash, which is of the files as given (as in run)
+    split = split_of(seed, a)
+    start = None
+    if arm not in ("converge", "ceiling"):
+        conv = a.out / f"seed{seed}" / f"converge_{fingerprint(recipe('converge', seed, a))}"
+        if not (conv / "metrics.json").is_file():
+            raise SystemExit(f"--reproduce {which}: its converged start {conv} is gone; run --arms converge again")
+        start = best_checkpoint_of(conv)
+    rec = recipe(arm, seed, a)
+    run_dir = a.out / f"seed{seed}" / "reproduce" / f"{arm.replace(':', '-')}_{fingerprint(rec)}"
+    if not (run_dir / "metrics.json").is_file():
+        with claimed(run_dir) as mine:
+            if not mine:
+                raise SystemExit(f"--reproduce {which}: another process is running {run_dir}")
+            print(f"== {a.name} reproduce {key(arm, seed)} -> {run_dir}", flush=True)
+            run_stage("finetune", run_dir, overrides(arm, seed, a, split, start))
+    e = entry(json.loads((run_dir / "metrics.json").read_text()), rec)
+    return update_ledger(a.ledger, lambda led: led.setdefault("reproduced", {}).__setitem__(key(arm, seed), e))
+
+
+def reproductions(ledger: Mapping[str, Any], a: argparse.Namespace) -> list[str]:
+    """One sentence per reproduced run at today's recipe: its AP run again against the ledger's, and
+    whether the difference stays within the arm's std over its seeds."""
+    out = []
+    for k, again in sorted((ledger.get("reproduced") or {}).items()):
+        arm, _, seed = k.partition("/seed")
+        first = ledger["runs"].get(k)
+        if not first or again.get("AP") is None or first.get("AP") is None or not done(ledger, arm, int(seed), a):
+            continue
+        if again["fingerprint"] != first["fingerprint"]:
+            continue
+        aps = [ledger["runs"][key(arm, s)]["AP"] for s in a.seeds
+               if done(ledger, arm, s, a) and ledger["runs"][key(arm, s)]["AP"] is not None]
+        d = again["AP"] - first["AP"]
+        if len(aps) > 1:
+            sd = statistics.stdev(aps)
+            word = "within" if abs(d) <= sd else "outside"
+            tail = f"{word} the arm's std over {len(aps)} seeds ({sd * 100:.1f})"
+        else:
+            tail = "no std to weigh it against before 2 seeds"
+        out.append(f"Reproduced: `{k}` trained again from scratch ends at AP {again['AP'] * 100:.1f} against the "
+                   f"ledger's {first['AP'] * 100:.1f} ({d * 100:+.1f}), {tail}; {again['machine']}, {again['date']}.")
+    return out
+
+
 def _fmt(x: float | None, scale: float = 100.0) -> str:
     return "-" if x is None else f"{x * scale:.1f}"
 
@@ -402,6 +465,9 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     time_steps = (round(statistics.mean(e["steps"] for e in runs["labeled_time"].values()))
                   if runs["labeled_time"] else continuation_steps("labeled_time", a))  # as run (whole epochs)
     lines.append(verdict(diffs, spread, vs_semi, vs_time, time_steps))
+    again = reproductions(ledger, a)
+    if again:
+        lines.append("\n" + " ".join(again))
     p = a.protocol
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
@@ -495,6 +561,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ledger", type=Path, default=None, help="default benchmarks/semi/<name>.json")
     p.add_argument("--benchmarks", type=Path, default=None, help="write the table into this markdown file")
     p.add_argument("--report-only", action="store_true", help="run nothing: the table from the ledger")
+    p.add_argument("--reproduce", metavar="ARM/seedN", default=None,
+                   help="train this ledger run again from scratch in its own directory and compare its AP with "
+                        "the ledger's (e.g. semi/seed1); nothing else runs")
     a = p.parse_args(argv)
     a.protocol = load_protocol(a.protocol)
     a.variants = {}
@@ -545,8 +614,14 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse(argv)
-    ledger = load_ledger(a.ledger) if a.report_only else run(a)
+    if a.reproduce:
+        ledger = reproduce(a.reproduce, a)
+    else:
+        ledger = load_ledger(a.ledger) if a.report_only else run(a)
     args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--report-only"]
+    if a.reproduce:  # the table's command is the one that makes the ledger, not the reproduction's
+        i = args.index("--reproduce") if "--reproduce" in args else None
+        args = args[:i] + args[i + 2:] if i is not None else [x for x in args if not x.startswith("--reproduce=")]
     text = table(ledger, a, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *args]))
     print("\n" + text)
     if a.benchmarks is not None:

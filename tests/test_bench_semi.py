@@ -306,3 +306,38 @@ def test_two_benchmarks_resizing_one_set_at_once_both_get_it(tmp_path: Path) -> 
     assert [p.returncode for p in procs] == [0, 0], errors
     out = json.loads((tmp_path / "out" / "train.json").read_text())
     assert len(out["images"]) == 40 and not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_reproduce_trains_one_ledger_run_again_and_weighs_it_against_the_spread(fake: dict[str, Any]) -> None:
+    tmp, calls = fake["tmp"], fake["calls"]
+    with pytest.raises(SystemExit, match="has no run of it"):  # nothing recorded yet
+        bs.reproduce("semi/seed1", bs.parse(fake["argv"]))
+    bs.run(bs.parse(fake["argv"]))
+    calls.clear()
+    AP["semi"][1] = 0.26  # the run again ends 1 AP above the recorded 0.25; semi's std over seeds 2.1
+    try:
+        bs.main([*fake["argv"], "--reproduce", "semi/seed1"])
+    finally:
+        AP["semi"][1] = 0.25
+    assert [arm for arm, _ in calls] == ["semi"]  # that run alone, from the same converged start
+    ov = calls[0][1]
+    conv = next(d for d in (tmp / "runs" / "seed1").iterdir() if d.name.startswith("converge_"))
+    assert f"init_from={conv / 'checkpoints' / 'best.ckpt'}" in ov and "seed=1" in ov
+    again = [d.name for d in (tmp / "runs" / "seed1" / "reproduce").iterdir() if (d / "metrics.json").is_file()]
+    assert again == [f"semi_{bs.fingerprint(bs.recipe('semi', 1, bs.parse(fake['argv'])))}"]  # its own directory
+    ledger = bs.load_ledger(tmp / "ledger.json")
+    assert ledger["runs"]["semi/seed1"]["AP"] == 0.25  # the recorded run stays as it was
+    assert ledger["reproduced"]["semi/seed1"]["AP"] == 0.26
+    a = bs.parse(fake["argv"])
+    text = bs.table(ledger, a, "x")
+    assert ("Reproduced: `semi/seed1` trained again from scratch ends at AP 26.0 against the ledger's 25.0 (+1.0), "
+            "within the arm's std over 2 seeds (2.1)") in text
+    calls.clear()
+    bs.main([*fake["argv"], "--reproduce", "semi/seed1"])
+    assert calls == []  # a finished reproduction is read, not run again
+    ledger["reproduced"]["semi/seed1"]["AP"] = 0.30  # 5 AP off: outside the std
+    assert "(+5.0), outside the arm's std" in bs.table(ledger, a, "x")
+    with pytest.raises(SystemExit, match="ARM/seedN"):
+        bs.reproduce("semi", a)
+    with pytest.raises(SystemExit, match="not one of"):
+        bs.reproduce("nonsense/seed1", a)
