@@ -474,6 +474,24 @@ def test_soft_teacher_view_erases_one_to_four_small_squares():
         strong_augment(img, view="heavy")
 
 
+def test_erase_view_greys_small_squares_and_keeps_every_other_colour():
+    img = torch.rand(3, 60, 80, generator=torch.Generator().manual_seed(0))
+    erased = 0
+    for seed in range(40):
+        s = strong_augment(img, torch.Generator().manual_seed(seed), view="erase")
+        changed = (s != img).any(0)
+        # every changed pixel is Soft Teacher's grey, every other pixel is the input's own colour
+        assert torch.all(s[:, changed] == 125 / 255)
+        assert torch.equal(s[:, ~changed], img[:, ~changed])
+        assert float(changed.float().mean()) <= 4 * 11 * 11 / (60 * 80)
+        erased += bool(changed.any())
+    assert erased >= 30
+    # the soft_teacher view changes colours outside its squares too (its jitter, p 0.8)
+    recoloured = [float(((strong_augment(img, torch.Generator().manual_seed(k), view="soft_teacher") - img).abs()
+                         > 1e-3).float().mean()) for k in range(10)]
+    assert sum(r > 0.5 for r in recoloured) >= 5
+
+
 # ----------------------------------------------------------------------------------- health
 def test_health_precision_recall_by_hand():
     h = PseudoLabelHealth(2, ["a", "b"])
