@@ -185,7 +185,8 @@ def _square_erasing(image: torch.Tensor) -> torch.Tensor:
 # keeps AP 10.8 of its 18.7 under that erasing alone and 7.2-7.9 under the whole view (three draws);
 # under this one it keeps 14.5-15.7 (BENCHMARKS.md's semi section). Geometric jitter (Soft
 # Teacher's translate/rotate/shear) is left out: the teacher's boxes would have to follow it.
-# (A change here changes runs recorded under `semi.strong_view=soft_teacher`; the default view is
+# (A change here, or in _square_erasing, changes runs recorded under `semi.strong_view=soft_teacher`
+# and `erase`; the default view is
 # `unbiased_teacher`, which bench_semi's ADDED_SETTINGS keeps out of fingerprints.)
 _STRONG_SOFT = v2.Compose([
     v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),

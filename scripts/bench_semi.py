@@ -27,9 +27,9 @@ then gives the pseudo-labels' precision and recall). Every finished run goes int
 (``benchmarks/semi/<name>.json``, tracked in git) keyed by arm and seed with a fingerprint of its
 recipe; a run whose fingerprint is there is skipped, an interrupted one resumes from its last
 checkpoint, and several processes over the same seeds share the ledger and never the same run.
-``--reproduce ARM/seedN`` trains one recorded run again from scratch in a directory of its own (the
-same recipe and converged start) and sets its AP beside the ledger's and the arm's spread over seeds;
-the table keeps that line.
+``--reproduce ARM/seedN`` runs one recorded run again in a directory of its own (the same recipe; a
+continuation from the same converged checkpoint) and sets its AP beside the ledger's and the arm's
+spread over seeds; the table keeps that line.
 """
 
 from __future__ import annotations
@@ -340,15 +340,14 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path
 
 
 def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
-    """Train the ledger's run ``which`` (``ARM/seedN``) again, from scratch, into
-    ``<out>/seedN/reproduce/``: the same recipe (fingerprint) and, for a continuation, the same
-    converged checkpoint. Its figures go into the ledger's ``reproduced`` section (a finished
+    """Run the ledger's run ``which`` (``ARM/seedN``) again into ``<out>/seedN/reproduce/``: the same
+    recipe (fingerprint) and, for a continuation, the same converged checkpoint. Its figures go into the ledger's ``reproduced`` section (a finished
     reproduction is read, not run again; a killed one resumes). The ledger, updated."""
     arm, sep, seed_text = which.partition("/seed")
     if not sep or not seed_text.isdigit():
         raise SystemExit(f"--reproduce {which!r}: give ARM/seedN, e.g. labeled/seed1")
     seed = int(seed_text)
-    if arm not in table_arms(a) and arm not in EXTRA_ARMS:
+    if arm not in table_arms(a):
         raise SystemExit(f"--reproduce {which}: {arm} is not one of {', '.join(table_arms(a))}")
     if not done(load_ledger(a.ledger), arm, seed, a):
         raise SystemExit(f"--reproduce {which}: the ledger {a.ledger} has no run of it at today's recipe; run it first "
@@ -369,6 +368,9 @@ def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"--reproduce {which}: another process is running {run_dir}")
             print(f"== {a.name} reproduce {key(arm, seed)} -> {run_dir}", flush=True)
             run_stage("finetune", run_dir, overrides(arm, seed, a, split, start))
+    recorded = (load_ledger(a.ledger).get("reproduced") or {}).get(key(arm, seed))
+    if recorded and recorded["fingerprint"] == fingerprint(rec):
+        return load_ledger(a.ledger)  # read, not stamped again with today's date and machine
     e = entry(json.loads((run_dir / "metrics.json").read_text()), rec)
     return update_ledger(a.ledger, lambda led: led.setdefault("reproduced", {}).__setitem__(key(arm, seed), e))
 
@@ -387,14 +389,19 @@ def reproductions(ledger: Mapping[str, Any], a: argparse.Namespace) -> list[str]
         aps = [ledger["runs"][key(arm, s)]["AP"] for s in a.seeds
                if done(ledger, arm, s, a) and ledger["runs"][key(arm, s)]["AP"] is not None]
         d = again["AP"] - first["AP"]
+        # the same seed is the same split, init and data order: only the arithmetic's order can differ
+        same = [tuple(x) for x in again.get("curve") or []] == [tuple(x) for x in first.get("curve") or []]
+        curve = "its validation curve identical" if same else "its validation curve differs"
         if len(aps) > 1:
             sd = statistics.stdev(aps)
             word = "within" if abs(d) <= sd else "outside"
             tail = f"{word} the arm's std over {len(aps)} seeds ({sd * 100:.1f})"
         else:
             tail = "no std to weigh it against before 2 seeds"
-        out.append(f"Reproduced: `{k}` trained again from scratch ends at AP {again['AP'] * 100:.1f} against the "
-                   f"ledger's {first['AP'] * 100:.1f} ({d * 100:+.1f}), {tail}; {again['machine']}, {again['date']}.")
+        how = "trained again from scratch" if arm in ("converge", "ceiling") else \
+            "continued again from the same converged checkpoint"
+        out.append(f"Reproduced: `{k}` {how} ends at AP {again['AP'] * 100:.1f} against the ledger's "
+                   f"{first['AP'] * 100:.1f} ({d * 100:+.1f}, {curve}), {tail}; {again['machine']}, {again['date']}.")
     return out
 
 
@@ -539,7 +546,8 @@ SEMI_HEAD = ("## Teacher-student: converge, then continue\n\nWritten by `scripts
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     proto = load_protocol()
     p.add_argument("--dataset", choices=tuple(proto["datasets"]), default=None, help="a built-in dataset")
     p.add_argument("--train", type=Path, help="COCO JSON: the labeled pool (split by the protocol's fraction) "
@@ -562,8 +570,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--benchmarks", type=Path, default=None, help="write the table into this markdown file")
     p.add_argument("--report-only", action="store_true", help="run nothing: the table from the ledger")
     p.add_argument("--reproduce", metavar="ARM/seedN", default=None,
-                   help="train this ledger run again from scratch in its own directory and compare its AP with "
-                        "the ledger's (e.g. semi/seed1); nothing else runs")
+                   help="run this ledger run again in its own directory (a continuation from the same converged "
+                        "checkpoint) and compare its AP with the ledger's (e.g. semi/seed1); nothing else runs")
     a = p.parse_args(argv)
     a.protocol = load_protocol(a.protocol)
     a.variants = {}
@@ -574,6 +582,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name in a.variants:
             p.error(f"--variant {name} is given twice")
         a.variants[name] = extra.strip()
+    if a.reproduce and a.report_only:
+        p.error("--reproduce trains a run; --report-only runs nothing: give one of them")
     a.pending_arms = a.arms  # checked once the ledger (and its recorded variants) is known
     if a.dataset and (a.train or a.val):
         p.error("give --dataset or --train/--val, not both")
@@ -620,8 +630,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         ledger = load_ledger(a.ledger) if a.report_only else run(a)
     args = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--report-only"]
     if a.reproduce:  # the table's command is the one that makes the ledger, not the reproduction's
-        i = args.index("--reproduce") if "--reproduce" in args else None
-        args = args[:i] + args[i + 2:] if i is not None else [x for x in args if not x.startswith("--reproduce=")]
+        kept: list[str] = []
+        it = iter(args)
+        for x in it:
+            if x == "--reproduce":
+                next(it, None)
+            elif not x.startswith("--reproduce="):
+                kept.append(x)
+        args = kept
     text = table(ledger, a, " ".join(shlex.quote(x) for x in ["python", "scripts/bench_semi.py", *args]))
     print("\n" + text)
     if a.benchmarks is not None:

@@ -313,16 +313,15 @@ def test_reproduce_trains_one_ledger_run_again_and_weighs_it_against_the_spread(
     with pytest.raises(SystemExit, match="has no run of it"):  # nothing recorded yet
         bs.reproduce("semi/seed1", bs.parse(fake["argv"]))
     bs.run(bs.parse(fake["argv"]))
+    original = next(ov for arm, ov in calls if arm == "semi" and "seed=1" in ov)
     calls.clear()
     AP["semi"][1] = 0.26  # the run again ends 1 AP above the recorded 0.25; semi's std over seeds 2.1
     try:
         bs.main([*fake["argv"], "--reproduce", "semi/seed1"])
     finally:
         AP["semi"][1] = 0.25
-    assert [arm for arm, _ in calls] == ["semi"]  # that run alone, from the same converged start
-    ov = calls[0][1]
-    conv = next(d for d in (tmp / "runs" / "seed1").iterdir() if d.name.startswith("converge_"))
-    assert f"init_from={conv / 'checkpoints' / 'best.ckpt'}" in ov and "seed=1" in ov
+    assert [arm for arm, _ in calls] == ["semi"]  # that run alone, with the recorded run's overrides
+    assert calls[0][1] == original
     again = [d.name for d in (tmp / "runs" / "seed1" / "reproduce").iterdir() if (d / "metrics.json").is_file()]
     assert again == [f"semi_{bs.fingerprint(bs.recipe('semi', 1, bs.parse(fake['argv'])))}"]  # its own directory
     ledger = bs.load_ledger(tmp / "ledger.json")
@@ -330,13 +329,26 @@ def test_reproduce_trains_one_ledger_run_again_and_weighs_it_against_the_spread(
     assert ledger["reproduced"]["semi/seed1"]["AP"] == 0.26
     a = bs.parse(fake["argv"])
     text = bs.table(ledger, a, "x")
-    assert ("Reproduced: `semi/seed1` trained again from scratch ends at AP 26.0 against the ledger's 25.0 (+1.0), "
-            "within the arm's std over 2 seeds (2.1)") in text
+    assert ("Reproduced: `semi/seed1` continued again from the same converged checkpoint ends at AP 26.0 against the "
+            "ledger's 25.0 (+1.0, its validation curve differs), within the arm's std over 2 seeds (2.1)") in text
+    assert "--reproduce" not in text.split("Command: ")[1]  # the table names the command that made the ledger
     calls.clear()
-    bs.main([*fake["argv"], "--reproduce", "semi/seed1"])
-    assert calls == []  # a finished reproduction is read, not run again
+    (tmp / "ledger.json").write_text(json.dumps({**ledger, "reproduced": {"semi/seed1": {
+        **ledger["reproduced"]["semi/seed1"], "date": "2000-01-01"}}}))
+    bs.main([*fake["argv"], "--reproduce=semi/seed1"])
+    assert calls == []  # a finished reproduction is read, not run again, nor stamped with today's date
+    assert bs.load_ledger(tmp / "ledger.json")["reproduced"]["semi/seed1"]["date"] == "2000-01-01"
     ledger["reproduced"]["semi/seed1"]["AP"] = 0.30  # 5 AP off: outside the std
-    assert "(+5.0), outside the arm's std" in bs.table(ledger, a, "x")
+    assert "(+5.0, its validation curve differs), outside the arm's std" in bs.table(ledger, a, "x")
+    ledger["reproduced"]["semi/seed1"] = ledger["runs"]["semi/seed1"]  # bit for bit the same run
+    assert "(+0.0, its validation curve identical), within" in bs.table(ledger, a, "x")
+    # a changed recipe orphans the reproduction: no sentence, and no reproduction before a new run
+    b = bs.parse([*fake["argv"], "--args", "detector.min_size=256"])
+    assert "Reproduced" not in bs.table(ledger, b, "x")
+    with pytest.raises(SystemExit, match="has no run of it"):
+        bs.reproduce("semi/seed1", b)
+    with pytest.raises(SystemExit):
+        bs.parse([*fake["argv"], "--reproduce", "semi/seed1", "--report-only"])
     with pytest.raises(SystemExit, match="ARM/seedN"):
         bs.reproduce("semi", a)
     with pytest.raises(SystemExit, match="not one of"):

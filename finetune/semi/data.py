@@ -49,8 +49,8 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
             hidden ground truth with it. The strong view's blur and erasing then act at the scale the
             detector sees, and a 2048 px photograph is not augmented at full size for a 480 px
             detector (each step paid ~20x the pixels). None: the images as they are.
-        strong_view: which strong view (:data:`finetune.transforms.STRONG_VIEWS`): ``unbiased_teacher``
-            or ``soft_teacher``.
+        strong_view: which strong view (:data:`finetune.transforms.STRONG_VIEWS`): ``unbiased_teacher``,
+            ``soft_teacher`` or ``erase``.
 
     Unreadable images are skipped (logged, counted in ``.skipped``) and the next readable one is
     returned in their place, so one bad file never stops a long run.
