@@ -341,8 +341,9 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path
 
 def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
     """Run the ledger's run ``which`` (``ARM/seedN``) again into ``<out>/seedN/reproduce/``: the same
-    recipe (fingerprint) and, for a continuation, the same converged checkpoint. Its figures go into the ledger's ``reproduced`` section (a finished
-    reproduction is read, not run again; a killed one resumes). The ledger, updated."""
+    recipe (fingerprint) and, for a continuation, the same converged checkpoint. Its figures go into
+    the ledger's ``reproduced`` section (a finished reproduction is read, not run again; a killed one
+    resumes). The ledger, updated."""
     arm, sep, seed_text = which.partition("/seed")
     if not sep or not seed_text.isdigit():
         raise SystemExit(f"--reproduce {which!r}: give ARM/seedN, e.g. labeled/seed1")
