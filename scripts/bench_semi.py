@@ -453,7 +453,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
         # converge's best is a maximum over its validations (biased up): only a fall beyond the spread counts
         noise = statistics.stdev([base[s]["AP"] for s in base]) if len(base) > 1 else 0.0
         lines.append(f"\nLabeled-only continued ends {m * 100:+.1f} AP from the checkpoint it started at (the "
-                     f"converged run's best validation; {len(start)} seeds): "
+                     f"converged run's best validation; {len(start)} seed{'s' if len(start) > 1 else ''}): "
                      + ("the continuation's LR keeps what convergence reached." if m >= -noise else
                         "it fell, so the continuation's LR is too high for this set (lower continue_lr_factor)."))
     def paired(of: Sequence[str], against: str) -> dict[str, list[float]]:
