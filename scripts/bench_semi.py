@@ -67,10 +67,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 PROTOCOL = REPO / "conf" / "bench" / "semi.yaml"
 ARMS = ("converge", "labeled", "semi", "control", "ceiling")
-# Opt-in arms (--arms): labeled-only continued for `equal_time_factor` x the continuation's steps, the
-# compute of a semi continuation (a semi step costs 1.4-2x a labeled one): does the extra compute
-# alone buy what the semi arm gains?
-EXTRA_ARMS = ("labeled_time",)
+# Opt-in arms (--arms): labeled_time, labeled-only continued for `equal_time_factor` x the
+# continuation's steps, the compute of a semi continuation (a semi step costs 1.4-2x a labeled one):
+# does the extra compute alone buy what the semi arm gains? oracle, the continuation trained on every
+# training image's true labels (the unlabeled images' hidden ones too), same start, LR and steps: what
+# perfect pseudo-labels could add within the continuation's budget. When it is near labeled-only, the
+# budget (LR, steps) is what limits any semi arm, not the pseudo-labels.
+EXTRA_ARMS = ("labeled_time", "oracle")
 
 
 # Settings added to the configs after the ledger had runs, with the value that behaves as before they
@@ -142,6 +145,8 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
                 "epochs": p["converge_epochs"], "continue_steps": p["continue_steps"], "config": config}
     r = {**base, "arm": arm, "start": recipe("converge", seed, a), "steps": continuation_steps(arm, a),
          "lr_factor": p["continue_lr_factor"], "validations": p["validations"]}
+    if arm == "oracle":
+        r.update(fraction=1.0, unlabeled_labels=a.unlabeled is not None)
     if is_semi(arm):
         r["semi"] = semi_overrides(arm, a)
     return {**r, "config": config}
@@ -179,7 +184,7 @@ def arm_settings(arm: str, a: argparse.Namespace) -> list[str]:
     """An arm's overrides that are not data, paths or step counts (those come from the data)."""
     p = a.protocol
     out = [*shlex.split(p["finetune"]), *shlex.split(a.args)]
-    if arm in ("labeled", "labeled_time") or is_semi(arm):
+    if arm in ("labeled", "labeled_time", "oracle") or is_semi(arm):
         out += ["scheduler=constant", "scheduler.warmup_steps=0"]
     if is_semi(arm):
         out += shlex.split(semi_overrides(arm, a))
@@ -226,7 +231,7 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
               start: Path | None = None) -> list[str]:
     """The Hydra overrides of one arm's run."""
     p = a.protocol
-    train = full_set(a) if arm == "ceiling" else split["labeled"]
+    train = full_set(a) if arm in ("ceiling", "oracle") else split["labeled"]
     common = [*shlex.split(p["finetune"]), *shlex.split(a.args), f"data.train_json={quote(train)}",
               f"data.val_json={quote(a.val)}", f"seed={seed}"]
     cfg = finetune_config(common)
@@ -511,6 +516,7 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
     variants = [(arm, f"Teacher-student training with `{arm}`") for arm in diffs if arm.startswith("semi:")]
     for arm, what in (("semi", "Teacher-student training"), *variants,
                       ("control", "The control (EMA teacher, no unlabeled loss)"),
+                      ("oracle", "The oracle (the continuation on every image's true labels)"),
                       ("ceiling", "The 100%-label ceiling")):
         if arm not in diffs:
             continue
@@ -534,6 +540,9 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
         out.append(f"`{arm}` against labeled-only continued for {time_steps} steps (equal wall time): {paired_ap(d)}")
     for arm, d in (vs_semi or {}).items():
         out.append(f"`{arm}` against `semi` on the same seeds: {paired_ap(d)}")
+    if "oracle" in diffs and statistics.mean(diffs["oracle"]) <= spread["oracle"]:
+        out.append("The oracle is not clearly above labeled-only: within this continuation's LR and steps even "
+                   "perfect pseudo-labels add little, so the budget, not the pseudo-labels, limits every semi arm.")
     if "ceiling" in diffs and statistics.mean(diffs["ceiling"]) <= spread["ceiling"]:
         out.append("The ceiling is not clearly above labeled-only at this budget: no semi method can show a gain here.")
     return " ".join(out) or "No paired runs yet."
@@ -560,7 +569,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--arms", nargs="+", default=None,
                    help=f"of {', '.join(ARMS)}, semi:NAME for each --variant (default: these) and the opt-in "
-                        f"{', '.join(EXTRA_ARMS)} (labeled-only at the semi arm's wall time)")
+                        f"{', '.join(EXTRA_ARMS)} (labeled-only at the semi arm's wall time; the continuation on "
+                        "every image's true labels)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="an extra semi arm `semi:NAME`: the protocol's semi recipe plus these Hydra overrides, e.g. "
                         "--variant erase=semi.strong_view=soft_teacher (repeatable; its own ledger rows)")
@@ -617,9 +627,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for arm in a.arms:
         if arm not in known:
             p.error(f"--arms {arm}: not one of {', '.join(known)}")
-    if a.unlabeled is not None and "ceiling" in a.arms and not has_boxes(a.unlabeled):
-        a.arms = [x for x in a.arms if x != "ceiling"]  # no labels beyond --train: nothing to reach
-        print("no ceiling arm: the --unlabeled images have no (hidden) labels to train a 100% arm on")
+    if a.unlabeled is not None and {"ceiling", "oracle"} & set(a.arms) and not has_boxes(a.unlabeled):
+        a.arms = [x for x in a.arms if x not in ("ceiling", "oracle")]  # no labels beyond --train: nothing to reach
+        print("no ceiling or oracle arm: the --unlabeled images have no (hidden) labels to train a 100% arm on")
     return a
 
 

@@ -18,7 +18,7 @@ import bench_semi as bs
 # Final-validation AP per arm and seed that the fake runs report.
 AP = {"converge": {1: 0.18, 2: 0.20}, "labeled": {1: 0.20, 2: 0.22}, "semi": {1: 0.25, 2: 0.28},
       "control": {1: 0.21, 2: 0.22}, "ceiling": {1: 0.40, 2: 0.42}, "semi:erase": {1: 0.23, 2: 0.27},
-      "labeled_time": {1: 0.21, 2: 0.25}}
+      "labeled_time": {1: 0.21, 2: 0.25}, "oracle": {1: 0.30, 2: 0.31}}
 
 
 def arm_of(ov: list[str]) -> str:
@@ -29,6 +29,8 @@ def arm_of(ov: list[str]) -> str:
     if any(o.startswith("semi.unlabeled=") for o in ov):
         return "semi"
     if any(o.startswith("init_from=") for o in ov):
+        if any(o.startswith("data.train_json=") and "split_" not in o for o in ov):
+            return "oracle"
         return "labeled_time" if "trainer.max_epochs=600" in ov else "labeled"
     return "ceiling" if any(o.startswith("data.train_json=") and "split_" not in o for o in ov) else "converge"
 
@@ -254,6 +256,33 @@ def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, A
     # semi - labeled_time: +4 and +3
     # the steps as run (the fake runs report 300), not as asked
     assert "`semi` against labeled-only continued for 300 steps (equal wall time): +3.5 +- 0.7 AP" in text
+
+
+def test_oracle_continues_on_every_true_label_and_tells_budget_from_pseudo_labels(fake: dict[str, Any]) -> None:
+    bs.run(bs.parse(fake["argv"]))
+    assert "oracle" not in {arm for arm, _ in fake["calls"]}  # opt-in
+    tmp = fake["tmp"]
+    fake["calls"].clear()
+    a = bs.parse([*fake["argv"], "--arms", "oracle"])
+    bs.run(a)
+    assert [arm for arm, _ in fake["calls"]] == ["oracle", "oracle"]
+    full = tmp / "runs" / "data" / f"train_{a.protocol['working_size']}" / "train.json"
+    for _, ov in fake["calls"]:
+        seed = next(o for o in ov if o.startswith("seed="))[5:]
+        conv = next(d for d in (tmp / "runs" / f"seed{seed}").iterdir() if d.name.startswith("converge_"))
+        assert f"init_from={conv / 'checkpoints' / 'best.ckpt'}" in ov  # the continuation's start
+        assert f"data.train_json={full}" in ov  # every training image, its true labels
+        assert "scheduler=constant" in ov and f"optimizer.lr={0.01 * a.protocol['continue_lr_factor']:g}" in ov
+        assert "trainer.max_epochs=30" in ov  # 40 images at batch 4: 10 steps an epoch, the continuation's 300
+        assert not any(o.startswith("semi") for o in ov)
+    ledger = bs.load_ledger(tmp / "ledger.json")
+    text = bs.table(ledger, a, "cmd")
+    assert "| oracle | 2 | 30.5 +- 0.7 |" in text
+    assert "The oracle (the continuation on every image's true labels) beats labeled-only continued: +9.5 AP" in text
+    assert "the budget, not the pseudo-labels" not in text
+    for s, ap in ((1, 0.205), (2, 0.22)):  # perfect labels adding nothing: the continuation's budget is the limit
+        ledger["runs"][f"oracle/seed{s}"]["AP"] = ap
+    assert "the budget, not the pseudo-labels, limits every semi arm" in bs.table(ledger, a, "cmd")
 
 
 def test_a_split_is_drawn_again_when_its_pool_changed(tmp_path: Path) -> None:
