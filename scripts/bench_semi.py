@@ -326,11 +326,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return load_ledger(a.ledger)
 
 
+def run_dir_of(arm: str, seed: int, a: argparse.Namespace, under: str = "") -> Path:
+    """Where a run of ``arm`` trains: its seed's folder (``under`` it, e.g. ``reproduce``), named by
+    arm and recipe fingerprint."""
+    return a.out / f"seed{seed}" / under / f"{arm.replace(':', '-')}_{fingerprint(recipe(arm, seed, a))}"
+
+
 def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path],
             start: Path | None = None) -> Path | None:
     """Run (or resume, or find done) one arm; its run dir, or None when another process holds it."""
     rec = recipe(arm, seed, a)
-    run_dir = a.out / f"seed{seed}" / f"{arm.replace(':', '-')}_{fingerprint(rec)}"
+    run_dir = run_dir_of(arm, seed, a)
     if done(load_ledger(a.ledger), arm, seed, a) and (run_dir / "metrics.json").is_file():
         return run_dir
     with claimed(run_dir) as mine:
@@ -362,12 +368,12 @@ def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
     split = split_of(seed, a)
     start = None
     if arm not in ("converge", "ceiling"):
-        conv = a.out / f"seed{seed}" / f"converge_{fingerprint(recipe('converge', seed, a))}"
+        conv = run_dir_of("converge", seed, a)
         if not (conv / "metrics.json").is_file():
             raise SystemExit(f"--reproduce {which}: its converged start {conv} is gone; run --arms converge again")
         start = best_checkpoint_of(conv)
     rec = recipe(arm, seed, a)
-    run_dir = a.out / f"seed{seed}" / "reproduce" / f"{arm.replace(':', '-')}_{fingerprint(rec)}"
+    run_dir = run_dir_of(arm, seed, a, "reproduce")
     if not (run_dir / "metrics.json").is_file():
         with claimed(run_dir) as mine:
             if not mine:
@@ -381,19 +387,19 @@ def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
     return update_ledger(a.ledger, lambda led: led.setdefault("reproduced", {}).__setitem__(key(arm, seed), e))
 
 
-def reproductions(ledger: Mapping[str, Any], a: argparse.Namespace) -> list[str]:
+def reproductions(ledger: Mapping[str, Any], runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[str]:
     """One sentence per reproduced run at today's recipe: its AP run again against the ledger's, and
-    whether the difference stays within the arm's std over its seeds."""
+    whether the difference stays within the arm's std over its seeds. ``runs``: the table's runs at
+    today's recipe, by arm and seed."""
     out = []
     for k, again in sorted((ledger.get("reproduced") or {}).items()):
         arm, _, seed = k.partition("/seed")
-        first = ledger["runs"].get(k)
-        if not first or again.get("AP") is None or first.get("AP") is None or not done(ledger, arm, int(seed), a):
+        first = runs.get(arm, {}).get(int(seed))
+        if not first or again.get("AP") is None or first.get("AP") is None:
             continue
         if again["fingerprint"] != first["fingerprint"]:
             continue
-        aps = [ledger["runs"][key(arm, s)]["AP"] for s in a.seeds
-               if done(ledger, arm, s, a) and ledger["runs"][key(arm, s)]["AP"] is not None]
+        aps = [e["AP"] for e in runs[arm].values() if e["AP"] is not None]
         d = again["AP"] - first["AP"]
         # the same seed is the same split, init and data order: only the arithmetic's order can differ
         same = [tuple(x) for x in again.get("curve") or []] == [tuple(x) for x in first.get("curve") or []]
@@ -478,7 +484,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     time_steps = (round(statistics.mean(e["steps"] for e in runs["labeled_time"].values()))
                   if runs["labeled_time"] else continuation_steps("labeled_time", a))  # as run (whole epochs)
     lines.append(verdict(diffs, spread, vs_semi, vs_time, time_steps))
-    again = reproductions(ledger, a)
+    again = reproductions(ledger, runs)
     if again:
         lines.append("\n" + " ".join(again))
     p = a.protocol
