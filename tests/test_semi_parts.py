@@ -17,9 +17,16 @@ from finetune.semi.consistency import (
     mirror_index,
     rampup_weight,
 )
-from finetune.semi.focal import FocalRoIHeads, softmax_focal_loss, use_focal_roi_heads
+from finetune.semi.focal import FocalRoIHeads, soft_target_focal_loss, softmax_focal_loss, use_focal_roi_heads
 from finetune.semi.health import LossWatch, PseudoLabelHealth
-from finetune.semi.soft import background_probability, soft_background, teacher_forward, to_frame
+from finetune.semi.soft import (
+    background_probability,
+    class_probabilities,
+    soft_background,
+    soft_classes,
+    teacher_forward,
+    to_frame,
+)
 from finetune.semi.thresholds import (
     FixedThreshold,
     GMMThreshold,
@@ -225,6 +232,28 @@ def test_softmax_focal_loss_by_hand():
     assert softmax_focal_loss(logits, labels, 1.5) < F.cross_entropy(logits, labels)
 
 
+def test_soft_target_focal_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-2.0, 3.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 3, 1])
+    one_hot = F.one_hot(labels, 4).float()
+    # A one-hot target is the hard loss, at any gamma.
+    for gamma in (0.0, 1.5):
+        torch.testing.assert_close(soft_target_focal_loss(logits, one_hot, gamma),
+                                   softmax_focal_loss(logits, labels, gamma))
+    q = torch.tensor([[0.2, 0.5, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.1, 0.9]])
+    p = logits.softmax(1)
+    torch.testing.assert_close(soft_target_focal_loss(logits, q, 0.0), -(q * p.log()).sum(1).mean())
+    torch.testing.assert_close(soft_target_focal_loss(logits, q, 2.0), -(q * (1 - p) ** 2 * p.log()).sum(1).mean())
+    # Its gradient pulls the student's distribution toward the target: at p = q it is zero (gamma 0).
+    at_q = q[:2].clamp(min=1e-6).log().requires_grad_(True)
+    soft_target_focal_loss(at_q, q[:2].clamp(min=1e-6) / q[:2].clamp(min=1e-6).sum(1, keepdim=True)).backward()
+    assert float(at_q.grad.abs().max()) < 1e-5
+    empty = torch.zeros(0, 4, requires_grad=True)
+    assert float(soft_target_focal_loss(empty, torch.zeros(0, 4)).detach()) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        soft_target_focal_loss(logits, q[:, :3])
+
+
 def tiny_frcnn(k=3):
     torch.manual_seed(0)
     return build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", k, min_size=64, max_size=64,
@@ -407,6 +436,52 @@ def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, tea
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(TypeError, match="FocalRoIHeads"), soft_background(tiny_frcnn(), teacher, tpass):
+        pass
+
+
+@pytest.mark.parametrize("on", ["background", "all"])
+def test_soft_classes_train_rois_against_the_teachers_distribution(monkeypatch, on):
+    torch.manual_seed(1)
+    student = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, min_size=128,
+                             max_size=128, trainable_layers=5, representation_size=64)
+    use_focal_roi_heads(student, 0.0)
+    teacher = tiny_frcnn().eval()
+    captured = {}
+    sampler = student.roi_heads.select_training_samples
+
+    def grab_samples(*a, **kw):
+        out = sampler(*a, **kw)
+        captured["proposals"] = [p.detach().clone() for p in out[0]]
+        captured["labels"] = torch.cat(out[2])
+        return out
+
+    monkeypatch.setattr(student.roi_heads, "select_training_samples", grab_samples)
+    student.roi_heads.register_forward_pre_hook(lambda m, args: captured.__setitem__("shapes", list(args[2])))
+    student.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o[0]))
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[30.0, 10, 60, 40]]), "labels": torch.tensor([1])}]
+    student.train()
+    tpass = teacher_forward(teacher, images)
+    with soft_classes(student, teacher, tpass, on):
+        losses = student(images, targets)
+    assert student.roi_heads.soft_targets is None  # only for that pass
+    labels, logits = captured["labels"], captured["logits"]
+    fg = labels > 0
+    assert 0 < int(fg.sum()) < len(fg)
+    # The teacher's distribution for each sampled RoI, its box mapped to the teacher's frame.
+    q = class_probabilities(teacher, tpass, captured["proposals"], captured["shapes"])
+    assert q.shape == (len(labels), 4) and float(q[:, 1:].sum(1).std()) > 1e-4
+    torch.testing.assert_close(q.sum(1), torch.ones(len(labels)))
+    want = q if on == "all" else torch.where(fg[:, None], F.one_hot(labels, 4).float(), q)
+    log_p = logits.float().log_softmax(1)
+    torch.testing.assert_close(losses["loss_classifier"], -(want * log_p).sum(1).mean())
+    assert not torch.isclose(losses["loss_classifier"], F.cross_entropy(logits.float(), labels))
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="'background' or 'all'"), soft_classes(student, teacher, tpass, "fg"):
+        pass
+    with pytest.raises(TypeError, match="FocalRoIHeads"), soft_classes(tiny_frcnn(), teacher, tpass):
         pass
 
 

@@ -313,6 +313,52 @@ def test_rpn_threshold_gives_the_rpn_its_own_pseudo_boxes(synthetic_data, tmp_pa
     assert any(row.get("semi/rpn_pseudo_boxes_per_image") for row in logged)
 
 
+def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distribution(synthetic_data, tmp_path,
+                                                                                  monkeypatch):
+    """semi.soft_classes=background at threshold 1 (no RoI pseudo-box) with the RPN's own boxes at 0:
+    every semi step scores the student's sampled RoIs with the teacher and trains them on its class
+    distribution, and a batch counts as having pseudo-objects by its RPN boxes, so empty_weight=0
+    does not drop it; without the RPN's boxes the same batches are empty and dropped. Refused with
+    soft_background, without RoI heads, without a teacher, and at an unknown value."""
+    from finetune.semi import soft
+    from finetune.semi.plan import check_config, check_unused
+
+    scored = []
+    real = soft.class_probabilities
+
+    def spy(teacher, tpass, boxes, sizes):
+        scored.append(real(teacher, tpass, boxes, sizes))
+        return scored[-1]
+
+    monkeypatch.setattr(soft, "class_probabilities", spy)
+    base = ("semi=unbiased_teacher", "semi.soft_classes=background", "semi.threshold=1.0", "semi.empty_weight=0",
+            "semi.burn_in=1", "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false")
+    m = train(smoke_cfg(synthetic_data["root"], *base, "semi.rpn_threshold=0.0"), run_dir=tmp_path / "rpn")
+    assert m["semi"]["settings"]["soft_classes"] == "background"
+    semi_steps = m["global_step"] - 1
+    assert semi_steps > 0 and len(scored) == semi_steps
+    probs = torch.cat(scored)
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(probs)))
+    assert probs.shape[1] == m["num_classes"] + 1 and float(probs[:, 1:].max()) > 0.01
+    rows = _csv_rows(tmp_path / "rpn")
+    assert all(v > 0 for v in _column(rows, "train/unsup_loss")[1:]) and _column(rows, "semi/empty_scaled") == [0.0]
+    assert _column(rows, "semi/images_with_pseudo") and max(_column(rows, "semi/images_with_pseudo")) == 0.0
+
+    m = train(smoke_cfg(synthetic_data["root"], *base), run_dir=tmp_path / "plain")
+    rows = _csv_rows(tmp_path / "plain")
+    assert _column(rows, "train/unsup_loss")[1:] == [0.0] * semi_steps and _column(rows, "semi/empty_scaled") == [1.0]
+
+    root = synthetic_data["root"]
+    with pytest.raises(ValueError, match="soft_background=false"):
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=all", "semi.soft_background=true"))
+    with pytest.raises(ValueError, match="soft_classes"):
+        check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", "semi.soft_classes=all"))
+    with pytest.raises(ValueError, match="'background'"):
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=foreground"))
+    with pytest.raises(ValueError, match="soft_classes"):
+        check_unused(smoke_cfg(root, "semi.soft_classes=background"))
+
+
 def test_roi_focal_on_unlabeled_keeps_the_labeled_loss_cross_entropy(synthetic_data, tmp_path, monkeypatch):
     """semi.roi_focal_on=unlabeled: every labeled pass trains the RoI classifier with plain
     cross-entropy (gamma 0, what labeled-only fine-tuning uses), every pseudo-labeled pass with the

@@ -45,6 +45,27 @@ def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float 
     return (weights * per_roi).sum() / weights.sum().clamp(min=1.0)
 
 
+def soft_target_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """Mean over RoIs of ``-sum_c q_c (1 - p_c)^gamma log p_c``: the softmax focal loss against a class
+    distribution ``q`` per RoI instead of one label (a one-hot ``q`` gives :func:`softmax_focal_loss`).
+
+    Args:
+        logits: (N, C) class logits, background at index 0.
+        targets: (N, C) target distributions (rows summing to 1; no gradient), e.g. a teacher's softmax.
+        gamma: focusing exponent; 0 gives the cross-entropy against ``q``.
+
+    Returns:
+        A scalar; 0 (still attached to ``logits``) when N is 0.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    if targets.shape != logits.shape:
+        raise ValueError(f"soft targets of shape {tuple(targets.shape)} for logits of shape {tuple(logits.shape)}")
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    focus = (1.0 - log_p.exp()) ** gamma if gamma else 1.0
+    return -(targets.detach().float() * focus * log_p).sum(-1).mean()
+
+
 class FocalRoIHeads(RoIHeads):
     """torchvision's box-only RoIHeads whose training classification loss is :func:`softmax_focal_loss`.
 
@@ -56,10 +77,20 @@ class FocalRoIHeads(RoIHeads):
     :func:`finetune.semi.soft.soft_background`), maps the sampled proposals and the image shapes to
     one weight per RoI; background RoIs take it, foreground RoIs weight 1, and the classification
     loss is their weighted mean (Soft Teacher).
+
+    ``soft_targets``, when set (the pseudo-labeled pass with ``semi.soft_classes``, see
+    :func:`finetune.semi.soft.soft_classes`), maps the sampled proposals and the image shapes to one
+    class distribution per RoI (the teacher's); the RoIs that ``soft_targets_on`` names train against
+    it (:func:`soft_target_focal_loss`), the others against their sampled label: ``background``, the
+    RoIs sampled as background (an object the teacher found but left below the pseudo-label
+    threshold keeps the teacher's belief about its class instead of "background"); ``all``, every
+    sampled RoI (Humble Teacher's soft targets).
     """
 
     focal_gamma: float = 1.5
     background_weights: Callable[[list[torch.Tensor], list[tuple[int, int]]], torch.Tensor] | None = None
+    soft_targets: Callable[[list[torch.Tensor], list[tuple[int, int]]], torch.Tensor] | None = None
+    soft_targets_on: str = "background"
 
     def forward(
         self,
@@ -87,7 +118,11 @@ class FocalRoIHeads(RoIHeads):
         if self.background_weights is not None and labels_all.numel():
             bg = self.background_weights(proposals, image_shapes)
             weights = torch.where(labels_all > 0, torch.ones_like(bg), bg)
-        loss_cls = softmax_focal_loss(class_logits, labels_all, self.focal_gamma, weights)
+        if self.soft_targets is not None and labels_all.numel():
+            wanted = self._soft_targets(proposals, image_shapes, labels_all, class_logits.shape[-1])
+            loss_cls = soft_target_focal_loss(class_logits, wanted, self.focal_gamma)
+        else:
+            loss_cls = softmax_focal_loss(class_logits, labels_all, self.focal_gamma, weights)
         # Box regression as torchvision's fastrcnn_loss: smooth L1 on each positive's own class
         # deltas, summed and divided by the number of sampled RoIs (max 1: no NaN on zero RoIs).
         pos = torch.where(labels_all > 0)[0]
@@ -95,6 +130,22 @@ class FocalRoIHeads(RoIHeads):
         loss_box = F.smooth_l1_loss(deltas, regression_all[pos], beta=1 / 9, reduction="sum")
         loss_box = loss_box / max(1, labels_all.numel())
         return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+
+    def _soft_targets(self, proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]],
+                      labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Each sampled RoI's target distribution: the teacher's where ``soft_targets_on`` says, else
+        the one-hot of its sampled label."""
+        assert self.soft_targets is not None
+        teacher = self.soft_targets(proposals, image_shapes).float()
+        if teacher.shape != (labels.numel(), num_classes):
+            raise ValueError(f"soft targets of shape {tuple(teacher.shape)} for {labels.numel()} RoIs of "
+                             f"{num_classes} classes")
+        if self.soft_targets_on == "all":
+            return teacher
+        if self.soft_targets_on != "background":
+            raise ValueError(f"soft_targets_on={self.soft_targets_on!r} must be 'background' or 'all'")
+        hard = F.one_hot(labels, num_classes).to(teacher.dtype)
+        return torch.where((labels > 0)[:, None], hard, teacher)
 
 
 def _check_box_only(heads: RoIHeads) -> None:

@@ -1,4 +1,5 @@
-"""Soft Teacher's background weighting of the pseudo-labeled RoI classification loss.
+"""Soft Teacher's background weighting of the pseudo-labeled RoI classification loss, and soft
+class targets.
 
 With few labels the teacher finds only part of the objects on an unlabeled image (chess, 20
 labeled images, threshold 0.5: pseudo-label recall 48% at precision 80%, BENCHMARKS.md's semi
@@ -17,6 +18,15 @@ two resizes, which :func:`to_frame` undoes.
 :func:`teacher_forward` runs the teacher as ``GeneralizedRCNN.forward`` does in eval mode and keeps
 its features; :func:`soft_background` installs the weighting on the student's RoI head for one
 forward pass.
+
+:func:`soft_classes` goes one step further (``semi.soft_classes``): a sampled RoI trains against
+the teacher's whole class distribution for its box, not a thresholded label. On chess the
+converged teacher finds 92% of the pieces class-agnostically but its thresholded pseudo-labels
+recall 44-72% of them (BENCHMARKS.md): the rest, pieces it is unsure of the class of, train as
+(down-weighted) background. With ``background`` those RoIs learn the teacher's belief instead;
+``all`` gives every sampled RoI the teacher's distribution, the soft targets of Humble Teacher
+(Tang et al., "Humble Teacher Teaches Better Students for Semi-Supervised Object Detection",
+CVPR 2021).
 """
 
 from __future__ import annotations
@@ -86,9 +96,9 @@ def to_frame(boxes: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
 
 
 @torch.no_grad()  # called inside the student's forward: nothing of the teacher's may enter its graph
-def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],
-                           box_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """The teacher's background probability (softmax class 0 of its RoI classifier) for each box.
+def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],
+                        box_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The teacher's class distribution (softmax of its RoI classifier, background at 0) for each box.
 
     Args:
         teacher: the eval-mode teacher that produced ``tpass``.
@@ -97,13 +107,20 @@ def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Seque
         box_sizes: the (height, width) the boxes' images were resized to (the student's).
 
     Returns:
-        (sum N_i,) float32 probabilities in [0, 1], in the order of ``boxes``.
+        (sum N_i, C) float32 probabilities, rows summing to 1, in the order of ``boxes``.
     """
     heads = teacher.roi_heads
     rois = to_frame([b.detach().float() for b in boxes], box_sizes, tpass.image_sizes)
     pooled = heads.box_roi_pool(tpass.features, rois, tpass.image_sizes)
     logits, _ = heads.box_predictor(heads.box_head(pooled))
-    return logits.float().softmax(-1)[:, 0]
+    return logits.float().softmax(-1)
+
+
+def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],
+                           box_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The teacher's background probability (:func:`class_probabilities`' column 0) for each box:
+    (sum N_i,) float32 in [0, 1]."""
+    return class_probabilities(teacher, tpass, boxes, box_sizes)[:, 0]
 
 
 @contextlib.contextmanager
@@ -124,3 +141,26 @@ def soft_background(student: FasterRCNN, teacher: FasterRCNN, tpass: TeacherPass
         yield
     finally:
         heads.background_weights = None
+
+
+@contextlib.contextmanager
+def soft_classes(student: FasterRCNN, teacher: FasterRCNN, tpass: TeacherPass,
+                 on: str = "background") -> Iterator[None]:
+    """Within the block, the student's sampled RoIs that ``on`` names (``background``: those sampled
+    as background; ``all``: every one) train against the teacher's class distribution for the same
+    box (:func:`class_probabilities`), the others against their pseudo-label."""
+    heads = student.roi_heads
+    if not isinstance(heads, FocalRoIHeads):
+        raise TypeError("soft class targets need the student's RoI head to be a FocalRoIHeads "
+                        f"(use_focal_roi_heads), got {type(heads).__name__}")
+    if on not in ("background", "all"):
+        raise ValueError(f"soft class targets on {on!r}: use 'background' or 'all'")
+
+    def targets(proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        return class_probabilities(teacher, tpass, proposals, image_shapes)
+
+    heads.soft_targets, heads.soft_targets_on = targets, on
+    try:
+        yield
+    finally:
+        heads.soft_targets, heads.soft_targets_on = None, "background"

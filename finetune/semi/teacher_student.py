@@ -6,7 +6,9 @@ the strong views against them, its BatchNorm running statistics untouched by tho
 ``semi.unsup_box_loss`` only the classification terms count (RPN objectness and RoI classification;
 RetinaNet's classification), as Unbiased Teacher does. With ``semi.soft_background`` (a detector
 with RoI heads) the student's background RoIs on pseudo-labeled images weigh the teacher's
-background probability (Soft Teacher, :mod:`finetune.semi.soft`). With ``semi.rpn_threshold`` (a
+background probability (Soft Teacher, :mod:`finetune.semi.soft`); with ``semi.soft_classes`` they
+(or every sampled RoI) train against the teacher's class distribution for the box instead of a
+thresholded label (:func:`finetune.semi.soft.soft_classes`). With ``semi.rpn_threshold`` (a
 two-stage detector) the RPN trains on its own pseudo-boxes, the teacher's detections above that
 score whatever their class, while the RoI head keeps ``semi.threshold``'s (:func:`two_target_losses`).
 The two modes differ only in their settings (``conf/finetune/semi/``) and files.
@@ -37,7 +39,7 @@ from finetune.semi.base import (
 )
 from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
-from finetune.semi.soft import soft_background, teacher_forward, transform_and_features
+from finetune.semi.soft import soft_background, soft_classes, teacher_forward, transform_and_features
 from finetune.semi.thresholds import ScoreThreshold, max_pseudo_per_image, pseudo_label_filter
 from finetune.transforms import STRONG_VIEWS
 
@@ -51,7 +53,9 @@ BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 # run without a teacher refuses them when set (they would silently do nothing).
 TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
                                    "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher",
-                                   "rpn_threshold": None}
+                                   "rpn_threshold": None, "soft_classes": None}
+
+SOFT_CLASSES = ("background", "all")  # semi.soft_classes: which sampled RoIs take the teacher's distribution
 
 EMPTY_WEIGHT = 0.01  # Consistent Teacher's background_weight
 
@@ -134,6 +138,17 @@ class TeacherStudentMode(SemiMode):
                              "RoI losses, Unbiased Teacher's) or 'unlabeled' (the labeled loss stays cross-entropy)")
         if str(s.get("strong_view", "unbiased_teacher")) not in STRONG_VIEWS:
             raise ValueError(f"semi.strong_view={s.get('strong_view')!r} must be one of {sorted(STRONG_VIEWS)}")
+        soft_on = s.get("soft_classes")
+        if soft_on is not None:
+            if soft_on not in SOFT_CLASSES:
+                raise ValueError(f"semi.soft_classes={soft_on!r} must be 'background' (the RoIs sampled as background "
+                                 "train against the teacher's class distribution), 'all' (every sampled RoI) or null")
+            require(str(cfg.detector.name), ("roi_heads",),
+                    "semi.soft_classes (the teacher's class distribution per RoI)")
+            if bool(s.get("soft_background", False)):
+                raise ValueError("semi.soft_classes and semi.soft_background=true both act on the background RoIs of "
+                                 "the pseudo-labeled pass (the distribution replaces the weight): set "
+                                 "semi.soft_background=false")
         if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
@@ -175,6 +190,11 @@ class TeacherStudentMode(SemiMode):
         if self.soft_background and not caps.roi_heads:
             raise ValueError("semi.soft_background=true weights the pseudo-labeled RoI loss by the teacher: it needs "
                              f"a detector with roi_heads, not {type(module.model).__name__}")
+        soft_on = self.settings.get("soft_classes")
+        self.soft_classes: str | None = None if soft_on is None else str(soft_on)
+        if self.soft_classes is not None and not caps.roi_heads:
+            raise ValueError("semi.soft_classes trains RoIs against the teacher's class distribution: it needs a "
+                             f"detector with roi_heads, not {type(module.model).__name__}")
         self.empty_weight = empty_weight(self.settings)
         # semi.rpn_threshold: the RPN's pseudo-boxes, class-agnostic, under the same per-image limits.
         rpn = _number(self.settings, "rpn_threshold")
@@ -184,8 +204,8 @@ class TeacherStudentMode(SemiMode):
             self.rpn_filter = pseudo_label_filter({**self.settings, "threshold": rpn}, module.label_map.num_classes,
                                                   module.labeled_boxes_per_image, module.labeled_max_boxes)
         gamma = self.settings.get("roi_focal_gamma")
-        if self.soft_background and gamma is None:
-            gamma = 0.0  # the weighting lives in the focal head; gamma 0 is cross-entropy
+        if (self.soft_background or self.soft_classes is not None) and gamma is None:
+            gamma = 0.0  # the weighting and soft targets live in the focal head; gamma 0 is cross-entropy
         # semi.roi_focal_on=unlabeled: the labeled RoI loss stays the cross-entropy of plain
         # fine-tuning (gamma 0 is exactly it), the focal exponent acts on the pseudo-labeled pass only.
         self.unlabeled_gamma: float | None = None
@@ -201,7 +221,7 @@ class TeacherStudentMode(SemiMode):
         strong = [im.to(module.device) for im in unlabeled["strong"]]
         teacher.eval()
         tpass = None
-        if self.soft_background:  # the teacher's features are kept to score the student's proposals
+        if self.soft_background or self.soft_classes is not None:  # features kept to score the student's RoIs
             tpass = teacher_forward(teacher, weak)  # type: ignore[arg-type]
             dets = tpass.detections
         else:
@@ -210,8 +230,10 @@ class TeacherStudentMode(SemiMode):
         dets = [{k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in d.items()} for d in dets]
         pseudo = module.pseudo_labels(dets, unlabeled.get("ground_truth"))
         targets = as_targets(pseudo)
-        soft = (soft_background(module.model, teacher, tpass)  # type: ignore[arg-type]
-                if tpass is not None else contextlib.nullcontext())
+        soft: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if tpass is not None:
+            soft = (soft_classes(module.model, teacher, tpass, self.soft_classes)  # type: ignore[arg-type]
+                    if self.soft_classes is not None else soft_background(module.model, teacher, tpass))  # type: ignore[arg-type]
         norm = (batch_normalised(module.model) if str(self.settings.get("dense_loss_norm", "batch")) == "batch"
                 else contextlib.nullcontext())
         rpn_targets = None
@@ -226,18 +248,23 @@ class TeacherStudentMode(SemiMode):
         keep_box = bool(self.settings.get("unsup_box_loss", False))
         terms = {k: v for k, v in losses.items() if keep_box or k not in BOX_TERMS}
         unsup: torch.Tensor = sum(terms.values())  # type: ignore[assignment]
-        with_boxes = sum(int(t["boxes"].shape[0] > 0) for t in targets)
         num_pseudo = sum(int(t["boxes"].shape[0]) for t in targets)
+        images_with = sum(int(t["boxes"].shape[0] > 0) for t in targets)
+        # With soft class targets and the RPN's own pseudo-boxes, an image whose pieces all score
+        # below semi.threshold is not "all background": its RPN trains on the boxes above
+        # semi.rpn_threshold and its RoIs on the teacher's class belief. It counts by its RPN boxes.
+        counted = rpn_targets if self.soft_classes is not None and rpn_targets is not None else targets
+        with_boxes = images_with if counted is targets else sum(int(t["boxes"].shape[0] > 0) for t in counted)
         # Images without a pseudo-box train as all background: on a dense sigmoid detector each adds
         # its whole summed focal loss (torchvision divides an image's loss by max(1, foreground
         # anchors)), on Faster R-CNN every sampled RoI and anchor as background. When they are most
         # of the batch, the batch teaches mostly "nothing here": Consistent Teacher's rule, for both.
-        scaled = with_boxes < len(targets) / 2
+        scaled = with_boxes < len(counted) / 2
         if scaled:
             unsup = unsup * self.empty_weight
         logs: dict[str, Any] = {f"train/unsup_{k}": v.detach() for k, v in terms.items()}
         logs["semi/pseudo_boxes_per_image"] = torch.tensor(num_pseudo / max(1, len(targets)))
-        logs["semi/images_with_pseudo"] = torch.tensor(with_boxes / max(1, len(targets)))
+        logs["semi/images_with_pseudo"] = torch.tensor(images_with / max(1, len(targets)))
         if rpn_targets is not None:
             logs["semi/rpn_pseudo_boxes_per_image"] = torch.tensor(
                 sum(int(t["boxes"].shape[0]) for t in rpn_targets) / max(1, len(rpn_targets)))
