@@ -37,7 +37,7 @@ from finetune.semi.thresholds import (
     max_pseudo_per_image,
     score_mass_k,
 )
-from finetune.semi.views import flip_boxes, strong_augment, weak_view
+from finetune.semi.views import IDENTITY, flip_boxes, map_boxes, scale_view, strong_augment, unmap_boxes, weak_view
 from pretrain.core.backbone.resnet import build_resnet
 
 
@@ -509,6 +509,61 @@ def test_views_keep_geometry_and_flip_boxes():
         if (inside.std() < 1e-3) and (outside.std() < 1e-3):  # this row was not erased or blurred
             assert abs(float(inside.mean() - outside.mean())) > 0.05
     assert changed >= 18
+
+
+def test_scale_view_moves_the_image_and_its_boxes_together():
+    img = torch.zeros(3, 60, 80)
+    img[:, 20:40, 30:50] = 1.0
+    box = torch.tensor([[30.0, 20, 50, 40]])
+    zoomed_in = zoomed_out = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        view, affine = scale_view(img, (0.5, 1.5))
+        assert view.shape == img.shape and affine.shape == (4,)
+        sx, sy = float(affine[0]), float(affine[1])
+        assert 0.49 <= sx <= 1.51 and abs(sx - sy) < 0.05
+        zoomed_in += sx > 1.05
+        zoomed_out += sx < 0.95
+        mapped, labels = map_boxes(box, torch.tensor([3]), affine, (60, 80))
+        if mapped.shape[0] == 0:  # the square fell outside the crop
+            assert float(view.max()) < 0.5
+            continue
+        assert labels.tolist() == [3]
+        x1, y1, x2, y2 = (float(v) for v in mapped[0])
+        assert 0 <= x1 < x2 <= 80 and 0 <= y1 < y2 <= 60
+        # The square is under its mapped box and nowhere outside it (bilinear edges aside).
+        inner = view[:, math.ceil(y1) + 1:int(y2) - 1, math.ceil(x1) + 1:int(x2) - 1]
+        if inner.numel():
+            assert float(inner.min()) > 0.9
+        outside = view.clone()
+        outside[:, max(0, int(y1) - 1):math.ceil(y2) + 1, max(0, int(x1) - 1):math.ceil(x2) + 1] = 0
+        assert float(outside.max()) < 0.05
+        torch.testing.assert_close(unmap_boxes(box * affine[:2].repeat(2) + affine[2:].repeat(2), affine), box)
+    assert zoomed_in >= 5 and zoomed_out >= 5
+    # A range of (1, 1) is the image itself.
+    same, affine = scale_view(img, (1.0, 1.0))
+    assert torch.equal(same, img) and affine.tolist() == list(IDENTITY)
+    # Clipped to the view; a box left under 1 px (outside the crop) is dropped with its label.
+    boxes = torch.tensor([[10.0, 10, 30, 30], [70, 50, 90, 70], [100, 100, 120, 120]])
+    out, labels = map_boxes(boxes, torch.tensor([1, 2, 3]), torch.tensor([1.0, 1.0, -5.0, 0.0]), (60, 80))
+    assert out.tolist() == [[5.0, 10, 25, 30], [65, 50, 80, 60]] and labels.tolist() == [1, 2]
+
+
+def test_class_probabilities_follow_the_boxes_through_a_zoomed_strong_view():
+    teacher = tiny_frcnn().eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    tpass = teacher_forward(teacher, images)
+    weak_boxes = [torch.tensor([[4.0, 4, 30, 30], [20, 10, 60, 50]]), torch.tensor([[8.0, 6, 40, 40]])]
+    want = class_probabilities(teacher, tpass, weak_boxes, [(64, 64), (48, 64)])
+    # Strong views zoomed 2x (shifted) and 0.5x (padded), then resized by the student to twice their size.
+    affines = [torch.tensor([2.0, 2.0, -10.0, -6.0]), torch.tensor([0.5, 0.5, 7.0, 3.0])]
+    strong_boxes = [b * a[:2].repeat(2) + a[2:].repeat(2) for b, a in zip(weak_boxes, affines)]
+    student_sizes = [(128, 128), (96, 128)]
+    tpass.strong_affines = affines
+    got = class_probabilities(teacher, tpass, [b * 2 for b in strong_boxes], student_sizes)
+    torch.testing.assert_close(got, want)
+    tpass.strong_affines = None  # read as the same geometry: other boxes, other probabilities
+    assert not torch.allclose(class_probabilities(teacher, tpass, [b * 2 for b in strong_boxes], student_sizes), want)
 
 
 def test_strong_view_survives_grayscale_without_erasing():

@@ -359,6 +359,56 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
         check_unused(smoke_cfg(root, "semi.soft_classes=background"))
 
 
+def test_strong_scale_run_moves_the_pseudo_boxes_with_the_zoomed_views(synthetic_data, tmp_path, monkeypatch):
+    """semi.strong_scale=[0.5,1.5]: the strong views arrive zoomed with their maps, every semi step's
+    pseudo-boxes (RoI and RPN) are moved into them and clipped, and the soft-background teacher
+    scores the student's RoIs through the same map. Refused at a bad range and without a teacher."""
+    from finetune.semi import soft
+    from finetune.semi.plan import check_config, check_unused
+    from finetune.semi.teacher_student import TeacherStudentMode
+
+    moved, scored = [], []
+    real_move, real_probs = TeacherStudentMode._in_strong_view, soft.class_probabilities
+
+    def spy_move(targets, affines, sizes):
+        out = real_move(targets, affines, sizes)
+        moved.append((targets, affines, sizes, out))
+        return out
+
+    def spy_probs(teacher, tpass, boxes, sizes):
+        scored.append(tpass.strong_affines)
+        return real_probs(teacher, tpass, boxes, sizes)
+
+    monkeypatch.setattr(TeacherStudentMode, "_in_strong_view", staticmethod(spy_move))
+    monkeypatch.setattr(soft, "class_probabilities", spy_probs)
+    cfg = smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", *FAST, "semi.strong_scale=[0.5,1.5]",
+                    "semi.soft_background=true", "semi.rpn_threshold=0.0")
+    m = train(cfg, run_dir=tmp_path)
+    assert list(m["semi"]["settings"]["strong_scale"]) == [0.5, 1.5]
+    semi_steps = m["global_step"] - int(cfg.semi.burn_in)
+    assert len(moved) == 2 * semi_steps > 0 and len(scored) == semi_steps  # RoI and RPN boxes each step
+    n_in = n_out = 0
+    for targets, affines, sizes, out in moved:
+        assert affines is not None and all(a.tolist() != [1.0, 1.0, 0.0, 0.0] for a in affines)
+        for t, a, (h, w), o in zip(targets, affines, sizes, out):
+            sx, sy, tx, ty = a.tolist()
+            want = t["boxes"] * torch.tensor([sx, sy, sx, sy]) + torch.tensor([tx, ty, tx, ty])
+            want[:, 0::2], want[:, 1::2] = want[:, 0::2].clamp(0, w), want[:, 1::2].clamp(0, h)
+            keep = ((want[:, 2] - want[:, 0]) >= 1) & ((want[:, 3] - want[:, 1]) >= 1)
+            torch.testing.assert_close(o["boxes"], want[keep])
+            assert torch.equal(o["labels"], t["labels"][keep])
+            n_in, n_out = n_in + len(t["boxes"]), n_out + len(o["boxes"])
+    assert n_out > 0 and n_in >= n_out
+    assert all(a is not None and len(a) > 0 for a in scored)
+
+    root = synthetic_data["root"]
+    for bad in ("[1.5,0.5]", "[0,1]", "2.0"):
+        with pytest.raises(ValueError, match="strong_scale"):
+            check_config(smoke_cfg(root, "semi=unbiased_teacher", f"semi.strong_scale={bad}"))
+    with pytest.raises(ValueError, match="strong_scale"):
+        check_unused(smoke_cfg(root, "semi.strong_scale=[0.5,1.5]"))
+
+
 def test_roi_focal_on_unlabeled_keeps_the_labeled_loss_cross_entropy(synthetic_data, tmp_path, monkeypatch):
     """semi.roi_focal_on=unlabeled: every labeled pass trains the RoI classifier with plain
     cross-entropy (gamma 0, what labeled-only fine-tuning uses), every pseudo-labeled pass with the

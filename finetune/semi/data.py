@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from finetune.semi.views import flip_boxes, strong_augment, weak_view
+from finetune.semi.views import IDENTITY, flip_boxes, scale_view, strong_augment, weak_view
 from finetune.transforms import STRONG_VIEWS
 from pretrain.core.data.images import DEFAULT_MAX_PIXELS
 from pretrain.core.data.unlabeled import UnlabeledImages
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class UnlabeledDetectionImages(torch.utils.data.Dataset):
-    """Yields ``{"weak", "strong", "flipped", "index", "ground_truth"}`` per unlabeled image.
+    """Yields ``{"weak", "strong", "strong_affine", "flipped", "index", "ground_truth"}`` per unlabeled image.
 
     Args:
         source: folder (recursive), COCO JSON, or the splitter's unlabeled.json.
@@ -51,6 +51,9 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
             detector (each step paid ~20x the pixels). None: the images as they are.
         strong_view: which strong view (:data:`finetune.transforms.STRONG_VIEWS`): ``unbiased_teacher``,
             ``soft_teacher`` or ``erase``.
+        strong_scale: ``(min, max)`` zoom of the strong view after its photometric step
+            (:func:`finetune.semi.views.scale_view`); ``strong_affine`` is then its map from the weak
+            view's coordinates, else the identity ``(1, 1, 0, 0)``. None: the weak view's geometry.
 
     Unreadable images are skipped (logged, counted in ``.skipped``) and the next readable one is
     returned in their place, so one bad file never stops a long run.
@@ -65,12 +68,20 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         image_root: str | Path | None = None,
         working_size: tuple[int, int] | None = None,
         strong_view: str = "unbiased_teacher",
+        strong_scale: tuple[float, float] | None = None,
     ) -> None:
         self.images = UnlabeledImages(source, transform=None, max_pixels=max_pixels, image_root=image_root)
         self.strong = strong
         if strong_view not in STRONG_VIEWS:
             raise ValueError(f"semi.strong_view={strong_view!r} must be one of {sorted(STRONG_VIEWS)}")
         self.strong_view = strong_view
+        if strong_scale is not None:
+            lo, hi = (float(v) for v in strong_scale)
+            if not 0 < lo <= hi:
+                raise ValueError(f"semi.strong_scale={list(strong_scale)} needs 0 < min <= max (a zoom range, e.g. "
+                                 "[0.5, 1.5])")
+            strong_scale = (lo, hi)
+        self.strong_scale = strong_scale
         self.working_size = working_size
         self.ground_truth: list[dict[str, np.ndarray]] | None = None
         self.unknown_categories = 0
@@ -110,6 +121,9 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         flipped = bool(torch.rand(()) < 0.5)
         weak = weak_view(image, flipped)
         strong = strong_augment(weak, view=self.strong_view) if self.strong else weak
+        affine = torch.tensor(IDENTITY)
+        if self.strong and self.strong_scale is not None:
+            strong, affine = scale_view(strong, self.strong_scale)
         gt = None
         if self.ground_truth is not None:
             g = self.ground_truth[index]
@@ -117,7 +131,8 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
             if flipped:
                 boxes = flip_boxes(boxes, image.shape[-1])
             gt = {"boxes": boxes, "labels": torch.from_numpy(g["labels"])}
-        return {"weak": weak, "strong": strong, "flipped": flipped, "index": index, "ground_truth": gt}
+        return {"weak": weak, "strong": strong, "strong_affine": affine, "flipped": flipped, "index": index,
+                "ground_truth": gt}
 
 
 def working_scale(width: int, height: int, working_size: tuple[int, int] | None) -> float:

@@ -92,7 +92,8 @@ def semi_loader(cfg: DictConfig, labeled: DataLoader, train_ds: CocoDetection, l
     ds = UnlabeledDetectionImages(unlabeled_source(cfg), cat_id_to_label=train_ds.cat_id_to_label,
                                   strong=strong, max_pixels=cfg.data.get("max_pixels"),
                                   image_root=s.get("image_root"), working_size=detector_working_size(cfg.detector),
-                                  strong_view=str(s.get("strong_view", "unbiased_teacher")))
+                                  strong_view=str(s.get("strong_view", "unbiased_teacher")),
+                                  strong_scale=None if s.get("strong_scale") is None else tuple(s.strong_scale))
     ratio = float(s.unlabeled_ratio)
     if ratio <= 0:
         raise ValueError(f"semi.unlabeled_ratio must be > 0 (unlabeled images per labeled image), got {ratio}")

@@ -13,7 +13,8 @@ background costs fully. Foreground RoIs weight 1 and the classification loss is
 The student's sampled proposals live in the coordinates of the student's resized strong view; the
 teacher scores them on its features of the weak view of the same image. The views differ only in
 colour and erasing (:mod:`finetune.semi.views`), so one box is the same object in both, up to the
-two resizes, which :func:`to_frame` undoes.
+two resizes, which :func:`to_frame` undoes; with ``semi.strong_scale`` the strong view's zoom and
+crop are undone too (``TeacherPass.strong_affines``).
 
 :func:`teacher_forward` runs the teacher as ``GeneralizedRCNN.forward`` does in eval mode and keeps
 its features; :func:`soft_background` installs the weighting on the student's RoI head for one
@@ -41,6 +42,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from finetune.semi.focal import FocalRoIHeads
+from finetune.semi.views import unmap_boxes
 
 
 @dataclass
@@ -50,6 +52,10 @@ class TeacherPass:
     detections: list[dict[str, torch.Tensor]]
     features: dict[str, torch.Tensor]
     image_sizes: list[tuple[int, int]]  # after the teacher's resize, before padding
+    original_sizes: list[tuple[int, int]] | None = None  # the weak views' sizes (the strong views' too)
+    # Per image, the strong view's map from the weak view's coordinates (semi.strong_scale,
+    # finetune.semi.views.scale_view); None: the views share their geometry.
+    strong_affines: list[torch.Tensor] | None = None
 
 
 def transform_and_features(model: FasterRCNN, images: Sequence[torch.Tensor],
@@ -79,7 +85,7 @@ def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor]) -> Teac
     proposals, _ = teacher.rpn(batch, features)
     dets, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
     dets = teacher.transform.postprocess(dets, batch.image_sizes, original)
-    return TeacherPass(dets, features, [(int(h), int(w)) for h, w in batch.image_sizes])
+    return TeacherPass(dets, features, [(int(h), int(w)) for h, w in batch.image_sizes], original)
 
 
 def to_frame(boxes: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
@@ -110,7 +116,15 @@ def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence
         (sum N_i, C) float32 probabilities, rows summing to 1, in the order of ``boxes``.
     """
     heads = teacher.roi_heads
-    rois = to_frame([b.detach().float() for b in boxes], box_sizes, tpass.image_sizes)
+    rois = [b.detach().float() for b in boxes]
+    if tpass.strong_affines is None:
+        rois = to_frame(rois, box_sizes, tpass.image_sizes)
+    else:  # the student's resize undone, the strong view's zoom undone, then the teacher's resize
+        if tpass.original_sizes is None:
+            raise ValueError("a TeacherPass with strong_affines needs original_sizes")
+        rois = to_frame(rois, box_sizes, tpass.original_sizes)
+        rois = [unmap_boxes(b, a) for b, a in zip(rois, tpass.strong_affines)]
+        rois = to_frame(rois, tpass.original_sizes, tpass.image_sizes)
     pooled = heads.box_roi_pool(tpass.features, rois, tpass.image_sizes)
     logits, _ = heads.box_predictor(heads.box_head(pooled))
     return logits.float().softmax(-1)

@@ -41,6 +41,7 @@ from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, soft_classes, teacher_forward, transform_and_features
 from finetune.semi.thresholds import ScoreThreshold, max_pseudo_per_image, pseudo_label_filter
+from finetune.semi.views import IDENTITY, map_boxes
 from finetune.transforms import STRONG_VIEWS
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 # run without a teacher refuses them when set (they would silently do nothing).
 TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
                                    "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher",
-                                   "rpn_threshold": None, "soft_classes": None}
+                                   "rpn_threshold": None, "soft_classes": None, "strong_scale": None}
 
 SOFT_CLASSES = ("background", "all")  # semi.soft_classes: which sampled RoIs take the teacher's distribution
 
@@ -138,6 +139,13 @@ class TeacherStudentMode(SemiMode):
                              "RoI losses, Unbiased Teacher's) or 'unlabeled' (the labeled loss stays cross-entropy)")
         if str(s.get("strong_view", "unbiased_teacher")) not in STRONG_VIEWS:
             raise ValueError(f"semi.strong_view={s.get('strong_view')!r} must be one of {sorted(STRONG_VIEWS)}")
+        zoom = s.get("strong_scale")
+        if zoom is not None:
+            values = list(zoom) if isinstance(zoom, Sequence) and not isinstance(zoom, str) else [zoom]
+            if (len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                    or not 0 < float(values[0]) <= float(values[1])):
+                raise ValueError(f"semi.strong_scale={zoom!r} must be a zoom range [min, max] with 0 < min <= max "
+                                 "(e.g. [0.5, 1.5]), or null: the strong view keeps the weak view's geometry")
         soft_on = s.get("soft_classes")
         if soft_on is not None:
             if soft_on not in SOFT_CLASSES:
@@ -214,6 +222,18 @@ class TeacherStudentMode(SemiMode):
             self.unlabeled_gamma = float(gamma) if on_unlabeled_only else None
             use_focal_roi_heads(module.model, 0.0 if on_unlabeled_only else float(gamma))  # type: ignore[arg-type]
 
+    @staticmethod
+    def _in_strong_view(targets: list[dict[str, torch.Tensor]], affines: Sequence[torch.Tensor] | None,
+                        sizes: Sequence[tuple[int, int]] | None) -> list[dict[str, torch.Tensor]]:
+        """Weak-view targets moved into the strong views (:func:`finetune.semi.views.map_boxes`)."""
+        if affines is None or sizes is None:
+            return targets
+        out = []
+        for t, a, size in zip(targets, affines, sizes):
+            boxes, labels = map_boxes(t["boxes"], t["labels"], a, size)
+            out.append({"boxes": boxes, "labels": labels})
+        return out
+
     def loss(self, module: SemiStep, unlabeled: Mapping[str, Any]) -> UnsupOutput:
         teacher = module.teacher
         assert teacher is not None
@@ -229,7 +249,16 @@ class TeacherStudentMode(SemiMode):
                 dets = teacher(weak)
         dets = [{k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in d.items()} for d in dets]
         pseudo = module.pseudo_labels(dets, unlabeled.get("ground_truth"))
-        targets = as_targets(pseudo)
+        # semi.strong_scale: the strong views are zoomed and cropped; the pseudo-boxes (found on the
+        # weak views, where the health figures measure them) move with them.
+        affines = unlabeled.get("strong_affine")
+        if affines is not None and any(a.tolist() != list(IDENTITY) for a in affines):
+            sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in strong]
+        else:
+            affines = sizes = None
+        targets = self._in_strong_view(as_targets(pseudo), affines, sizes)
+        if tpass is not None and affines is not None:
+            tpass.strong_affines = list(affines)
         soft: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if tpass is not None:
             soft = (soft_classes(module.model, teacher, tpass, self.soft_classes)  # type: ignore[arg-type]
@@ -241,7 +270,7 @@ class TeacherStudentMode(SemiMode):
             # Never above the RoI head's threshold of a class (GMM's move each step): the RPN's boxes
             # include the RoI head's, so no RoI pseudo-object is an RPN background anchor.
             self.rpn_filter.set_thresholds(module.threshold.thresholds().clamp(max=self.rpn_value))
-            rpn_targets = as_targets(self.rpn_filter.filter(dets))
+            rpn_targets = self._in_strong_view(as_targets(self.rpn_filter.filter(dets)), affines, sizes)
         with running_stats_frozen(module.model), soft, focal_gamma(module.model, self.unlabeled_gamma), norm:
             losses = (module.model(strong, targets) if rpn_targets is None
                       else two_target_losses(module.model, strong, rpn_targets, targets))
