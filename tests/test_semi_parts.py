@@ -17,7 +17,7 @@ from finetune.semi.consistency import (
     mirror_index,
     rampup_weight,
 )
-from finetune.semi.focal import FocalRoIHeads, soft_target_focal_loss, softmax_focal_loss, use_focal_roi_heads
+from finetune.semi.focal import FocalRoIHeads, soft_cross_entropy, softmax_focal_loss, use_focal_roi_heads
 from finetune.semi.health import LossWatch, PseudoLabelHealth
 from finetune.semi.soft import (
     background_probability,
@@ -38,6 +38,7 @@ from finetune.semi.thresholds import (
     score_mass_k,
 )
 from finetune.semi.views import IDENTITY, flip_boxes, map_boxes, scale_view, strong_augment, unmap_boxes, weak_view
+from finetune.transforms import RandomScaleJitter
 from pretrain.core.backbone.resnet import build_resnet
 
 
@@ -232,26 +233,26 @@ def test_softmax_focal_loss_by_hand():
     assert softmax_focal_loss(logits, labels, 1.5) < F.cross_entropy(logits, labels)
 
 
-def test_soft_target_focal_loss_by_hand():
+def test_soft_cross_entropy_by_hand():
     logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-2.0, 3.0, 0.0, 1.0]])
     labels = torch.tensor([0, 3, 1])
+    # A one-hot target is torchvision's cross-entropy.
     one_hot = F.one_hot(labels, 4).float()
-    # A one-hot target is the hard loss, at any gamma.
-    for gamma in (0.0, 1.5):
-        torch.testing.assert_close(soft_target_focal_loss(logits, one_hot, gamma),
-                                   softmax_focal_loss(logits, labels, gamma))
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot), F.cross_entropy(logits, labels))
     q = torch.tensor([[0.2, 0.5, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.1, 0.9]])
-    p = logits.softmax(1)
-    torch.testing.assert_close(soft_target_focal_loss(logits, q, 0.0), -(q * p.log()).sum(1).mean())
-    torch.testing.assert_close(soft_target_focal_loss(logits, q, 2.0), -(q * (1 - p) ** 2 * p.log()).sum(1).mean())
-    # Its gradient pulls the student's distribution toward the target: at p = q it is zero (gamma 0).
-    at_q = q[:2].clamp(min=1e-6).log().requires_grad_(True)
-    soft_target_focal_loss(at_q, q[:2].clamp(min=1e-6) / q[:2].clamp(min=1e-6).sum(1, keepdim=True)).backward()
-    assert float(at_q.grad.abs().max()) < 1e-5
+    torch.testing.assert_close(soft_cross_entropy(logits, q), -(q * logits.log_softmax(1)).sum(1).mean())
+    # Its optimum is the target itself: the gradient vanishes at p = q and pulls toward q elsewhere.
+    q = torch.tensor([[0.9, 0.1], [0.97, 0.03]])
+    at_q = q.log().requires_grad_(True)
+    soft_cross_entropy(at_q, q).backward()
+    assert float(at_q.grad.abs().max()) < 1e-6
+    flat = torch.zeros(2, 2, requires_grad=True)  # p = (0.5, 0.5): the background logit must rise
+    soft_cross_entropy(flat, q).backward()
+    assert bool((flat.grad[:, 0] < 0).all())
     empty = torch.zeros(0, 4, requires_grad=True)
-    assert float(soft_target_focal_loss(empty, torch.zeros(0, 4)).detach()) == 0.0
+    assert float(soft_cross_entropy(empty, torch.zeros(0, 4)).detach()) == 0.0
     with pytest.raises(ValueError, match="shape"):
-        soft_target_focal_loss(logits, q[:, :3])
+        soft_cross_entropy(logits, torch.zeros(3, 3))
 
 
 def tiny_frcnn(k=3):
@@ -518,7 +519,7 @@ def test_scale_view_moves_the_image_and_its_boxes_together():
     zoomed_in = zoomed_out = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        view, affine = scale_view(img, (0.5, 1.5))
+        view, affine = scale_view(img, RandomScaleJitter((0.5, 1.5)))
         assert view.shape == img.shape and affine.shape == (4,)
         sx, sy = float(affine[0]), float(affine[1])
         assert 0.49 <= sx <= 1.51 and abs(sx - sy) < 0.05
@@ -541,7 +542,7 @@ def test_scale_view_moves_the_image_and_its_boxes_together():
         torch.testing.assert_close(unmap_boxes(box * affine[:2].repeat(2) + affine[2:].repeat(2), affine), box)
     assert zoomed_in >= 5 and zoomed_out >= 5
     # A range of (1, 1) is the image itself.
-    same, affine = scale_view(img, (1.0, 1.0))
+    same, affine = scale_view(img, RandomScaleJitter((1.0, 1.0)))
     assert torch.equal(same, img) and affine.tolist() == list(IDENTITY)
     # Clipped to the view; a box left under 1 px (outside the crop) is dropped with its label.
     boxes = torch.tensor([[10.0, 10, 30, 30], [70, 50, 90, 70], [100, 100, 120, 120]])
@@ -562,6 +563,11 @@ def test_class_probabilities_follow_the_boxes_through_a_zoomed_strong_view():
     tpass.strong_affines = affines
     got = class_probabilities(teacher, tpass, [b * 2 for b in strong_boxes], student_sizes)
     torch.testing.assert_close(got, want)
+    # Zoomed out 0.5x at offset (7, 3), the second view shows the image in [7, 39] x [3, 27]: a RoI
+    # on the padding (and one mostly on it) is background to the teacher, one-hot; one inside is not.
+    pad = torch.tensor([[40.0, 30, 60, 46], [30.0, 20, 50, 40], [10.0, 5, 30, 20]])
+    probs = class_probabilities(teacher, tpass, [torch.zeros(0, 4), pad * 2], student_sizes)
+    assert probs[:2].tolist() == [[1.0, 0.0, 0.0, 0.0]] * 2 and float(probs[2, 0]) < 1.0
     tpass.strong_affines = None  # read as the same geometry: other boxes, other probabilities
     assert not torch.allclose(class_probabilities(teacher, tpass, [b * 2 for b in strong_boxes], student_sizes), want)
 

@@ -331,7 +331,8 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
         return scored[-1]
 
     monkeypatch.setattr(soft, "class_probabilities", spy)
-    base = ("semi=unbiased_teacher", "semi.soft_classes=background", "semi.threshold=1.0", "semi.empty_weight=0",
+    base = ("semi=unbiased_teacher", "semi.soft_classes=background", "semi.roi_focal_gamma=null",
+            "semi.threshold=1.0", "semi.empty_weight=0",
             "semi.burn_in=1", "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false")
     m = train(smoke_cfg(synthetic_data["root"], *base, "semi.rpn_threshold=0.0"), run_dir=tmp_path / "rpn")
     assert m["semi"]["settings"]["soft_classes"] == "background"
@@ -350,11 +351,15 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
 
     root = synthetic_data["root"]
     with pytest.raises(ValueError, match="soft_background=false"):
-        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=all", "semi.soft_background=true"))
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=all", "semi.soft_background=true",
+                               "semi.roi_focal_gamma=null"))
+    with pytest.raises(ValueError, match="roi_focal_gamma=null"):  # unbiased_teacher's gamma 1.5
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=all"))
     with pytest.raises(ValueError, match="soft_classes"):
         check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", "semi.soft_classes=all"))
     with pytest.raises(ValueError, match="'background'"):
-        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=foreground"))
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.soft_classes=foreground",
+                               "semi.roi_focal_gamma=null"))
     with pytest.raises(ValueError, match="soft_classes"):
         check_unused(smoke_cfg(root, "semi.soft_classes=background"))
 

@@ -7,8 +7,9 @@ for the pseudo-label health figures only (precision and recall of the pseudo-box
 
 The weak view is the image, horizontally flipped with probability 1/2 (the detector's own
 transform does the resize); the strong view is the weak one under photometric and erasing
-augmentation only (:func:`finetune.semi.views.strong_augment`), so the teacher's boxes on the
-weak view are valid targets on the strong view without transforming them.
+augmentation (:func:`finetune.semi.views.strong_augment`), so the teacher's boxes on the weak view
+are valid targets on the strong view as they are, unless ``semi.strong_scale`` also zooms it
+(:func:`finetune.semi.views.scale_view`): then ``strong_affine`` is the map the boxes move by.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from finetune.semi.views import IDENTITY, flip_boxes, scale_view, strong_augment, weak_view
-from finetune.transforms import STRONG_VIEWS
+from finetune.transforms import STRONG_VIEWS, RandomScaleJitter
 from pretrain.core.data.images import DEFAULT_MAX_PIXELS
 from pretrain.core.data.unlabeled import UnlabeledImages
 
@@ -75,13 +76,8 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         if strong_view not in STRONG_VIEWS:
             raise ValueError(f"semi.strong_view={strong_view!r} must be one of {sorted(STRONG_VIEWS)}")
         self.strong_view = strong_view
-        if strong_scale is not None:
-            lo, hi = (float(v) for v in strong_scale)
-            if not 0 < lo <= hi:
-                raise ValueError(f"semi.strong_scale={list(strong_scale)} needs 0 < min <= max (a zoom range, e.g. "
-                                 "[0.5, 1.5])")
-            strong_scale = (lo, hi)
-        self.strong_scale = strong_scale
+        self.scale_jitter = (None if strong_scale is None
+                             else RandomScaleJitter((float(strong_scale[0]), float(strong_scale[1]))))
         self.working_size = working_size
         self.ground_truth: list[dict[str, np.ndarray]] | None = None
         self.unknown_categories = 0
@@ -122,8 +118,8 @@ class UnlabeledDetectionImages(torch.utils.data.Dataset):
         weak = weak_view(image, flipped)
         strong = strong_augment(weak, view=self.strong_view) if self.strong else weak
         affine = torch.tensor(IDENTITY)
-        if self.strong and self.strong_scale is not None:
-            strong, affine = scale_view(strong, self.strong_scale)
+        if self.strong and self.scale_jitter is not None:
+            strong, affine = scale_view(strong, self.scale_jitter)
         gt = None
         if self.ground_truth is not None:
             g = self.ground_truth[index]

@@ -38,11 +38,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from finetune.semi.focal import FocalRoIHeads
-from finetune.semi.views import unmap_boxes
+from finetune.semi.views import area, clip_boxes, unmap_boxes
 
 
 @dataclass
@@ -122,12 +123,20 @@ def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence
     else:  # the student's resize undone, the strong view's zoom undone, then the teacher's resize
         if tpass.original_sizes is None:
             raise ValueError("a TeacherPass with strong_affines needs original_sizes")
-        rois = to_frame(rois, box_sizes, tpass.original_sizes)
-        rois = [unmap_boxes(b, a) for b, a in zip(rois, tpass.strong_affines)]
-        rois = to_frame(rois, tpass.original_sizes, tpass.image_sizes)
+        weak = [unmap_boxes(b, a) for b, a in zip(to_frame(rois, box_sizes, tpass.original_sizes),
+                                                 tpass.strong_affines)]
+        # A zoomed-out view is padded: a RoI mostly on the padding shows the teacher nothing of the
+        # image, so it is background (one-hot) rather than the teacher's guess at features it never saw.
+        clipped = [clip_boxes(b, size) for b, size in zip(weak, tpass.original_sizes)]
+        outside = torch.cat([area(c) < 0.5 * area(b) for b, c in zip(weak, clipped)])
+        rois = to_frame(clipped, tpass.original_sizes, tpass.image_sizes)
     pooled = heads.box_roi_pool(tpass.features, rois, tpass.image_sizes)
     logits, _ = heads.box_predictor(heads.box_head(pooled))
-    return logits.float().softmax(-1)
+    probs = logits.float().softmax(-1)
+    if tpass.strong_affines is not None:
+        probs[outside] = F.one_hot(torch.zeros_like(outside[outside], dtype=torch.long), probs.shape[-1]).float()
+    return probs
+
 
 
 def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],

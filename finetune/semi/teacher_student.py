@@ -15,7 +15,9 @@ The two modes differ only in their settings (``conf/finetune/semi/``) and files.
 
 Unlabeled images without a pseudo-box train as all background. One rule for every detector
 (``semi.empty_weight``, :func:`empty_weight`): when fewer than half the batch's images have a
-pseudo-box, the unsupervised loss is multiplied by it.
+pseudo-box, the unsupervised loss is multiplied by it. The boxes counted are the RoI head's (after
+``semi.strong_scale``'s crop: the boxes trained on), or the RPN's when ``semi.soft_classes`` and
+``semi.rpn_threshold`` are both set (the RoIs then carry the teacher's belief, not "background").
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from finetune.semi.dense_norm import batch_normalised
 from finetune.semi.focal import focal_gamma, use_focal_roi_heads
 from finetune.semi.soft import soft_background, soft_classes, teacher_forward, transform_and_features
 from finetune.semi.thresholds import ScoreThreshold, max_pseudo_per_image, pseudo_label_filter
-from finetune.semi.views import IDENTITY, map_boxes
+from finetune.semi.views import map_boxes
 from finetune.transforms import STRONG_VIEWS
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,11 @@ class TeacherStudentMode(SemiMode):
                 raise ValueError("semi.soft_classes and semi.soft_background=true both act on the background RoIs of "
                                  "the pseudo-labeled pass (the distribution replaces the weight): set "
                                  "semi.soft_background=false")
+            if s.get("roi_focal_gamma") is not None:
+                raise ValueError(f"semi.soft_classes trains the pseudo-labeled RoIs with the cross-entropy against the "
+                                 f"teacher's distribution; semi.roi_focal_gamma={s.get('roi_focal_gamma')} would act "
+                                 "on that pass too, and a focal factor moves the loss's optimum away from the "
+                                 "teacher's distribution: set semi.roi_focal_gamma=null")
         if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
@@ -251,11 +258,10 @@ class TeacherStudentMode(SemiMode):
         pseudo = module.pseudo_labels(dets, unlabeled.get("ground_truth"))
         # semi.strong_scale: the strong views are zoomed and cropped; the pseudo-boxes (found on the
         # weak views, where the health figures measure them) move with them.
-        affines = unlabeled.get("strong_affine")
-        if affines is not None and any(a.tolist() != list(IDENTITY) for a in affines):
+        affines = sizes = None
+        if self.settings.get("strong_scale") is not None and unlabeled.get("strong_affine"):
+            affines = list(unlabeled["strong_affine"])
             sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in strong]
-        else:
-            affines = sizes = None
         targets = self._in_strong_view(as_targets(pseudo), affines, sizes)
         if tpass is not None and affines is not None:
             tpass.strong_affines = list(affines)

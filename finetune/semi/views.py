@@ -16,9 +16,11 @@ photometric views destroy the class.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from finetune.transforms import strong_augment  # noqa: F401 (the strong view, shared with fine-tuning's strong_copy)
+from finetune.transforms import (
+    RandomScaleJitter,
+    strong_augment,  # noqa: F401 (the strong view, shared with fine-tuning's strong_copy)
+)
 
 
 def weak_view(image: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -37,28 +39,19 @@ def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
 IDENTITY = (1.0, 1.0, 0.0, 0.0)  # (sx, sy, tx, ty) of a strong view with the weak view's geometry
 
 
-def scale_view(image: torch.Tensor, scale_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``image`` (CHW) zoomed by a factor drawn from ``scale_range`` (torch's global RNG) and cropped
-    (zoom in) or zero-padded (zoom out) back to its own size at a random offset, as fine-tuning's
-    ``augment.scale_jitter`` does for labeled images.
+def scale_view(image: torch.Tensor, jitter: RandomScaleJitter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image`` (CHW) under fine-tuning's scale jitter (``augment.scale_jitter``'s transform, torch's
+    global RNG): zoomed by a factor from its range (antialiased), then cropped (zoom in) or
+    zero-padded (zoom out) back to its own size at a random offset.
 
     Returns:
         The view and its map from the input's coordinates, ``(sx, sy, tx, ty)`` (float32): a point
         ``(x, y)`` of the input is at ``(x * sx + tx, y * sy + ty)`` in the view.
     """
-    lo, hi = scale_range
-    height, width = image.shape[-2:]
-    scale = lo + (hi - lo) * float(torch.rand(()))
-    h, w = max(1, round(height * scale)), max(1, round(width * scale))
-    zoomed = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    top = int(torch.randint(min(0, h - height), max(0, h - height) + 1, ()))
-    left = int(torch.randint(min(0, w - width), max(0, w - width) + 1, ()))
-    out = image.new_zeros(image.shape)
-    # The view's pixel (y, x) is the zoomed image's (y + top, x + left), where that exists.
-    y0, x0 = max(0, -top), max(0, -left)
-    y1, x1 = min(height, h - top), min(width, w - left)
-    out[:, y0:y1, x0:x1] = zoomed[:, y0 + top:y1 + top, x0 + left:x1 + left]
-    return out, torch.tensor([w / width, h / height, -float(left), -float(top)])
+    params = jitter.make_params([image])
+    view = jitter.transform(image, params)
+    (h, w), (height, width) = params["size"], image.shape[-2:]
+    return view, torch.tensor([w / width, h / height, -float(params["left"]), -float(params["top"])])
 
 
 def map_boxes(boxes: torch.Tensor, labels: torch.Tensor, affine: torch.Tensor,
@@ -66,16 +59,25 @@ def map_boxes(boxes: torch.Tensor, labels: torch.Tensor, affine: torch.Tensor,
     """xyxy ``boxes`` of the weak view in a strong view made by :func:`scale_view` (``affine``),
     clipped to its ``size`` (height, width); boxes left under 1 px wide or high (outside the crop)
     are dropped, with their ``labels``, as fine-tuning's scale jitter sanitises labeled boxes."""
-    sx, sy, tx, ty = (float(v) for v in affine)
-    height, width = size
+    sx, sy, tx, ty = affine.tolist()
     out = boxes.reshape(-1, 4) * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([tx, ty, tx, ty])
-    out = torch.stack([out[:, 0].clamp(0, width), out[:, 1].clamp(0, height),
-                       out[:, 2].clamp(0, width), out[:, 3].clamp(0, height)], 1)
+    out = clip_boxes(out, size)
     keep = ((out[:, 2] - out[:, 0]) >= 1) & ((out[:, 3] - out[:, 1]) >= 1)
     return out[keep], labels[keep]
 
 
 def unmap_boxes(boxes: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`map_boxes`' affine step (no clipping): strong-view boxes in the weak view."""
-    sx, sy, tx, ty = (float(v) for v in affine)
+    sx, sy, tx, ty = affine.tolist()
     return (boxes.reshape(-1, 4) - boxes.new_tensor([tx, ty, tx, ty])) / boxes.new_tensor([sx, sy, sx, sy])
+
+def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """xyxy boxes clipped to an image of ``size`` (height, width)."""
+    height, width = size
+    return torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                        boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], 1)
+
+
+def area(boxes: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes' areas (0 for an empty box)."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
