@@ -389,17 +389,14 @@ def test_background_probability_follows_the_boxes_across_resizes():
     torch.testing.assert_close(background_probability(teacher, tpass, [boxes], [(64, 64)]), torch.ones(3))
 
 
-@pytest.mark.parametrize("teacher_bias", [None, 30.0, -30.0])
-def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, teacher_bias):
-    # The student resizes to 128 px, the teacher to 64: its proposals must be mapped to be scored.
+def _captured_student(monkeypatch):
+    """A training-mode Faster R-CNN student at 128 px with a cross-entropy focal head (gamma 0) that
+    records its sampled proposals and labels, the image shapes and the class logits of its RoI pass;
+    with two images (64 and 48 px high) and one target box each."""
     torch.manual_seed(1)
     student = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, min_size=128,
                              max_size=128, trainable_layers=5, representation_size=64)
-    use_focal_roi_heads(student, 0.0)  # cross-entropy: the weighted mean is easy to state
-    teacher = tiny_frcnn().eval()
-    if teacher_bias is not None:
-        with torch.no_grad():
-            teacher.roi_heads.box_predictor.cls_score.bias[0] = teacher_bias
+    use_focal_roi_heads(student, 0.0)  # cross-entropy: the expected losses are easy to state
     captured = {}
     sampler = student.roi_heads.select_training_samples
 
@@ -416,6 +413,17 @@ def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, tea
     targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([2])},
                {"boxes": torch.tensor([[30.0, 10, 60, 40]]), "labels": torch.tensor([1])}]
     student.train()
+    return student, captured, images, targets
+
+
+@pytest.mark.parametrize("teacher_bias", [None, 30.0, -30.0])
+def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, teacher_bias):
+    # The student resizes to 128 px, the teacher to 64: its proposals must be mapped to be scored.
+    student, captured, images, targets = _captured_student(monkeypatch)
+    teacher = tiny_frcnn().eval()
+    if teacher_bias is not None:
+        with torch.no_grad():
+            teacher.roi_heads.box_predictor.cls_score.bias[0] = teacher_bias
     tpass = teacher_forward(teacher, images)
     with soft_background(student, teacher, tpass):
         losses = student(images, targets)
@@ -442,27 +450,8 @@ def test_soft_background_weights_background_rois_by_the_teacher(monkeypatch, tea
 
 @pytest.mark.parametrize("on", ["background", "all"])
 def test_soft_classes_train_rois_against_the_teachers_distribution(monkeypatch, on):
-    torch.manual_seed(1)
-    student = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, min_size=128,
-                             max_size=128, trainable_layers=5, representation_size=64)
-    use_focal_roi_heads(student, 0.0)
+    student, captured, images, targets = _captured_student(monkeypatch)
     teacher = tiny_frcnn().eval()
-    captured = {}
-    sampler = student.roi_heads.select_training_samples
-
-    def grab_samples(*a, **kw):
-        out = sampler(*a, **kw)
-        captured["proposals"] = [p.detach().clone() for p in out[0]]
-        captured["labels"] = torch.cat(out[2])
-        return out
-
-    monkeypatch.setattr(student.roi_heads, "select_training_samples", grab_samples)
-    student.roi_heads.register_forward_pre_hook(lambda m, args: captured.__setitem__("shapes", list(args[2])))
-    student.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("logits", o[0]))
-    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
-    targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]), "labels": torch.tensor([2])},
-               {"boxes": torch.tensor([[30.0, 10, 60, 40]]), "labels": torch.tensor([1])}]
-    student.train()
     tpass = teacher_forward(teacher, images)
     with soft_classes(student, teacher, tpass, on):
         losses = student(images, targets)
