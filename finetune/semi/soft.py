@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_area, clip_boxes_to_image
 
 from finetune.semi.focal import FocalRoIHeads
-from finetune.semi.views import area, clip_boxes, unmap_boxes
+from finetune.semi.views import unmap_boxes
 
 
 @dataclass
@@ -127,8 +128,8 @@ def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence
                                                  tpass.strong_affines)]
         # A zoomed-out view is padded: a RoI mostly on the padding shows the teacher nothing of the
         # image, so it is background (one-hot) rather than the teacher's guess at features it never saw.
-        clipped = [clip_boxes(b, size) for b, size in zip(weak, tpass.original_sizes)]
-        outside = torch.cat([area(c) < 0.5 * area(b) for b, c in zip(weak, clipped)])
+        clipped = [clip_boxes_to_image(b, size) for b, size in zip(weak, tpass.original_sizes)]
+        outside = torch.cat([box_area(c) < 0.5 * box_area(b) for b, c in zip(weak, clipped)])
         rois = to_frame(clipped, tpass.original_sizes, tpass.image_sizes)
     pooled = heads.box_roi_pool(tpass.features, rois, tpass.image_sizes)
     logits, _ = heads.box_predictor(heads.box_head(pooled))
@@ -136,7 +137,6 @@ def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence
     if tpass.strong_affines is not None:
         probs[outside] = F.one_hot(torch.zeros_like(outside[outside], dtype=torch.long), probs.shape[-1]).float()
     return probs
-
 
 
 def background_probability(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],

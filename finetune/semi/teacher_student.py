@@ -264,7 +264,7 @@ class TeacherStudentMode(SemiMode):
             sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in strong]
         targets = self._in_strong_view(as_targets(pseudo), affines, sizes)
         if tpass is not None and affines is not None:
-            tpass.strong_affines = list(affines)
+            tpass.strong_affines = affines
         soft: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if tpass is not None:
             soft = (soft_classes(module.model, teacher, tpass, self.soft_classes)  # type: ignore[arg-type]

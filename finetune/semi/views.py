@@ -16,6 +16,7 @@ photometric views destroy the class.
 from __future__ import annotations
 
 import torch
+from torchvision.ops import clip_boxes_to_image
 
 from finetune.transforms import (
     RandomScaleJitter,
@@ -61,7 +62,7 @@ def map_boxes(boxes: torch.Tensor, labels: torch.Tensor, affine: torch.Tensor,
     are dropped, with their ``labels``, as fine-tuning's scale jitter sanitises labeled boxes."""
     sx, sy, tx, ty = affine.tolist()
     out = boxes.reshape(-1, 4) * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([tx, ty, tx, ty])
-    out = clip_boxes(out, size)
+    out = clip_boxes_to_image(out, size)
     keep = ((out[:, 2] - out[:, 0]) >= 1) & ((out[:, 3] - out[:, 1]) >= 1)
     return out[keep], labels[keep]
 
@@ -70,14 +71,3 @@ def unmap_boxes(boxes: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`map_boxes`' affine step (no clipping): strong-view boxes in the weak view."""
     sx, sy, tx, ty = affine.tolist()
     return (boxes.reshape(-1, 4) - boxes.new_tensor([tx, ty, tx, ty])) / boxes.new_tensor([sx, sy, sx, sy])
-
-def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """xyxy boxes clipped to an image of ``size`` (height, width)."""
-    height, width = size
-    return torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                        boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], 1)
-
-
-def area(boxes: torch.Tensor) -> torch.Tensor:
-    """xyxy boxes' areas (0 for an empty box)."""
-    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
