@@ -231,7 +231,7 @@ def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
     settings = ("experiment=semi_bench", "semi=bench")
     config = OmegaConf.to_container(bs.finetune_config(settings), resolve=False)
     assert set(bs.ADDED_SETTINGS) == {"semi.strong_view", "semi.rpn_threshold", "semi.soft_classes",
-                                      "semi.strong_scale"}
+                                      "semi.strong_scale", "semi.teacher_flip"}
     for dotted, neutral in bs.ADDED_SETTINGS.items():
         group, leaf = dotted.split(".")
         assert config[group][leaf] == neutral
@@ -241,6 +241,7 @@ def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
     assert bs.config_hash((*settings, "semi.rpn_threshold=0.3")) != bs.config_hash(settings)
     assert bs.config_hash((*settings, "semi.soft_classes=all")) != bs.config_hash(settings)
     assert bs.config_hash((*settings, "semi.strong_scale=[0.5,1.5]")) != bs.config_hash(settings)
+    assert bs.config_hash((*settings, "semi.teacher_flip=true")) != bs.config_hash(settings)
 
 
 def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, Any]) -> None:

@@ -22,10 +22,12 @@ from finetune.semi.health import LossWatch, PseudoLabelHealth
 from finetune.semi.soft import (
     background_probability,
     class_probabilities,
+    head_outputs,
     soft_background,
     soft_classes,
     teacher_forward,
     to_frame,
+    transform_and_features,
 )
 from finetune.semi.thresholds import (
     FixedThreshold,
@@ -328,6 +330,49 @@ def test_teacher_forward_returns_the_teacher_call_and_its_features():
     assert tpass.features["0"].shape[0] == 2
     with pytest.raises(ValueError, match="eval mode"):
         teacher_forward(model.train(), images)
+
+
+def test_teacher_flip_averages_the_head_over_the_view_and_its_mirror():
+    """semi.teacher_flip: the RoI head's outputs for a box are the mean of the view's and of the mirror
+    image's for the mirrored box (deltas mirrored back), so the ensemble of an image and of its mirror
+    agree up to the mirror; the detections are decoded from that mean (with zero deltas, each
+    detection is a proposal scored by the mean probability of its class)."""
+    model = tiny_frcnn().eval()
+    model.roi_heads.score_thresh = 0.0
+    torch.manual_seed(1)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 96)]
+    mirrors = [im.flip(-1) for im in images]
+    both, both_m = teacher_forward(model, images, flip=True), teacher_forward(model, mirrors, flip=True)
+    plain, plain_m = teacher_forward(model, images), teacher_forward(model, mirrors)
+    assert both.mirrored_features is not None and plain.mirrored_features is None
+    rois = [torch.tensor([[4.0, 4, 30, 30], [20, 10, 60, 50]]), torch.tensor([[0.0, 0, 20, 32], [30, 2, 64, 30]])]
+    mirrored = [flip_boxes(r, w) for r, (_, w) in zip(rois, both.image_sizes)]
+    probs, deltas = head_outputs(model, both, rois)
+    probs_m, deltas_m = head_outputs(model, both_m, mirrored)
+    torch.testing.assert_close(probs_m, probs)
+    dx = torch.tensor([-1.0, 1, 1, 1]).repeat(deltas.shape[1] // 4)
+    torch.testing.assert_close(deltas_m, deltas * dx)
+    assert float(deltas[:, 0::4].abs().min()) > 0  # dx really mirrored, not zero
+    alone, alone_m = head_outputs(model, plain, rois)[0], head_outputs(model, plain_m, mirrored)[0]
+    torch.testing.assert_close(probs, (alone + alone_m) / 2)
+    assert not torch.allclose(probs, alone)
+    torch.testing.assert_close(class_probabilities(model, both, rois, both.image_sizes), probs)
+
+    with torch.no_grad():
+        model.roi_heads.box_predictor.bbox_pred.weight.zero_()
+        model.roi_heads.box_predictor.bbox_pred.bias.zero_()
+    image = images[:1]  # 64 x 64: the teacher's frame is the image's
+    dets = teacher_forward(model, image, flip=True).detections[0]
+    batch, features, _ = transform_and_features(model, image)
+    proposals = model.rpn(batch, features)[0][0].detach()
+    one, one_m = teacher_forward(model, image), teacher_forward(model, [image[0].flip(-1)])
+    assert len(dets["boxes"]) > 0
+    for box, label, score in zip(dets["boxes"], dets["labels"], dets["scores"]):
+        at = int((proposals - box).abs().sum(1).argmin())
+        torch.testing.assert_close(proposals[at], box)
+        mean = (head_outputs(model, one, [proposals[at:at + 1]])[0]
+                + head_outputs(model, one_m, [flip_boxes(proposals[at:at + 1], 64)])[0]) / 2
+        torch.testing.assert_close(score, mean[0, label], atol=1e-5, rtol=1e-4)
 
 
 def test_two_target_losses_route_each_box_set_to_its_stage():

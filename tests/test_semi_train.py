@@ -364,6 +364,36 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
         check_unused(smoke_cfg(root, "semi.soft_classes=background"))
 
 
+def test_teacher_flip_run_pseudo_labels_from_the_view_and_its_mirror(synthetic_data, tmp_path, monkeypatch):
+    """semi.teacher_flip=true: every semi step's pseudo-labels come from the teacher's RoI head averaged
+    over each weak view and its mirror image (its mirrored features are there); the setting is
+    recorded. Refused for a detector without RoI heads, at a non-boolean value and without a teacher."""
+    from finetune.semi import soft
+    from finetune.semi.plan import check_config, check_unused
+
+    calls = []
+    real = soft.head_outputs
+
+    def spy(teacher, tpass, rois):
+        calls.append((tpass.mirrored_features is not None, sum(len(r) for r in rois)))
+        return real(teacher, tpass, rois)
+
+    monkeypatch.setattr(soft, "head_outputs", spy)
+    m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.teacher_flip=true", "semi.burn_in=1",
+                        "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false"), run_dir=tmp_path)
+    assert m["semi"]["settings"]["teacher_flip"] is True
+    semi_steps = m["global_step"] - 1
+    assert semi_steps > 0 and len(calls) == semi_steps  # one ensemble per step (no soft targets asked)
+    assert all(mirrored and n > 0 for mirrored, n in calls)
+    root = synthetic_data["root"]
+    with pytest.raises(ValueError, match="teacher_flip"):
+        check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", "semi.teacher_flip=true"))
+    with pytest.raises(TypeError, match="true or false"):
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", "semi.teacher_flip=yes"))
+    with pytest.raises(ValueError, match="teacher_flip"):
+        check_unused(smoke_cfg(root, "semi.teacher_flip=true"))
+
+
 def test_strong_scale_run_moves_the_pseudo_boxes_with_the_zoomed_views(synthetic_data, tmp_path, monkeypatch):
     """semi.strong_scale=[0.5,1.5]: the strong views arrive zoomed with their maps, every semi step's
     pseudo-boxes (RoI and RPN) are moved into them and clipped, and the soft-background teacher

@@ -28,6 +28,13 @@ recall 44-72% of them (BENCHMARKS.md): the rest, pieces it is unsure of the clas
 ``all`` gives every sampled RoI the teacher's distribution, the soft targets of Humble Teacher
 (Tang et al., "Humble Teacher Teaches Better Students for Semi-Supervised Object Detection",
 CVPR 2021).
+
+``teacher_forward(..., flip=True)`` (``semi.teacher_flip``) is Humble Teacher's teacher ensemble:
+the teacher also sees each weak view's mirror image, and its RoI head's class probabilities and box
+deltas for a box are the mean of the two views' (the mirror's deltas mirrored back: dx negated), for
+the pseudo-labels (the detections decoded from the mean) and for the soft targets alike. The
+proposals are the unmirrored view's RPN's (Humble Teacher averages the RPN too): the ensemble acts
+where the teacher is least sure, the class of a box it has found.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_area, clip_boxes_to_image
 
 from finetune.semi.focal import FocalRoIHeads
-from finetune.semi.views import unmap_boxes
+from finetune.semi.views import flip_boxes, unmap_boxes
 
 
 @dataclass
@@ -58,6 +65,8 @@ class TeacherPass:
     # Per image, the strong view's map from the weak view's coordinates (semi.strong_scale,
     # finetune.semi.views.scale_view); None: the views share their geometry.
     strong_affines: list[torch.Tensor] | None = None
+    # semi.teacher_flip: the teacher's features of the weak views' mirror images (same sizes).
+    mirrored_features: dict[str, torch.Tensor] | None = None
 
 
 def transform_and_features(model: FasterRCNN, images: Sequence[torch.Tensor],
@@ -73,21 +82,64 @@ def transform_and_features(model: FasterRCNN, images: Sequence[torch.Tensor],
 
 
 @torch.no_grad()
-def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor]) -> TeacherPass:
+def teacher_forward(teacher: FasterRCNN, images: Sequence[torch.Tensor], flip: bool = False) -> TeacherPass:
     """The teacher's eval-mode detections of ``images``, with its FPN features kept.
 
     The same steps as torchvision's ``GeneralizedRCNN.forward`` in eval mode (resize and normalise,
-    backbone, RPN, RoI heads, boxes back to the input size), so the detections are the ones
-    ``teacher(images)`` returns.
+    backbone, RPN, RoI heads, boxes back to the input size), so without ``flip`` the detections are
+    the ones ``teacher(images)`` returns. With ``flip`` (the teacher ensemble) the RoI head's outputs
+    for the RPN's proposals are averaged with the mirrored images' (:func:`head_outputs`) before
+    torchvision's post-processing (score threshold, per-class NMS, top detections).
     """
     if teacher.training:
         raise ValueError("the teacher must be in eval mode (its detections are the eval-mode ones)")
     original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     batch, features, _ = transform_and_features(teacher, images)
+    sizes = [(int(h), int(w)) for h, w in batch.image_sizes]
     proposals, _ = teacher.rpn(batch, features)
-    dets, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
-    dets = teacher.transform.postprocess(dets, batch.image_sizes, original)
-    return TeacherPass(dets, features, [(int(h), int(w)) for h, w in batch.image_sizes], original)
+    if not flip:
+        dets, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
+        return TeacherPass(teacher.transform.postprocess(dets, batch.image_sizes, original), features, sizes, original)
+    mirrored, mirrored_features, _ = transform_and_features(teacher, [im.flip(-1) for im in images])
+    if [tuple(s) for s in mirrored.image_sizes] != [tuple(s) for s in batch.image_sizes]:
+        raise RuntimeError(f"the mirrored images were resized to {mirrored.image_sizes}, the images to "
+                           f"{batch.image_sizes}")
+    tpass = TeacherPass([], features, sizes, original, mirrored_features=mirrored_features)
+    probs, deltas = head_outputs(teacher, tpass, proposals)
+    # postprocess_detections takes logits and softmaxes them: the log of the mean is the logit whose
+    # softmax is the mean (the clamp only keeps log(0) finite).
+    boxes, scores, labels = teacher.roi_heads.postprocess_detections(
+        probs.clamp_min(1e-12).log(), deltas, proposals, batch.image_sizes)
+    dets = [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(boxes, scores, labels)]
+    tpass.detections = teacher.transform.postprocess(dets, batch.image_sizes, original)
+    return tpass
+
+
+@torch.no_grad()
+def head_outputs(teacher: FasterRCNN, tpass: TeacherPass, rois: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's RoI-head outputs for ``rois`` (per image, in its resized frame,
+    ``tpass.image_sizes``): class probabilities (sum N_i, C) and box deltas (sum N_i, 4C), float32.
+
+    With ``tpass.mirrored_features`` the mean over the view and its mirror image: the mirrored RoI
+    (x1' = W - x2) pooled from the mirror's features, its deltas mirrored back (dx negated; dy, dw
+    and dh are unchanged by a horizontal flip).
+    """
+    heads = teacher.roi_heads
+
+    def run(features: dict[str, torch.Tensor], boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, boxes, tpass.image_sizes)))
+        return logits.float().softmax(-1), deltas.float()
+
+    rois = list(rois)
+    probs, deltas = run(tpass.features, rois)
+    if tpass.mirrored_features is None:
+        return probs, deltas
+    m_probs, m_deltas = run(tpass.mirrored_features,
+                            [flip_boxes(r, w) for r, (_, w) in zip(rois, tpass.image_sizes)])
+    sign = m_deltas.new_tensor([-1.0, 1.0, 1.0, 1.0])
+    m_deltas = (m_deltas.reshape(len(m_deltas), -1, 4) * sign).reshape(m_deltas.shape)
+    return (probs + m_probs) / 2, (deltas + m_deltas) / 2
 
 
 def to_frame(boxes: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
@@ -106,7 +158,8 @@ def to_frame(boxes: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
 @torch.no_grad()  # called inside the student's forward: nothing of the teacher's may enter its graph
 def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence[torch.Tensor],
                         box_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """The teacher's class distribution (softmax of its RoI classifier, background at 0) for each box.
+    """The teacher's class distribution (softmax of its RoI classifier, background at 0) for each box;
+    with ``tpass.mirrored_features``, the mean with the mirror image's (:func:`head_outputs`).
 
     Args:
         teacher: the eval-mode teacher that produced ``tpass``.
@@ -117,7 +170,6 @@ def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence
     Returns:
         (sum N_i, C) float32 probabilities, rows summing to 1, in the order of ``boxes``.
     """
-    heads = teacher.roi_heads
     rois = [b.detach().float() for b in boxes]
     if tpass.strong_affines is None:
         rois = to_frame(rois, box_sizes, tpass.image_sizes)
@@ -131,9 +183,7 @@ def class_probabilities(teacher: FasterRCNN, tpass: TeacherPass, boxes: Sequence
         clipped = [clip_boxes_to_image(b, size) for b, size in zip(weak, tpass.original_sizes)]
         outside = torch.cat([box_area(c) < 0.5 * box_area(b) for b, c in zip(weak, clipped)])
         rois = to_frame(clipped, tpass.original_sizes, tpass.image_sizes)
-    pooled = heads.box_roi_pool(tpass.features, rois, tpass.image_sizes)
-    logits, _ = heads.box_predictor(heads.box_head(pooled))
-    probs = logits.float().softmax(-1)
+    probs, _ = head_outputs(teacher, tpass, rois)
     if tpass.strong_affines is not None:
         probs[outside] = F.one_hot(torch.zeros_like(outside[outside], dtype=torch.long), probs.shape[-1]).float()
     return probs

@@ -11,6 +11,9 @@ background probability (Soft Teacher, :mod:`finetune.semi.soft`); with ``semi.so
 thresholded label (:func:`finetune.semi.soft.soft_classes`). With ``semi.rpn_threshold`` (a
 two-stage detector) the RPN trains on its own pseudo-boxes, the teacher's detections above that
 score whatever their class, while the RoI head keeps ``semi.threshold``'s (:func:`two_target_losses`).
+With ``semi.teacher_flip`` (a two-stage detector) the teacher's RoI head also sees each weak view's
+mirror image and its outputs are averaged, for the pseudo-labels and the soft targets (Humble
+Teacher's teacher ensemble, :func:`finetune.semi.soft.teacher_forward`).
 The two modes differ only in their settings (``conf/finetune/semi/``) and files.
 
 Unlabeled images without a pseudo-box train as all background. One rule for every detector
@@ -56,7 +59,8 @@ BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 # run without a teacher refuses them when set (they would silently do nothing).
 TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
                                    "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher",
-                                   "rpn_threshold": None, "soft_classes": None, "strong_scale": None}
+                                   "rpn_threshold": None, "soft_classes": None, "strong_scale": None,
+                                   "teacher_flip": False}
 
 SOFT_CLASSES = ("background", "all")  # semi.soft_classes: which sampled RoIs take the teacher's distribution
 
@@ -164,6 +168,12 @@ class TeacherStudentMode(SemiMode):
                                  f"teacher's distribution; semi.roi_focal_gamma={s.get('roi_focal_gamma')} would act "
                                  "on that pass too, and a focal factor moves the loss's optimum away from the "
                                  "teacher's distribution: set semi.roi_focal_gamma=null")
+        flip = s.get("teacher_flip", False)
+        if not isinstance(flip, bool):
+            raise TypeError(f"semi.teacher_flip must be true or false, got {flip!r}")
+        if flip:
+            require(str(cfg.detector.name), ("roi_heads",), "semi.teacher_flip (the teacher's RoI head averaged over "
+                    "the view and its mirror image)")
         if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
@@ -210,6 +220,10 @@ class TeacherStudentMode(SemiMode):
         if self.soft_classes is not None and not caps.roi_heads:
             raise ValueError("semi.soft_classes trains RoIs against the teacher's class distribution: it needs a "
                              f"detector with roi_heads, not {type(module.model).__name__}")
+        self.teacher_flip = bool(self.settings.get("teacher_flip", False))
+        if self.teacher_flip and not caps.roi_heads:
+            raise ValueError("semi.teacher_flip averages the teacher's RoI head over the view and its mirror image: "
+                             f"it needs a detector with roi_heads, not {type(module.model).__name__}")
         self.empty_weight = empty_weight(self.settings)
         # semi.rpn_threshold: the RPN's pseudo-boxes, class-agnostic, under the same per-image limits.
         rpn = _number(self.settings, "rpn_threshold")
@@ -248,8 +262,9 @@ class TeacherStudentMode(SemiMode):
         strong = [im.to(module.device) for im in unlabeled["strong"]]
         teacher.eval()
         tpass = None
-        if self.soft_background or self.soft_classes is not None:  # features kept to score the student's RoIs
-            tpass = teacher_forward(teacher, weak)  # type: ignore[arg-type]
+        if self.soft_background or self.soft_classes is not None or self.teacher_flip:
+            # features kept to score the student's RoIs; with teacher_flip, the mirror images' too
+            tpass = teacher_forward(teacher, weak, flip=self.teacher_flip)  # type: ignore[arg-type]
             dets = tpass.detections
         else:
             with torch.no_grad():
@@ -266,9 +281,10 @@ class TeacherStudentMode(SemiMode):
         if tpass is not None and affines is not None:
             tpass.strong_affines = affines
         soft: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if tpass is not None:
-            soft = (soft_classes(module.model, teacher, tpass, self.soft_classes)  # type: ignore[arg-type]
-                    if self.soft_classes is not None else soft_background(module.model, teacher, tpass))  # type: ignore[arg-type]
+        if tpass is not None and self.soft_classes is not None:
+            soft = soft_classes(module.model, teacher, tpass, self.soft_classes)  # type: ignore[arg-type]
+        elif tpass is not None and self.soft_background:
+            soft = soft_background(module.model, teacher, tpass)  # type: ignore[arg-type]
         norm = (batch_normalised(module.model) if str(self.settings.get("dense_loss_norm", "batch")) == "batch"
                 else contextlib.nullcontext())
         rpn_targets = None
