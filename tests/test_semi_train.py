@@ -318,7 +318,8 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
     """semi.soft_classes=background at threshold 1 (no RoI pseudo-box) with the RPN's own boxes at 0:
     every semi step scores the student's sampled RoIs with the teacher and trains them on its class
     distribution, and a batch counts as having pseudo-objects by its RPN boxes, so empty_weight=0
-    does not drop it; without the RPN's boxes the same batches are empty and dropped. Refused with
+    does not drop it, nor does the "no pseudo-box" warning fire; without the RPN's boxes the same
+    batches are empty, dropped and warned about. Refused with
     soft_background, without RoI heads, without a teacher, and at an unknown value."""
     from finetune.semi import soft
     from finetune.semi.plan import check_config, check_unused
@@ -333,9 +334,11 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
     monkeypatch.setattr(soft, "class_probabilities", spy)
     base = ("semi=unbiased_teacher", "semi.soft_classes=background", "semi.roi_focal_gamma=null",
             "semi.threshold=1.0", "semi.empty_weight=0",
-            "semi.burn_in=1", "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false")
+            "semi.burn_in=1", "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false",
+            "semi.warn_patience=1")
     m = train(smoke_cfg(synthetic_data["root"], *base, "semi.rpn_threshold=0.0"), run_dir=tmp_path / "rpn")
     assert m["semi"]["settings"]["soft_classes"] == "background"
+    assert m["semi"]["warnings"]["no_pseudo_boxes"] == 0
     semi_steps = m["global_step"] - 1
     assert semi_steps > 0 and len(scored) == semi_steps
     probs = torch.cat(scored)
@@ -346,6 +349,7 @@ def test_soft_classes_run_trains_pseudo_labeled_rois_on_the_teachers_distributio
     assert _column(rows, "semi/images_with_pseudo") and max(_column(rows, "semi/images_with_pseudo")) == 0.0
 
     m = train(smoke_cfg(synthetic_data["root"], *base), run_dir=tmp_path / "plain")
+    assert m["semi"]["warnings"]["no_pseudo_boxes"] == 1
     rows = _csv_rows(tmp_path / "plain")
     assert _column(rows, "train/unsup_loss")[1:] == [0.0] * semi_steps and _column(rows, "semi/empty_scaled") == [1.0]
 

@@ -319,4 +319,6 @@ class TeacherStudentMode(SemiMode):
         if rpn_targets is not None:
             logs["semi/rpn_pseudo_boxes_per_image"] = torch.tensor(
                 sum(int(t["boxes"].shape[0]) for t in rpn_targets) / max(1, len(rpn_targets)))
-        return UnsupOutput(unsup, logs, num_pseudo, empty_scaled=scaled)
+        # The "no pseudo-box" warning counts the same boxes as the empty-batch rule.
+        counted_boxes = num_pseudo if counted is targets else sum(int(t["boxes"].shape[0]) for t in counted)
+        return UnsupOutput(unsup, logs, counted_boxes, empty_scaled=scaled)
