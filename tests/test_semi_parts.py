@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.ops import clip_boxes_to_image
 
 from finetune.detectors import build_detector
 from finetune.semi.consistency import (
@@ -335,17 +336,19 @@ def test_teacher_forward_returns_the_teacher_call_and_its_features():
 def test_teacher_flip_averages_the_head_over_the_view_and_its_mirror():
     """semi.teacher_flip: the RoI head's outputs for a box are the mean of the view's and of the mirror
     image's for the mirrored box (deltas mirrored back), so the ensemble of an image and of its mirror
-    agree up to the mirror; the detections are decoded from that mean (with zero deltas, each
-    detection is a proposal scored by the mean probability of its class)."""
+    agree up to the mirror (an image narrower than its padded batch mirrors in its own width); the
+    detections are decoded from that mean: each is a proposal's box under the mean deltas of its
+    class, scored by the mean probability of its class."""
     model = tiny_frcnn().eval()
     model.roi_heads.score_thresh = 0.0
     torch.manual_seed(1)
-    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 96)]
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 40)]
     mirrors = [im.flip(-1) for im in images]
     both, both_m = teacher_forward(model, images, flip=True), teacher_forward(model, mirrors, flip=True)
     plain, plain_m = teacher_forward(model, images), teacher_forward(model, mirrors)
     assert both.mirrored_features is not None and plain.mirrored_features is None
-    rois = [torch.tensor([[4.0, 4, 30, 30], [20, 10, 60, 50]]), torch.tensor([[0.0, 0, 20, 32], [30, 2, 64, 30]])]
+    assert both.image_sizes == [(64, 64), (64, 40)]  # the second padded to the batch's 64
+    rois = [torch.tensor([[4.0, 4, 30, 30], [20, 10, 60, 50]]), torch.tensor([[0.0, 0, 20, 32], [18, 2, 40, 30]])]
     mirrored = [flip_boxes(r, w) for r, (_, w) in zip(rois, both.image_sizes)]
     probs, deltas = head_outputs(model, both, rois)
     probs_m, deltas_m = head_outputs(model, both_m, mirrored)
@@ -358,21 +361,21 @@ def test_teacher_flip_averages_the_head_over_the_view_and_its_mirror():
     assert not torch.allclose(probs, alone)
     torch.testing.assert_close(class_probabilities(model, both, rois, both.image_sizes), probs)
 
-    with torch.no_grad():
-        model.roi_heads.box_predictor.bbox_pred.weight.zero_()
-        model.roi_heads.box_predictor.bbox_pred.bias.zero_()
     image = images[:1]  # 64 x 64: the teacher's frame is the image's
     dets = teacher_forward(model, image, flip=True).detections[0]
     batch, features, _ = transform_and_features(model, image)
     proposals = model.rpn(batch, features)[0][0].detach()
     one, one_m = teacher_forward(model, image), teacher_forward(model, [image[0].flip(-1)])
+    p, d = head_outputs(model, one, [proposals])
+    p_m, d_m = head_outputs(model, one_m, [flip_boxes(proposals, 64)])
+    mean_p, mean_d = (p + p_m) / 2, (d + d_m * dx) / 2
+    decoded = clip_boxes_to_image(model.roi_heads.box_coder.decode(mean_d, [proposals]), (64, 64))  # (N, C, 4)
     assert len(dets["boxes"]) > 0
     for box, label, score in zip(dets["boxes"], dets["labels"], dets["scores"]):
-        at = int((proposals - box).abs().sum(1).argmin())
-        torch.testing.assert_close(proposals[at], box)
-        mean = (head_outputs(model, one, [proposals[at:at + 1]])[0]
-                + head_outputs(model, one_m, [flip_boxes(proposals[at:at + 1], 64)])[0]) / 2
-        torch.testing.assert_close(score, mean[0, label], atol=1e-5, rtol=1e-4)
+        at = int((decoded[:, label] - box).abs().sum(1).argmin())
+        torch.testing.assert_close(decoded[at, label], box)
+        torch.testing.assert_close(score, mean_p[at, label], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(decoded[:, 1], proposals)  # the deltas really move the boxes
 
 
 def test_two_target_losses_route_each_box_set_to_its_stage():

@@ -143,7 +143,8 @@ class LossWatch:
         conditions = {
             "no_pseudo_boxes": (self._no_boxes >= self.patience,
                                 (f"no pseudo-box for {self._no_boxes} steps: the threshold is above every teacher "
-                                "score (lower semi.threshold, try semi.threshold=gmm, or burn in longer)")),
+                                "score (lower semi.threshold, or semi.rpn_threshold where semi.soft_classes "
+                                "counts the RPN's boxes; try semi.threshold=gmm, or burn in longer)")),
             "unsup_loss_zero": (self._zero >= self.patience,
                                 f"unsupervised loss at zero for {self._zero} steps although pseudo-boxes exist"),
             "unsup_loss_exploding": (unsup_loss > self.ratio * max(sup_loss, 1e-12),

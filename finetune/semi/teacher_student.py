@@ -266,6 +266,8 @@ class TeacherStudentMode(SemiMode):
             # features kept to score the student's RoIs; with teacher_flip, the mirror images' too
             tpass = teacher_forward(teacher, weak, flip=self.teacher_flip)  # type: ignore[arg-type]
             dets = tpass.detections
+            if not (self.soft_background or self.soft_classes is not None):
+                tpass = None  # its features (both views') are not needed past the pseudo-labels
         else:
             with torch.no_grad():
                 dets = teacher(weak)
