@@ -559,7 +559,9 @@ SEMI_HEAD = ("## Teacher-student: converge, then continue\n\nWritten by `scripts
              "BENCHMARKS.md` from the ledger in `benchmarks/semi/`; the protocol is the script's docstring and "
              "`conf/bench/semi.yaml`. AP is the last validation's (the deployed model's: the EMA teacher for "
              "semi and control), mean +- std over the seeds; the paired difference is to labeled-only "
-             "continued on the same seeds.\n")
+             "continued on the same seeds. s/step is each run's training time per step as it ran: the "
+             "benchmark's runs share the machine (one torch thread each, several at a time), so it is a "
+             "rough cost, not a speed figure (`make bench` measures speed).\n")
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
