@@ -260,7 +260,9 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
 
 def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
     """A finished run's figures: the last validation's AP (the deployed model's: the EMA teacher for
-    the semi arms) and its student's, the best validation's, the curve and the compute."""
+    the semi arms) and its student's, the best validation's, the curve, the compute, and the final
+    model's AP per class (the classes the validation set has)."""
+    per_class = {c: v for c, v in (metrics.get("per_class_ap") or {}).items() if v is not None and v >= 0}
     hist = [h for h in metrics.get("history") or [] if h.get("val_AP") is not None]
     last = hist[-1] if hist else {}
     health = (metrics.get("semi") or {}).get("pseudo_labels") or {}
@@ -274,7 +276,7 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
             "s_per_step": (metrics.get("train_time_s") or 0) / steps if steps else None,
             "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
             "pseudo_per_image": health.get("pseudo_boxes_per_image"),
-            "deployed": (metrics.get("semi") or {}).get("deployed"),
+            "deployed": (metrics.get("semi") or {}).get("deployed"), "per_class_AP": per_class or None,
             "precision": metrics.get("precision"), "machine": describe(machine_info(), metrics.get("hardware")),
             "date": dt.date.today().isoformat()}
 
@@ -485,6 +487,7 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     time_steps = (round(statistics.mean(e["steps"] for e in runs["labeled_time"].values()))
                   if runs["labeled_time"] else continuation_steps("labeled_time", a))  # as run (whole epochs)
     lines.append(verdict(diffs, spread, vs_semi, vs_time, time_steps))
+    lines += per_class_table(runs, diffs)
     again = reproductions(ledger, runs)
     if again:
         lines.append("\n" + " ".join(again))
@@ -498,6 +501,43 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     if machines:
         lines.append(f"Machine: {'; '.join(machines)}. Dates: {dates[0]} to {dates[-1]}.")
     return "\n".join(lines) + "\n"
+
+
+def per_class_table(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
+                    diffs: Mapping[str, list[float]]) -> list[str]:
+    """Where the best semi arm (the highest mean paired AP difference) gains and where it does not: per
+    class, labeled-only continued's AP and the paired difference of the control, that arm and the
+    oracle, averaged over the seeds where both runs recorded per-class AP (ledger entries from before
+    the figure was recorded have none). Empty when the best arm has no such seed."""
+    semis = [arm for arm in diffs if arm.startswith("semi")]
+    if not semis:
+        return []
+    best = max(semis, key=lambda arm: statistics.mean(diffs[arm]))
+    base = {s: e["per_class_AP"] for s, e in runs["labeled"].items() if e.get("per_class_AP")}
+
+    def seeds_of(arm: str) -> list[int]:
+        return sorted(s for s, e in runs.get(arm, {}).items() if e.get("per_class_AP") and s in base)
+
+    def gains(arm: str) -> dict[str, float]:
+        seeds = seeds_of(arm)
+        return {c: statistics.mean(runs[arm][s]["per_class_AP"][c] - base[s][c] for s in seeds)
+                for c in base[seeds[0]] if all(c in runs[arm][s]["per_class_AP"] for s in seeds)} if seeds else {}
+
+    own = seeds_of(best)
+    if not own:
+        return []
+    cols = [arm for arm in ("control", best, "oracle") if seeds_of(arm)]
+    shown = {arm: gains(arm) for arm in cols}
+    lines = [f"\nPer class: labeled-only continued's AP over `{best}`'s seeds ({', '.join(map(str, own))}; the "
+             "semi arm with the largest mean gain), and each arm's paired AP difference to it over the seeds "
+             "where both recorded per-class AP (" + ", ".join(f"`{arm}` {', '.join(map(str, seeds_of(arm)))}"
+                                                       for arm in cols) + ").\n",
+             "| class | labeled | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for c in sorted(shown[best]):
+        lab = statistics.mean(base[s][c] for s in own)
+        cells = [f"{shown[arm][c] * 100:+.1f}" if c in shown[arm] else "-" for arm in cols]
+        lines.append(f"| {c} | {lab * 100:.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def table_arms(a: argparse.Namespace) -> list[str]:

@@ -66,7 +66,9 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
                 {"step": 300, "val_AP": ap, "val_AP50": 2 * ap, **({"val_student_AP": ap - 0.01} if semi else {})}]
         (run_dir / "metrics.json").write_text(json.dumps({
             "coco": {"AP": ap + 0.01, "AP50": 2 * ap}, "global_step": 300, "train_time_s": 600 if semi else 300,
-            "semi": {"pseudo_labels": {"precision": 0.5, "recall": 0.25}} if semi else None, "history": hist}))
+            "semi": {"pseudo_labels": {"precision": 0.5, "recall": 0.25}} if semi else None, "history": hist,
+            # class b gains 3x what class a does over labeled; "absent" has no validation box (-1)
+            "per_class_ap": {"a": ap, "b": 3 * ap - 0.4, "absent": -1.0}}))
         return run_dir
 
     monkeypatch.setattr(bs, "run_stage", run_stage)
@@ -135,6 +137,11 @@ def test_table_pairs_every_arm_with_labeled_only_continued(fake: dict[str, Any])
     # labeled ends at 20/22, the converged runs' best validations were 19/21 (their AP + 0.01)
     assert "Labeled-only continued ends +1.0 AP from the checkpoint it started at" in text
     assert "python scripts/bench_semi.py X" in text and "no semi method can show a gain" not in text
+    # per class: the best semi arm (semi, +5.5) beside the control (the oracle is opt-in), paired with
+    # labeled (a: 20/22 -> mean 21.0; b: 3 x AP - 40 -> 20/26 -> 23.0); semi a: +5/+6, b: +15/+18
+    assert "| class | labeled | control | semi |" in text
+    assert "| a | 21.0 | +0.5 | +5.5 |" in text and "| b | 23.0 | +1.5 | +16.5 |" in text
+    assert "| absent |" not in text
     md = fake["tmp"] / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Speed\n\nspeed figures\n")
     for body in (text, text.replace("X", "Y")):  # a re-run replaces its own section
@@ -204,7 +211,8 @@ def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[
     text = bs.table(bs.load_ledger(fake["tmp"] / "ledger.json"), a, "cmd")
     # semi:erase - labeled: +3 and +5 -> +4.0 +- 1.4, right after the semi row
     assert "| semi | 2 |" in text and "| semi:erase | 2 | 25.0 +- 2.8 |" in text
-    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seeds" not in line]
+    arms_table = text.split("\n\n")[1]  # the per-class table further down has rows of its own
+    rows = [line.split(" | ")[0] for line in arms_table.splitlines() if line.startswith("| ") and "seeds" not in line]
     assert rows == ["| converge", "| labeled", "| semi", "| semi:erase", "| control", "| ceiling"]
     assert "Teacher-student training with `semi:erase` beats labeled-only continued: +4.0 AP" in text
     assert "What the unlabeled images add beyond the control (`semi:erase`): +3.5 AP." in text
@@ -255,7 +263,8 @@ def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, A
         assert "trainer.max_epochs=600" in ov and any(o.startswith("init_from=") for o in ov)
         assert "scheduler=constant" in ov and not any(o.startswith("semi") for o in ov)
     text = bs.table(bs.load_ledger(fake["tmp"] / "ledger.json"), a, "cmd")
-    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "seeds" not in line]
+    arms_table = text.split("\n\n")[1]  # the per-class table further down has rows of its own
+    rows = [line.split(" | ")[0] for line in arms_table.splitlines() if line.startswith("| ") and "seeds" not in line]
     assert rows == ["| converge", "| labeled", "| labeled_time", "| semi", "| control", "| ceiling"]
     # semi - labeled_time: +4 and +3
     # the steps as run (the fake runs report 300), not as asked
