@@ -508,8 +508,10 @@ def per_class_table(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
     """Where the best semi arm (the highest mean paired AP difference) gains and where it does not: per
     class, labeled-only continued's AP and the paired difference of the control, that arm and the
     oracle, averaged over the seeds where both runs recorded per-class AP (ledger entries from before
-    the figure was recorded have none). Empty when the best arm has no such seed."""
+    the figure was recorded have none). An arm paired on one seed is a candidate only when no arm has
+    two. Empty when the best arm has no such seed."""
     semis = [arm for arm in diffs if arm.startswith("semi")]
+    semis = [arm for arm in semis if len(diffs[arm]) > 1] or semis
     if not semis:
         return []
     best = max(semis, key=lambda arm: statistics.mean(diffs[arm]))

@@ -395,3 +395,19 @@ def test_reproduce_trains_one_ledger_run_again_and_weighs_it_against_the_spread(
         bs.reproduce("semi", a)
     with pytest.raises(SystemExit, match="not one of"):
         bs.reproduce("nonsense/seed1", a)
+
+
+def test_per_class_table_picks_the_best_arm_paired_on_two_seeds() -> None:
+    """A one-seed arm's lucky pair does not take the per-class table from an arm measured twice."""
+    def run(a: float, b: float) -> dict[str, Any]:
+        return {"AP": (a + b) / 2, "per_class_AP": {"a": a, "b": b}}
+
+    runs = {"labeled": {1: run(0.2, 0.4), 2: run(0.3, 0.5)},
+            "semi": {1: run(0.25, 0.4), 2: run(0.35, 0.5)},        # +5 AP on class a, twice
+            "semi:lucky": {1: run(0.2, 0.6)}}                     # +20 on class b, once
+    diffs = {"semi": [0.025, 0.025], "semi:lucky": [0.1]}
+    lines = bs.per_class_table(runs, diffs)
+    assert "| class | labeled | semi |" in lines
+    assert "| a | 25.0 | +5.0 |" in lines and "| b | 45.0 | +0.0 |" in lines
+    assert bs.per_class_table(runs, {"semi:lucky": [0.1]})[-1] == "| b | 40.0 | +20.0 |"
+    assert bs.per_class_table({**runs, "labeled": {1: {"AP": 0.3}}}, diffs) == []  # no per-class figures
