@@ -307,7 +307,7 @@ class TeacherStudentMode(SemiMode):
         # below semi.threshold is not "all background": its RPN trains on the boxes above
         # semi.rpn_threshold and its RoIs on the teacher's class belief. It counts by its RPN boxes.
         counted = rpn_targets if self.soft_classes is not None and rpn_targets is not None else targets
-        with_boxes = images_with if counted is targets else sum(int(t["boxes"].shape[0] > 0) for t in counted)
+        with_boxes = sum(int(t["boxes"].shape[0] > 0) for t in counted)
         # Images without a pseudo-box train as all background: on a dense sigmoid detector each adds
         # its whole summed focal loss (torchvision divides an image's loss by max(1, foreground
         # anchors)), on Faster R-CNN every sampled RoI and anchor as background. When they are most
@@ -322,5 +322,4 @@ class TeacherStudentMode(SemiMode):
             logs["semi/rpn_pseudo_boxes_per_image"] = torch.tensor(
                 sum(int(t["boxes"].shape[0]) for t in rpn_targets) / max(1, len(rpn_targets)))
         # The "no pseudo-box" warning counts the same boxes as the empty-batch rule.
-        counted_boxes = num_pseudo if counted is targets else sum(int(t["boxes"].shape[0]) for t in counted)
-        return UnsupOutput(unsup, logs, counted_boxes, empty_scaled=scaled)
+        return UnsupOutput(unsup, logs, sum(int(t["boxes"].shape[0]) for t in counted), empty_scaled=scaled)
