@@ -6,11 +6,13 @@ Usage::
         [--backend pycocotools|faster_coco_eval] [--batch-size 4] [--device auto]
         [--precision auto|32|bf16-mixed|16-mixed] [--proposals N] [--pre-nms N]
 
-writes ``metrics.json`` (12-number COCO summary, per-class AP, the annotation file used) and
+writes ``metrics.json`` (12-number COCO summary, per-class AP, the confusion matrix of
+:mod:`finetune.confusion`, the annotation file used) and
 ``predictions.json`` (COCO results with the original category ids, original image coordinates)
 into ``--out`` (default ``<run dir>/eval/<annotation file stem>``), and prints the table.
 ``--precision`` and ``--proposals``: see :mod:`finetune.inference` (what ran is in metrics.json's
-``inference``).
+``inference``). ``--confusion-iou`` / ``--confusion-score``: where a detection matches an object
+and which detections count, for the confusion matrix only (AP uses every detection).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from finetune.checkpoint import load_detection_checkpoint
 from finetune.coco_eval import BACKENDS, CocoEvalResult, evaluate_coco, evaluated_ground_truth
 from finetune.coco_results import write_predictions
+from finetune.confusion import confusion_matrix, format_confusion
 from finetune.inference import InferenceSetup, add_inference_args, prepare
 from finetune.module import DetectionModule
 from finetune.transforms import build_transforms
@@ -79,11 +82,14 @@ def evaluate_module(
     backend: str = "pycocotools",
     extra: Mapping[str, Any] | None = None,
     setup: InferenceSetup | None = None,
+    confusion_iou: float = 0.5,
+    confusion_score: float = 0.5,
 ) -> tuple[CocoEvalResult, list[dict[str, Any]], dict[str, Any]]:
     """Predict on ``dataset``, evaluate, write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
 
     Args:
         extra: further metrics.json entries, written first (``stage``, ``backbone``, ...).
+        confusion_iou, confusion_score: the confusion matrix's matching IoU and score floor.
 
     Returns:
         The evaluation result, the predictions and the metrics dict written.
@@ -98,13 +104,16 @@ def evaluate_module(
     # The loader cleaned the file (boxes clipped or dropped, sizes fixed): what was evaluated is
     # written beside the predictions and named in metrics.json, so pycocotools on the two files
     # gives these numbers; the file the user gave is kept as source_ann_file.
-    ground_truth = write_json(out / GROUND_TRUTH, evaluated_ground_truth(dataset.coco))
+    evaluated = evaluated_ground_truth(dataset.coco)
+    ground_truth = write_json(out / GROUND_TRUTH, evaluated)
     result.ann_file = str(ground_truth)
     write_predictions(out / "predictions.json", preds)
     metrics = {
         **dict(extra or {}),
         "detector": module.cfg["detector"]["name"],
         **result.to_dict(),
+        "confusion": confusion_matrix(evaluated, preds, ids, iou=confusion_iou, score=confusion_score,
+                                      class_names=names),
         "source_ann_file": str(dataset.ann_file),
         "image_root": str(dataset.image_root),
         "score_thresh": module.cfg["detector"].get("score_thresh"),
@@ -138,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "or teacher (teacher-student runs)")
     parser.add_argument("--missing", choices=("error", "skip"), default="error",
                         help="images whose files are missing: fail, or leave them out of the evaluation")
+    parser.add_argument("--confusion-iou", type=float, default=0.5,
+                        help="confusion matrix: the IoU at which a detection matches an object")
+    parser.add_argument("--confusion-score", type=float, default=0.5,
+                        help="confusion matrix: detections below this score are left out")
     add_inference_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -152,12 +165,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result, _, metrics = evaluate_module(
         module, dataset, out, batch_size=args.batch_size, num_workers=args.workers,
         device=device, backend=args.backend, setup=setup,
+        confusion_iou=args.confusion_iou, confusion_score=args.confusion_score,
         extra={"stage": "evaluate", "checkpoint": str(args.ckpt), "checkpoint_epoch": module.checkpoint_epoch,
                "weights": module.deployed_weights,
                "backbone": module.hparams["backbone_info"].get("summary")},
     )
     print(f"{args.ann}: {result.num_images} images, {result.num_detections} detections")
     print(result.table())
+    print(format_confusion(metrics["confusion"]))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.json'}")
     return metrics
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from finetune.checkpoint import load_detection_checkpoint
+from finetune.confusion import format_confusion
 from finetune.data.labeled import DataPaths
 from finetune.ddp_report import DistributedReport
 from finetune.evaluate import evaluate_module
@@ -108,7 +109,8 @@ def finish(
     )
     print(f"\nbest epoch {best_module.checkpoint_epoch} ({best.name}) on {paths.val_json}: "
           f"{result.num_images} images, {result.num_detections} detections")
-    print(result.table(), flush=True)
+    print(result.table())
+    print(format_confusion(metrics["confusion"]), flush=True)
     if cfg.eval.get("plots", True):
         # Plots are a convenience: a plotting failure must not lose a finished run's metrics.
         try:

@@ -134,6 +134,30 @@ def per_class_table(per_class: Mapping[str, Any] | None) -> str:
     return f"<table><tr><th>class</th><th>AP %</th><th></th></tr>{''.join(rows)}</table>"
 
 
+def confusion_table(confusion: Mapping[str, Any] | None) -> str:
+    """The confusion matrix (:mod:`finetune.confusion`): counts, each cell shaded by its share of its row
+    (a true class's objects; the background row by its largest cell)."""
+    if not confusion:
+        return ""
+    rows, columns, matrix = confusion["rows"], confusion["columns"], confusion["matrix"]
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for r, name in enumerate(rows):
+        total = sum(matrix[r]) if r < len(rows) - 1 else max(max(matrix[r]), 1)
+        cells = []
+        for c, n in enumerate(matrix[r]):
+            share = n / total if total else 0.0
+            colour = "74,123,208" if r == c else "208,96,74"
+            style = f' style="background:rgba({colour},{0.75 * share:.2f})"' if n else ""
+            cells.append(f"<td{style}>{n if n else ''}</td>")
+        body.append(f"<tr><th>{_e(name)}</th>{''.join(cells)}</tr>")
+    return (f"<table><tr><th>true \\ predicted</th>{head}</tr>{''.join(body)}</table>"
+            f'<p class="muted">Best checkpoint on the validation set: detections with score &ge; '
+            f"{_e(confusion['score'])}, matched class-agnostically at IoU &ge; {_e(confusion['iou'])} (highest "
+            "score first); off-diagonal cells are objects boxed under another class, <i>missed</i> objects no "
+            "detection matched, <i>background</i> detections on no object.</p>")
+
+
 Series = Mapping[str, tuple[Sequence[float], Sequence[float | None]]]
 
 
@@ -266,6 +290,7 @@ def render(run_dir: str | Path, metrics: Mapping[str, Any] | None = None) -> str
         facts(m, run_dir),
         "<h2>COCO evaluation of the best checkpoint</h2>", coco_table(m.get("coco")),
         "<h2>AP per class</h2>", per_class_table(m.get("per_class_ap")) or '<p class="muted">-</p>',
+        *(["<h2>What each class was taken for</h2>", confusion_table(m["confusion"])] if m.get("confusion") else []),
         "<h2>Training curves</h2>", curves(run_dir, history),
         semi_health(m),
         "<h2>Predictions against ground truth</h2>", predictions(run_dir, m),

@@ -49,6 +49,8 @@ def test_fasterrcnn_smoke_run_outputs(frcnn_run, synthetic_data, backbone_file):
     assert Path(m["ann_file"]) == frcnn_run / "ground_truth.json"  # what was evaluated
     assert set(m["coco"]) == set(COCO_STATS)
     assert set(m["per_class_ap"]) == set(m["classes"]) and m["num_classes"] == 5
+    assert m["confusion"]["classes"] == m["classes"] and m["confusion"]["score"] == 0.5
+    assert "What each class was taken for" in (frcnn_run / "report.html").read_text()
     bb = m["backbone"]
     assert bb["checkpoint"] == str(backbone_file) and bb["arch"] == "resnet18" and bb["method"] == "testnet"
     assert bb["epochs"] == 3 and bb["norm"] == "frozen_bn"
@@ -154,10 +156,18 @@ def test_evaluate_and_predict_cli(frcnn_run, synthetic_data, tmp_path):
 
     out = tmp_path / "eval"
     metrics = evaluate.main([str(frcnn_run / "checkpoints" / "best.ckpt"), "--ann", str(synthetic_data["val_json"]),
-                             "--out", str(out), "--workers", "0"])
+                             "--out", str(out), "--workers", "0", "--confusion-score", "0"])
     assert (out / "metrics.json").is_file() and (out / "predictions.json").is_file()
     assert metrics["stage"] == "evaluate" and set(metrics["coco"]) == set(COCO_STATS)
     written_metrics = json.loads((out / "metrics.json").read_text())
+    # The confusion matrix at score 0 places every detection written and every object evaluated once.
+    confusion, gt = written_metrics["confusion"], json.loads((out / "ground_truth.json").read_text())
+    matrix, names = confusion["matrix"], {c["id"]: c["name"] for c in gt["categories"]}
+    assert confusion["score"] == 0 and confusion["classes"] == [names[i] for i in sorted(names)]
+    placed = sum(sum(row[:-1]) for row in matrix)
+    assert placed == len(json.loads((out / "predictions.json").read_text())) == metrics["num_detections"] > 0
+    per_class = {n: sum(a["category_id"] == i for a in gt["annotations"]) for i, n in names.items()}
+    assert {n: sum(matrix[k]) for k, n in enumerate(confusion["classes"])} == per_class
     assert written_metrics["source_ann_file"] == str(synthetic_data["val_json"])
     assert written_metrics["ann_file"] == str(out / "ground_truth.json")
 

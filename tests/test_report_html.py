@@ -55,6 +55,13 @@ def test_every_run_ends_with_a_self_contained_report(finetune_run):
     imgs = pictures(page)
     assert len(imgs) == 4 and all(im.width > 200 and im.height > 150 for im in imgs)
     assert "Pseudo-labels" not in page  # a plain fine-tuning run has no teacher
+    # The confusion matrix: a header per predicted class and "missed", a row per class and "background",
+    # each class's row holding its counts (empty cells for zero).
+    confusion = m["confusion"]
+    assert "".join(f"<th>{c}</th>" for c in confusion["columns"]) in page
+    for name, row in zip(confusion["rows"], confusion["matrix"]):
+        cells = re.search(rf"<tr><th>{name}</th>(.*?)</tr>", page).group(1)
+        assert re.findall(r"<td[^>]*>(\d*)</td>", cells) == [str(n) if n else "" for n in row]
 
 
 def test_make_report_writes_every_runs_report_and_a_page_linking_them(finetune_run, tmp_path):
