@@ -261,7 +261,8 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
 def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
     """A finished run's figures: the last validation's AP (the deployed model's: the EMA teacher for
     the semi arms) and its student's, the best validation's, the curve, the compute, and the final
-    model's AP per class (the classes the validation set has)."""
+    model's AP per class (the classes the validation set has) and confusion matrix
+    (:mod:`finetune.confusion`; runs from before it was written have none)."""
     per_class = {c: v for c, v in (metrics.get("per_class_ap") or {}).items() if v is not None and v >= 0}
     hist = [h for h in metrics.get("history") or [] if h.get("val_AP") is not None]
     last = hist[-1] if hist else {}
@@ -277,6 +278,7 @@ def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
             "pseudo_precision": health.get("precision"), "pseudo_recall": health.get("recall"),
             "pseudo_per_image": health.get("pseudo_boxes_per_image"),
             "deployed": (metrics.get("semi") or {}).get("deployed"), "per_class_AP": per_class or None,
+            "confusion": confusion_of(metrics),
             "precision": metrics.get("precision"), "machine": describe(machine_info(), metrics.get("hardware")),
             "date": dt.date.today().isoformat()}
 
@@ -503,13 +505,29 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     return "\n".join(lines) + "\n"
 
 
+def confusion_of(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The classes and counts of a run's confusion matrix (what the ledger keeps of it), or None."""
+    c = metrics.get("confusion")
+    return {"classes": c["classes"], "matrix": c["matrix"]} if c else None
+
+
+def named_right(confusion: Mapping[str, Any]) -> float | None:
+    """Of the objects a model boxes at all (matched by a detection of any class), the share boxed under
+    their own class; None when it boxes none."""
+    m, k = confusion["matrix"], len(confusion["classes"])
+    found = sum(sum(m[t][:k]) for t in range(k))
+    return sum(m[t][t] for t in range(k)) / found if found else None
+
+
 def per_class_table(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
                     diffs: Mapping[str, list[float]]) -> list[str]:
     """Where the best semi arm (the highest mean paired AP difference) gains and where it does not: per
     class, labeled-only continued's AP and the paired difference of the control, that arm and the
     oracle, averaged over the seeds where both runs recorded per-class AP (ledger entries from before
     the figure was recorded have none). An arm paired on one seed is a candidate only when no arm has
-    two. Empty when the best arm has no such seed."""
+    two. Empty when the best arm has no such seed. A last row, where the runs kept their confusion
+    matrix: the share of the objects boxed that are boxed under their own class (:func:`named_right`),
+    labeled-only's and each arm's paired difference."""
     semis = [arm for arm in diffs if arm.startswith("semi")]
     semis = [arm for arm in semis if len(diffs[arm]) > 1] or semis
     if not semis:
@@ -539,6 +557,23 @@ def per_class_table(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
         lab = statistics.mean(base[s][c] for s in own)
         cells = [f"{shown[arm][c] * 100:+.1f}" if c in shown[arm] else "-" for arm in cols]
         lines.append(f"| {c} | {lab * 100:.1f} | " + " | ".join(cells) + " |")
+    right: dict[str, dict[int, float]] = {}
+    for arm in ("labeled", *cols):
+        shares = {s: named_right(e["confusion"]) for s, e in runs.get(arm, {}).items() if e.get("confusion")}
+        right[arm] = {s: v for s, v in shares.items() if v is not None}
+    own_right = [s for s in own if s in right["labeled"]]
+    if own_right:
+        def shift(arm: str) -> str:
+            seeds = [s for s in right[arm] if s in right["labeled"]]
+            return (f"{statistics.mean(right[arm][s] - right['labeled'][s] for s in seeds) * 100:+.1f} "
+                    f"({len(seeds)})" if seeds else "-")
+        lab = statistics.mean(right["labeled"][s] for s in own_right) * 100
+        lines.append(f"| *named right* | {lab:.1f} ({len(own_right)}) | " + " | ".join(shift(arm) for arm in cols)
+                     + " |")
+        lines.append("\n*named right*: of the validation objects a run's best checkpoint boxes at score >= 0.5 "
+                     "(IoU 0.5, any class), the share boxed under their own class (its confusion matrix, "
+                     "`finetune.confusion`), in % and, for the arms, the paired difference; in brackets the seeds "
+                     "that recorded it.")
     return lines
 
 

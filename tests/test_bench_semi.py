@@ -411,3 +411,21 @@ def test_per_class_table_picks_the_best_arm_paired_on_two_seeds() -> None:
     assert "| a | 25.0 | +5.0 |" in lines and "| b | 45.0 | +0.0 |" in lines
     assert bs.per_class_table(runs, {"semi:lucky": [0.1]})[-1] == "| b | 40.0 | +20.0 |"
     assert bs.per_class_table({**runs, "labeled": {1: {"AP": 0.3}}}, diffs) == []  # no per-class figures
+    assert not any("named right" in line for line in lines)  # no confusion matrices recorded
+
+
+def test_named_right_row_from_the_runs_confusion_matrices() -> None:
+    """The table's last row: the share of boxed objects named right, paired over the seeds that have it."""
+    def run(a: float, right: int, wrong: int, missed: int) -> dict[str, Any]:
+        # two classes; class x: `right` boxed as x, `wrong` boxed as y, `missed`; class y: 10 boxed as y
+        matrix = [[right, wrong, missed], [0, 10, 0], [3, 1, 0]]
+        return {"AP": a, "per_class_AP": {"x": a, "y": a}, "confusion": {"classes": ["x", "y"], "matrix": matrix}}
+
+    assert bs.named_right(run(0.3, 6, 4, 5)["confusion"]) == pytest.approx(16 / 20)  # misses and background aside
+    assert bs.named_right({"classes": ["x"], "matrix": [[0, 3], [2, 0]]}) is None
+    runs = {"labeled": {1: run(0.3, 6, 4, 5), 2: run(0.3, 10, 10, 0)},          # 16/20, 20/30
+            "semi": {1: run(0.35, 9, 1, 5), 2: run(0.35, 16, 4, 0)},           # 19/20, 26/30
+            "control": {1: run(0.3, 6, 4, 5), 2: {"AP": 0.3, "per_class_AP": {"x": 0.3, "y": 0.3}}}}
+    lines = bs.per_class_table(runs, {"semi": [0.05, 0.05]})
+    row = next(line for line in lines if line.startswith("| *named right*"))
+    assert row == f"| *named right* | {100 * (16 / 20 + 20 / 30) / 2:.1f} (2) | +0.0 (1) | +17.5 (2) |"

@@ -8,7 +8,7 @@ from finetune.confusion import confusion_matrix, format_confusion
 
 
 def _gt() -> dict:
-    box = lambda x: [float(x), 0.0, 10.0, 10.0]  # noqa: E731
+    box = lambda x: [float(x), 0.0, 10.0, 10.0]
     return {
         "images": [{"id": i, "width": 200, "height": 200, "file_name": f"{i}.jpg"} for i in (1, 2, 3)],
         "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
