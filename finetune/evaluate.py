@@ -100,13 +100,17 @@ def evaluate_module(
         confusion_iou, confusion_score: the confusion matrix's matching IoU and score floor.
         tta: None, or ``"flip"`` (a detector with RoI heads): see ``DetectionModule.predict_coco``.
 
+    The confusion matrix is a diagnostic: should it fail, metrics.json is written without it (logged).
+
     Raises:
-        ValueError: ``tta="flip"`` on a detector without RoI heads.
+        ValueError: ``tta="flip"`` on a detector without RoI heads; ``confusion_iou`` outside (0, 1].
 
     Returns:
         The evaluation result, the predictions and the metrics dict written.
     """
     out = Path(out_dir)
+    if not 0.0 < confusion_iou <= 1.0:  # before the predictions, not after them
+        raise ValueError(f"confusion_iou must be in (0, 1], got {confusion_iou}")
     if tta is not None:
         require(str(module.cfg["detector"]["name"]), ("roi_heads",), f"--tta {tta} (the RoI head averaged over "
                 "the image and its mirror)")
@@ -127,8 +131,7 @@ def evaluate_module(
         **dict(extra or {}),
         "detector": module.cfg["detector"]["name"],
         **result.to_dict(),
-        "confusion": confusion_matrix(evaluated, preds, ids, iou=confusion_iou, score=confusion_score,
-                                      class_names=names),
+        "confusion": _confusion(evaluated, preds, ids, confusion_iou, confusion_score, names),
         "source_ann_file": str(dataset.ann_file),
         "image_root": str(dataset.image_root),
         "score_thresh": module.cfg["detector"].get("score_thresh"),
@@ -139,6 +142,17 @@ def evaluate_module(
     }
     write_json(out / "metrics.json", metrics)
     return result, preds, metrics
+
+
+def _confusion(ground_truth: Mapping[str, Any], preds: Sequence[Mapping[str, Any]], ids: Sequence[int],
+               iou: float, score: float, names: Mapping[int, str]) -> dict[str, Any] | None:
+    """:func:`finetune.confusion.confusion_matrix`, or None (logged) if it fails: a diagnostic must not
+    cost a finished run its metrics.json."""
+    try:
+        return confusion_matrix(ground_truth, preds, ids, iou=iou, score=score, class_names=names)
+    except Exception as e:  # noqa: BLE001
+        log.warning("confusion matrix failed, metrics.json has none: %s", e)
+        return None
 
 
 def default_out_dir(ckpt: Path, ann_file: Path) -> Path:
@@ -192,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(f"{args.ann}: {result.num_images} images, {result.num_detections} detections")
     print(result.table())
-    print(format_confusion(metrics["confusion"]))
+    if metrics["confusion"] is not None:
+        print(format_confusion(metrics["confusion"]))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.json'}")
     return metrics
 

@@ -109,8 +109,9 @@ def finish(
     )
     print(f"\nbest epoch {best_module.checkpoint_epoch} ({best.name}) on {paths.val_json}: "
           f"{result.num_images} images, {result.num_detections} detections")
-    print(result.table())
-    print(format_confusion(metrics["confusion"]), flush=True)
+    print(result.table(), flush=True)
+    if metrics["confusion"] is not None:
+        print(format_confusion(metrics["confusion"]), flush=True)
     if cfg.eval.get("plots", True):
         # Plots are a convenience: a plotting failure must not lose a finished run's metrics.
         try:

@@ -155,7 +155,8 @@ def confusion_table(confusion: Mapping[str, Any] | None) -> str:
             f'<p class="muted">Best checkpoint on the validation set: detections with score &ge; '
             f"{_e(confusion['score'])}, matched class-agnostically at IoU &ge; {_e(confusion['iou'])} (highest "
             "score first); off-diagonal cells are objects boxed under another class, <i>missed</i> objects no "
-            "detection matched, <i>background</i> detections on no object.</p>")
+            "detection matched, <i>background</i> unmatched detections (on no object, or on one a "
+            "higher-scoring detection took), shaded against the row's largest cell.</p>")
 
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float | None]]]

@@ -260,8 +260,8 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
 
 def entry(metrics: Mapping[str, Any], rec: Mapping[str, Any]) -> dict[str, Any]:
     """A finished run's figures: the last validation's AP (the deployed model's: the EMA teacher for
-    the semi arms) and its student's, the best validation's, the curve, the compute, and the final
-    model's AP per class (the classes the validation set has) and confusion matrix
+    the semi arms) and its student's, the best validation's, the curve, the compute, and the best
+    checkpoint's AP per class (the classes the validation set has) and confusion matrix
     (:mod:`finetune.confusion`; runs from before it was written have none)."""
     per_class = {c: v for c, v in (metrics.get("per_class_ap") or {}).items() if v is not None and v >= 0}
     hist = [h for h in metrics.get("history") or [] if h.get("val_AP") is not None]
@@ -506,9 +506,10 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
 
 
 def confusion_of(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The classes and counts of a run's confusion matrix (what the ledger keeps of it), or None."""
+    """The classes, counts, IoU and score floor of a run's confusion matrix (what the ledger keeps of
+    it), or None."""
     c = metrics.get("confusion")
-    return {"classes": c["classes"], "matrix": c["matrix"]} if c else None
+    return {k: c[k] for k in ("classes", "matrix", "iou", "score")} if c else None
 
 
 def named_right(confusion: Mapping[str, Any]) -> float | None:
@@ -570,10 +571,14 @@ def per_class_table(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
         lab = statistics.mean(right["labeled"][s] for s in own_right) * 100
         lines.append(f"| *named right* | {lab:.1f} ({len(own_right)}) | " + " | ".join(shift(arm) for arm in cols)
                      + " |")
-        lines.append("\n*named right*: of the validation objects a run's best checkpoint boxes at score >= 0.5 "
-                     "(IoU 0.5, any class), the share boxed under their own class (its confusion matrix, "
-                     "`finetune.confusion`), in % and, for the arms, the paired difference; in brackets the seeds "
-                     "that recorded it.")
+        used = {(e["confusion"].get("score"), e["confusion"].get("iou"))
+                for arm in ("labeled", *cols) for e in runs.get(arm, {}).values() if e.get("confusion")}
+        score, iou = next(iter(used)) if len(used) == 1 else (None, None)
+        at = (f"at score >= {score:g} (IoU {iou:g}, any class)" if score is not None and iou is not None
+              else "at each run's recorded score and IoU")
+        lines.append(f"\n*named right*: of the validation objects a run's best checkpoint boxes {at}, the share "
+                     "boxed under their own class (its confusion matrix, `finetune.confusion`), in % and, for the "
+                     "arms, the paired difference; in brackets the seeds that recorded it.")
     return lines
 
 

@@ -46,7 +46,36 @@ def test_confusion_counts_each_object_once_by_its_best_scoring_detection():
                            [2, 1, 0]]   # on no object: the second cat on A, the cat at 150, the dog on image 2
     assert c["confused"] == [{"true": "cat", "predicted": "dog", "count": 1, "share": 0.5}]
     text = format_confusion(c)
-    assert "cat -> dog: 1 (50.0% of cat)" in text and "detections on no object: 3" in text
+    assert "cat -> dog: 1 (50.0% of cat)" in text and "unmatched detections (on no object, or duplicates): 3" in text
+    assert "  cat      0.0%   50.0%   50.0%  of 2" in text.splitlines()  # own class / other class / missed
+    assert "  dog    100.0%    0.0%    0.0%  of 1" in text.splitlines()
+
+
+def test_images_without_detections_cutoffs_and_the_best_overlap():
+    """An evaluated image without detections still counts its objects as missed; the score floor and the
+    IoU are inclusive; a detection over two free objects takes the one it overlaps most; a detection in a
+    crowd region that also matches a real object is a match, one that matches none is not background."""
+    gt = _gt()
+    gt["images"].append({"id": 4, "width": 200, "height": 200, "file_name": "4.jpg"})
+    gt["annotations"] += [
+        {"id": 6, "image_id": 4, "category_id": 7, "bbox": [0.0, 0.0, 10.0, 10.0], "iscrowd": 0},   # missed
+        {"id": 7, "image_id": 2, "category_id": 3, "bbox": [0.0, 50.0, 10.0, 10.0], "iscrowd": 0},
+        {"id": 8, "image_id": 2, "category_id": 7, "bbox": [3.0, 50.0, 10.0, 10.0], "iscrowd": 0},
+        {"id": 9, "image_id": 2, "category_id": 3, "bbox": [100.0, 100.0, 20.0, 20.0], "iscrowd": 0},
+        {"id": 10, "image_id": 2, "category_id": 3, "bbox": [100.0, 100.0, 40.0, 40.0], "iscrowd": 1},
+    ]
+    box = lambda x, y, w, h, cat, s: {"image_id": 2, "category_id": cat, "bbox": [x, y, w, h], "score": s}
+    preds = [
+        box(2.0, 50.0, 10.0, 10.0, 3, 0.5),      # score exactly at the floor; IoU 8/12 with 7, 9/11 with 8: takes 8
+        box(100.0, 100.0, 40.0, 20.0, 7, 0.9),   # IoU exactly 0.5 with 9 (inside the crowd region too): a match
+        box(120.0, 120.0, 20.0, 20.0, 3, 0.8),   # in the crowd region only: not counted
+    ]
+    c = confusion_matrix(gt, preds, image_ids=[2, 4], iou=0.5, score=0.5)
+    assert c["matrix"] == [[0, 1, 1],   # cat 9 called a dog (IoU 0.5 exactly), cat 7 missed
+                           [1, 0, 1],   # dog 8 called a cat (the overlap the detection prefers), dog 6 missed
+                           [0, 0, 0]]   # nothing unmatched: the crowd-only detection is not background
+    assert confusion_matrix(gt, preds, [2, 4], iou=0.5, score=0.51)["matrix"][1] == [0, 0, 2]  # floor inclusive
+    assert confusion_matrix(gt, preds, [2, 4], iou=0.51, score=0.5)["matrix"][0] == [0, 0, 2]  # IoU inclusive
 
 
 def test_score_floor_iou_and_evaluated_images_decide_what_counts():
@@ -67,7 +96,7 @@ def test_score_floor_iou_and_evaluated_images_decide_what_counts():
 def test_categories_outside_the_ground_truth_get_their_own_row_and_column():
     """A detector whose label map has a class the validation file does not list (or names them
     otherwise): its detections are shown under that class, not dropped or refused."""
-    c = confusion_matrix(_gt(), [_det(1, 99, 20, 0.9)], [1], class_names={3: "cat", 7: "dog", 99: "wolf"})
-    assert c["classes"] == ["cat", "dog", "wolf"]
+    c = confusion_matrix(_gt(), [_det(1, 99, 20, 0.9)], [1], class_names={3: "kitten", 7: "dog", 99: "wolf"})
+    assert c["classes"] == ["kitten", "dog", "wolf"]  # the detector's names over the file's
     assert c["matrix"][1] == [0, 0, 1, 0]  # B, the dog, boxed as a wolf
     assert confusion_matrix(_gt(), [_det(1, 42, 20, 0.9)], [1])["classes"] == ["cat", "dog", "id 42"]

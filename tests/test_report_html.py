@@ -60,7 +60,7 @@ def test_every_run_ends_with_a_self_contained_report(finetune_run):
     confusion = m["confusion"]
     assert "".join(f"<th>{c}</th>" for c in confusion["columns"]) in page
     for name, row in zip(confusion["rows"], confusion["matrix"]):
-        cells = re.search(rf"<tr><th>{name}</th>(.*?)</tr>", page).group(1)
+        cells = re.search(rf"<tr><th>{re.escape(name)}</th>(.*?)</tr>", page).group(1)
         assert re.findall(r"<td[^>]*>(\d*)</td>", cells) == [str(n) if n else "" for n in row]
 
 
