@@ -171,18 +171,20 @@ class Detector:
         score: detections below this score are left out (the detector's own ``score_thresh`` applies first).
         batch_size: images per forward pass.
         max_pixels: refuse image files larger than this (None: no limit of ours).
+        tta: None, or ``"flip"`` (Faster R-CNN): the RoI head averaged over each image and its mirror
+            image (:mod:`finetune.inference`), at twice the backbone's cost.
     """
 
     def __init__(self, module: DetectionModule, device: str | torch.device = "auto", precision: str = "auto",
                  proposals: int | None = None, pre_nms: int | None = None, score: float = 0.5,
-                 batch_size: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 batch_size: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS, tta: str | None = None) -> None:
         if not 0.0 <= score <= 1.0:
             raise ValueError(f"score must be in [0, 1], got {score}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.module = module
         self.device = resolve_device(str(device))
-        self.setup: InferenceSetup = prepare(module.model, self.device, precision, proposals, pre_nms)
+        self.setup: InferenceSetup = prepare(module.model, self.device, precision, proposals, pre_nms, tta)
         self.score = float(score)
         self.batch_size = int(batch_size)
         self.max_pixels = max_pixels
@@ -247,7 +249,7 @@ class Detector:
                 results[i] = Detections(source, 0, 0, empty, empty[:, 0], empty[:, 0].long(), error=str(e))
         if loaded:
             with self.setup.autocast():
-                outputs = self.model([t.to(self.device) for _, _, t in loaded])
+                outputs = self.setup.detect(self.model, [t.to(self.device) for _, _, t in loaded])
             lm = self.module.label_map
             for (i, source, image), det in zip(loaded, outputs):
                 keep = det["scores"] >= self.score

@@ -12,12 +12,9 @@ writes ``metrics.json`` (12-number COCO summary, per-class AP, the confusion mat
 into ``--out`` (default ``<run dir>/eval/<annotation file stem>``), and prints the table.
 ``--precision`` and ``--proposals``: see :mod:`finetune.inference` (what ran is in metrics.json's
 ``inference``). ``--confusion-iou`` / ``--confusion-score``: where a detection matches an object
-and which detections count, for the confusion matrix only (AP uses every detection).
-``--tta flip`` (Faster R-CNN): test-time augmentation by the teacher ensemble of
-``semi.teacher_flip``: the RoI head's class probabilities and box deltas for the RPN's proposals
-averaged over each image and its mirror image. It tells what that teacher would be worth on the
-evaluated set (chess, split seed 1's converged detector: AP 56.4 against 55.9 at bf16) at twice the
-backbone's cost.
+and which detections count, for the confusion matrix only (AP uses every detection). ``--tta flip``
+(Faster R-CNN, :mod:`finetune.inference`) evaluates the teacher ensemble of ``semi.teacher_flip``:
+what that teacher would be worth on the evaluated set.
 """
 
 from __future__ import annotations
@@ -37,8 +34,7 @@ from finetune.checkpoint import load_detection_checkpoint
 from finetune.coco_eval import BACKENDS, CocoEvalResult, evaluate_coco, evaluated_ground_truth
 from finetune.coco_results import write_predictions
 from finetune.confusion import confusion_matrix, format_confusion
-from finetune.detectors import require
-from finetune.inference import InferenceSetup, add_inference_args, prepare
+from finetune.inference import InferenceSetup, add_inference_args, prepare, tta_arg
 from finetune.module import DetectionModule
 from finetune.transforms import build_transforms
 from pretrain.core.data.coco import CocoDetection, collate_fn
@@ -57,10 +53,9 @@ def predict_dataset(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     setup: InferenceSetup | None = None,
-    tta: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Run the detector over a CocoDetection set (``setup``: from :func:`finetune.inference.prepare`;
-    default: fp32 with the model's own test budget; ``tta``: see ``DetectionModule.predict_coco``).
+    default: fp32 with the model's own test budget; its ``tta`` applies).
 
     Returns:
         COCO results (original category ids, boxes in the annotation file's image frame) and the
@@ -73,7 +68,8 @@ def predict_dataset(
     ids: list[int] = []
     with setup.autocast() if setup is not None else contextlib.nullcontext():
         for images, targets in loader:
-            for iid, dets in module.predict_coco(images, targets, dataset.coco, tta=tta).items():
+            for iid, dets in module.predict_coco(images, targets, dataset.coco,
+                                                 tta=setup.tta if setup is not None else None).items():
                 ids.append(iid)
                 preds += dets
     return preds, ids
@@ -91,19 +87,17 @@ def evaluate_module(
     setup: InferenceSetup | None = None,
     confusion_iou: float = 0.5,
     confusion_score: float = 0.5,
-    tta: str | None = None,
 ) -> tuple[CocoEvalResult, list[dict[str, Any]], dict[str, Any]]:
     """Predict on ``dataset``, evaluate, write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
 
     Args:
         extra: further metrics.json entries, written first (``stage``, ``backbone``, ...).
         confusion_iou, confusion_score: the confusion matrix's matching IoU and score floor.
-        tta: None, or ``"flip"`` (a detector with RoI heads): see ``DetectionModule.predict_coco``.
 
     The confusion matrix is a diagnostic: should it fail, metrics.json is written without it (logged).
 
     Raises:
-        ValueError: ``tta="flip"`` on a detector without RoI heads; ``confusion_iou`` outside (0, 1].
+        ValueError: ``confusion_iou`` outside (0, 1].
 
     Returns:
         The evaluation result, the predictions and the metrics dict written.
@@ -111,11 +105,8 @@ def evaluate_module(
     out = Path(out_dir)
     if not 0.0 < confusion_iou <= 1.0:  # before the predictions, not after them
         raise ValueError(f"confusion_iou must be in (0, 1], got {confusion_iou}")
-    if tta is not None:
-        require(str(module.cfg["detector"]["name"]), ("roi_heads",), f"--tta {tta} (the RoI head averaged over "
-                "the image and its mirror)")
     t0 = time.perf_counter()
-    preds, ids = predict_dataset(module, dataset, batch_size, num_workers, device, setup, tta=tta)
+    preds, ids = predict_dataset(module, dataset, batch_size, num_workers, device, setup)
     t1 = time.perf_counter()
     names = dict(zip(module.label_map.cat_ids, module.label_map.class_names))
     result = evaluate_coco(dataset.coco, preds, image_ids=ids, class_names=names, backend=backend)
@@ -138,7 +129,6 @@ def evaluate_module(
         "detections_per_img": module.cfg["detector"].get("detections_per_img"),
         "timing_s": {"predict": round(t1 - t0, 3), "coco_eval": round(t2 - t1, 3)},
         "inference": setup.as_dict() if setup is not None else None,
-        "tta": tta,
     }
     write_json(out / "metrics.json", metrics)
     return result, preds, metrics
@@ -177,9 +167,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "or teacher (teacher-student runs)")
     parser.add_argument("--missing", choices=("error", "skip"), default="error",
                         help="images whose files are missing: fail, or leave them out of the evaluation")
-    parser.add_argument("--tta", choices=("none", "flip"), default="none",
-                        help="flip (Faster R-CNN): the RoI head averaged over each image and its mirror image "
-                             "(the semi.teacher_flip teacher), at twice the backbone's cost")
     parser.add_argument("--confusion-iou", type=float, default=0.5,
                         help="confusion matrix: the IoU at which a detection matches an object")
     parser.add_argument("--confusion-score", type=float, default=0.5,
@@ -193,13 +180,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             label_map=module.label_map, missing=args.missing)
     out = args.out or default_out_dir(args.ckpt, args.ann)
     device = resolve_device(args.device)
-    setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms)
+    setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms, tta_arg(args.tta))
     log.info("inference: %s", setup.as_dict())
     result, _, metrics = evaluate_module(
         module, dataset, out, batch_size=args.batch_size, num_workers=args.workers,
         device=device, backend=args.backend, setup=setup,
         confusion_iou=args.confusion_iou, confusion_score=args.confusion_score,
-        tta=None if args.tta == "none" else args.tta,
         extra={"stage": "evaluate", "checkpoint": str(args.ckpt), "checkpoint_epoch": module.checkpoint_epoch,
                "weights": module.deployed_weights,
                "backbone": module.hparams["backbone_info"].get("summary")},

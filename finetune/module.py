@@ -239,18 +239,11 @@ class DetectionModule(pl.LightningModule):
                      coco: Any, tta: str | None = None) -> dict[int, list[dict[str, Any]]]:
         """COCO results per image id for a batch (the model in eval mode): original category ids,
         boxes in the annotation file's frame (``coco.imgs[id]`` gives its size). Validation and
-        :func:`finetune.evaluate.predict_dataset` both predict through this. ``tta="flip"`` (a
-        Faster R-CNN): the RoI head's outputs averaged over each image and its mirror image, the
-        teacher ensemble of ``semi.teacher_flip`` (:func:`finetune.semi.soft.teacher_forward`)."""
-        on_device = [im.to(self.device) for im in images]
-        if tta == "flip":
-            from finetune.semi.soft import teacher_forward
+        :func:`finetune.evaluate.predict_dataset` both predict through this; ``tta``: see
+        :mod:`finetune.inference`."""
+        from finetune.inference import detect
 
-            outputs = teacher_forward(self.model, on_device, flip=True).detections  # type: ignore[arg-type]
-        elif tta is None:
-            outputs = self.model(on_device)
-        else:
-            raise ValueError(f"tta must be None or 'flip', got {tta!r}")
+        outputs = detect(self.model, [im.to(self.device) for im in images], tta)
         lookup = self.label_map.label_to_cat_id
         return {
             int(t["image_id"]): detections_to_coco(int(t["image_id"]), out["boxes"], out["scores"], out["labels"],

@@ -25,7 +25,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from finetune.checkpoint import load_detection_checkpoint
-from finetune.inference import InferenceSetup, add_inference_args, prepare
+from finetune.inference import InferenceSetup, add_inference_args, detect, prepare, tta_arg
 from finetune.module import DetectionModule
 from finetune.plots import PRED_COLOUR, draw_detections
 from pretrain.core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_rgb
@@ -69,8 +69,8 @@ def predict_images(
 ) -> list[dict[str, Any]]:
     """Detections >= ``score`` for every readable image; PNGs with the boxes into ``out_dir`` if given.
 
-    ``setup``: from :func:`finetune.inference.prepare` (precision, proposal budget); default fp32 with
-    the model's own budget."""
+    ``setup``: from :func:`finetune.inference.prepare` (precision, proposal budget, test-time
+    augmentation); default fp32 with the model's own budget."""
     model = module.model.eval().to(device)
     names = module.label_map.class_names
     to_cat = module.label_map.label_to_cat_id
@@ -91,7 +91,7 @@ def predict_images(
             continue
         images = [TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True) for _, img in batch]
         with setup.autocast() if setup is not None else contextlib.nullcontext():
-            outputs = model([im.to(device) for im in images])
+            outputs = detect(model, [im.to(device) for im in images], setup.tta if setup is not None else None)
         for (path, _), image, det in zip(batch, images, outputs):
             keep = det["scores"] >= score
             boxes, scores, labels = det["boxes"][keep].cpu(), det["scores"][keep].cpu(), det["labels"][keep].cpu()
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     run_dir = run_dir_of(args.ckpt)
     out = args.out or run_dir / "predict"
     device = resolve_device(args.device)
-    setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms)
+    setup = prepare(module.model, device, args.precision, args.proposals, args.pre_nms, tta_arg(args.tta))
     log.info("inference: %s", setup.as_dict())
     results = predict_images(module, paths, None if args.no_draw else out, score=args.score,
                              device=device, batch_size=args.batch_size, setup=setup)

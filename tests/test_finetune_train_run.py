@@ -142,12 +142,14 @@ def test_validation_and_evaluation_score_the_same_predictions(frcnn_run, synthet
 
 
 def test_evaluation_with_test_time_flip_scores_the_teacher_ensemble(frcnn_run, synthetic_data, tmp_path):
-    """``--tta flip`` evaluates exactly the detections of semi.teacher_flip's teacher (the RoI head averaged
-    over the image and its mirror), not the plain model's, and says so in metrics.json."""
+    """``--tta flip`` evaluates (and the API predicts) exactly the detections of semi.teacher_flip's teacher
+    (the RoI head averaged over the image and its mirror), not the plain model's, and says so."""
     from torch.utils.data import DataLoader
 
+    from finetune.api import Detector
     from finetune.coco_results import detections_to_coco
     from finetune.evaluate import evaluate_module
+    from finetune.inference import prepare
     from finetune.semi.soft import teacher_forward
     from finetune.transforms import build_transforms
     from pretrain.core.data.coco import CocoDetection, collate_fn
@@ -155,9 +157,9 @@ def test_evaluation_with_test_time_flip_scores_the_teacher_ensemble(frcnn_run, s
     module = load_detection_checkpoint(frcnn_run / "checkpoints" / "best.ckpt")
     ds = CocoDetection(synthetic_data["val_json"], transforms=build_transforms(train=False), train=False,
                        label_map=module.label_map)
-    _, plain, m_plain = evaluate_module(module, ds, tmp_path / "plain")
-    _, flipped, m = evaluate_module(module, ds, tmp_path / "flip", tta="flip")
-    assert m["tta"] == "flip" and m_plain["tta"] is None
+    _, plain, m_plain = evaluate_module(module, ds, tmp_path / "plain", setup=prepare(module.model, "cpu", "32"))
+    _, flipped, m = evaluate_module(module, ds, tmp_path / "flip", setup=prepare(module.model, "cpu", "32", tta="flip"))
+    assert m["inference"]["tta"] == "flip" and m_plain["inference"]["tta"] is None
     expected = []
     module.model.eval()
     for images, targets in DataLoader(ds, batch_size=4, collate_fn=collate_fn):
@@ -167,6 +169,10 @@ def test_evaluation_with_test_time_flip_scores_the_teacher_ensemble(frcnn_run, s
     key = lambda p: (p["image_id"], p["category_id"], p["score"])
     assert sorted(flipped, key=key) == sorted(expected, key=key) and flipped != plain
     assert sorted(p["score"] for p in flipped) != sorted(p["score"] for p in plain)
+    image = ds[0][0]
+    api = Detector(module, device="cpu", precision="32", score=0.0, tta="flip")([image])[0]
+    ref = teacher_forward(module.model, [image], flip=True).detections[0]
+    assert torch.equal(api.scores, ref["scores"].float()) and torch.allclose(api.boxes, ref["boxes"].float())
 
 
 def test_resume_continues_global_step(frcnn_run, synthetic_data, backbone_file):
@@ -210,6 +216,13 @@ def test_evaluate_and_predict_cli(frcnn_run, synthetic_data, tmp_path):
     assert len(written["images"]) == 6
     dets = [d for r in written["images"] for d in r["detections"]]
     assert dets and all(d["score"] >= 0.05 and len(d["bbox"]) == 4 and d["class_name"] for d in dets)
+    # --tta flip: recorded, and other scores than the plain model's on the same images.
+    predict.main([str(frcnn_run / "checkpoints" / "best.ckpt"), str(images), "--out", str(tmp_path / "t"),
+                  "--score", "0.05", "--tta", "flip", "--no-draw"])
+    flip = json.loads((tmp_path / "t" / "predictions.json").read_text())
+    assert flip["inference"]["tta"] == "flip" and written["inference"]["tta"] is None
+    flip_scores = sorted(d["score"] for r in flip["images"] for d in r["detections"])
+    assert flip_scores and flip_scores != sorted(d["score"] for d in dets)
 
     # An unreadable file is reported and skipped, the rest still predicted.
     mixed = tmp_path / "mixed"
@@ -247,14 +260,15 @@ def test_retinanet_smoke_run_with_layerwise_lr(synthetic_data, tmp_path):
     assert float(first["lr-AdamW/layer2"]) == pytest.approx(1e-7)
     # Test-time flip averaging works on the RoI head's outputs: refused, by name, for a one-stage detector.
     from finetune.evaluate import evaluate_module
+    from finetune.inference import prepare
     from finetune.transforms import build_transforms
     from pretrain.core.data.coco import CocoDetection
 
     module = load_detection_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     ds = CocoDetection(synthetic_data["val_json"], transforms=build_transforms(train=False), train=False,
                        label_map=module.label_map)
-    with pytest.raises(ValueError, match="--tta flip.*roi_heads.*detector=retinanet"):
-        evaluate_module(module, ds, tmp_path / "tta", tta="flip")
+    with pytest.raises(ValueError, match="tta flip.*no roi_heads.*detector=fasterrcnn"):
+        evaluate_module(module, ds, tmp_path / "tta", setup=prepare(module.model, "cpu", "32", tta="flip"))
 
 
 def test_data_paths_errors(tmp_path):
