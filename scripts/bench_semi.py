@@ -80,7 +80,7 @@ EXTRA_ARMS = ("labeled_time", "oracle")
 # existed: at that value they stay out of a run's fingerprint, so adding an option does not re-run
 # (or orphan) every recorded run. Any other value is part of the fingerprint as usual.
 ADDED_SETTINGS = {"semi.strong_view": "unbiased_teacher", "semi.rpn_threshold": None, "semi.soft_classes": None,
-                  "semi.strong_scale": None, "semi.teacher_flip": False}
+                  "semi.strong_scale": None, "semi.teacher_flip": False, "semi.extra_teachers": None}
 
 PER_DATASET = ("converge_epochs", "continue_steps", "working_size", "finetune")
 

@@ -378,6 +378,51 @@ def test_teacher_flip_averages_the_head_over_the_view_and_its_mirror():
     assert not torch.allclose(decoded[:, 1], proposals)  # the deltas really move the boxes
 
 
+def test_extra_teachers_join_the_ensemble_each_in_its_own_frame():
+    """semi.extra_teachers: another detector's RoI head scores the teacher's boxes (moved into its own
+    resized frame) and every view of every model weighs the same: with and without the mirror, the
+    outputs are the mean of the single models' own outputs; the detections are decoded from that mean."""
+    teacher = tiny_frcnn().eval()
+    torch.manual_seed(5)
+    other = build_detector("fasterrcnn", build_resnet("resnet18", "bn"), "resnet18", 3, min_size=96, max_size=96,
+                           trainable_layers=5, representation_size=64).eval()  # another init, another frame
+    torch.manual_seed(2)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 40)]
+    rois = [torch.tensor([[4.0, 4, 30, 30], [20, 10, 60, 50]]), torch.tensor([[0.0, 0, 20, 32], [18, 2, 40, 30]])]
+    alone = teacher_forward(teacher, images)
+    own = teacher_forward(other, images)
+    assert own.image_sizes == [(96, 96), (96, 60)] != alone.image_sizes
+    in_other = to_frame(rois, alone.image_sizes, own.image_sizes)
+    p_t, d_t = head_outputs(teacher, alone, rois)
+    p_o, d_o = head_outputs(other, own, in_other)
+    both = teacher_forward(teacher, images, extra=[other])
+    assert both.extra is not None and len(both.extra) == 1 and both.mirrored_features is None
+    p, d = head_outputs(teacher, both, rois)
+    torch.testing.assert_close(p, (p_t + p_o) / 2)
+    torch.testing.assert_close(d, (d_t + d_o) / 2)
+    assert not torch.allclose(p, p_t) and not torch.allclose(p, p_o)
+    flip_t = head_outputs(teacher, teacher_forward(teacher, images, flip=True), rois)[0]
+    flip_o = head_outputs(other, teacher_forward(other, images, flip=True), in_other)[0]
+    four = head_outputs(teacher, teacher_forward(teacher, images, flip=True, extra=[other]), rois)[0]
+    torch.testing.assert_close(four, (flip_t + flip_o) / 2)  # four views, each a quarter
+    torch.testing.assert_close(class_probabilities(teacher, both, rois, both.image_sizes), p)
+    # The detections: the teacher's proposals decoded under the mean, scored by the mean.
+    teacher.roi_heads.score_thresh = 0.0
+    image = images[:1]
+    dets = teacher_forward(teacher, image, extra=[other]).detections[0]
+    batch, features, _ = transform_and_features(teacher, image)
+    proposals = teacher.rpn(batch, features)[0][0].detach()
+    mean_p, mean_d = head_outputs(teacher, teacher_forward(teacher, image, extra=[other]), [proposals])
+    decoded = clip_boxes_to_image(teacher.roi_heads.box_coder.decode(mean_d, [proposals]), (64, 64))
+    assert len(dets["boxes"]) > 0
+    for box, label, score in zip(dets["boxes"], dets["labels"], dets["scores"]):
+        at = int((decoded[:, label] - box).abs().sum(1).argmin())
+        torch.testing.assert_close(decoded[at, label], box)
+        torch.testing.assert_close(score, mean_p[at, label], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        teacher_forward(teacher, images, extra=[other.train()])
+
+
 def test_two_target_losses_route_each_box_set_to_its_stage():
     """semi.rpn_threshold's forward: the RPN's losses are those of a plain forward on the RPN's boxes,
     the RoI head's those of a plain forward on the RoI boxes, and one set for both is the plain forward."""

@@ -398,6 +398,59 @@ def test_teacher_flip_run_pseudo_labels_from_the_view_and_its_mirror(synthetic_d
         check_unused(smoke_cfg(root, "semi.teacher_flip=true"))
 
 
+def test_extra_teachers_run_scores_each_step_with_the_other_detectors(synthetic_data, tmp_path, monkeypatch):
+    """semi.extra_teachers=[run dir]: the other run's detector is loaded frozen and every semi step's
+    ensemble includes it (with the mirror too); its weights stay untouched and out of the run's
+    checkpoint. Refused as a string, for a detector without RoI heads, without a teacher, and for a
+    detector of other classes."""
+    from types import SimpleNamespace
+
+    from finetune.semi import soft
+    from finetune.semi.plan import check_config, check_unused
+    from finetune.semi.teacher_student import load_extra_teachers
+    from pretrain.core.data.label_map import LabelMap
+
+    root = synthetic_data["root"]
+    other_dir = tmp_path / "other"
+    train(smoke_cfg(root, "trainer.max_epochs=1", "eval.plots=false", "seed=7"), run_dir=other_dir)
+    before = torch.load(other_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    calls = []
+    real = soft.head_outputs
+
+    def spy(teacher, tpass, rois):
+        extra = tpass.extra or []
+        calls.append((len(extra), all(m[2] is not None for m in extra)))
+        for model, *_ in extra:
+            assert not model.training and not any(p.requires_grad for p in model.parameters())
+        return real(teacher, tpass, rois)
+
+    monkeypatch.setattr(soft, "head_outputs", spy)
+    m = train(smoke_cfg(root, "semi=unbiased_teacher", f"semi.extra_teachers=[{other_dir}]", "semi.teacher_flip=true",
+                        "semi.burn_in=1", "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false"),
+              run_dir=tmp_path / "semi")
+    assert list(m["semi"]["settings"]["extra_teachers"]) == [str(other_dir)]
+    semi_steps = m["global_step"] - 1
+    assert semi_steps > 0 and calls == [(1, True)] * semi_steps
+    kept = torch.load(tmp_path / "semi" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {k.split(".")[0] for k in kept} == {"model", "teacher"}  # the extra detector is not the run's
+    after = torch.load(other_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(TypeError, match="list"):
+        check_config(smoke_cfg(root, "semi=unbiased_teacher", f"semi.extra_teachers={other_dir}"))
+    with pytest.raises(ValueError, match="extra_teachers"):
+        check_config(smoke_cfg(root, "semi=mean_teacher", "detector=retinanet", f"semi.extra_teachers=[{other_dir}]"))
+    with pytest.raises(ValueError, match="extra_teachers"):
+        check_unused(smoke_cfg(root, f"semi.extra_teachers=[{other_dir}]"))
+    from finetune.checkpoint import load_detection_checkpoint
+
+    own = load_detection_checkpoint(other_dir / "checkpoints" / "best.ckpt")
+    renamed = LabelMap(dict(own.label_map.label_to_cat_id), [f"{n}x" for n in own.label_map.class_names])
+    with pytest.raises(ValueError, match="same classes"):
+        load_extra_teachers([str(other_dir)], SimpleNamespace(model=own.model, label_map=renamed))
+    with pytest.raises(FileNotFoundError):
+        load_extra_teachers([str(tmp_path / "nowhere")], SimpleNamespace(model=own.model, label_map=own.label_map))
+
+
 def test_strong_scale_run_moves_the_pseudo_boxes_with_the_zoomed_views(synthetic_data, tmp_path, monkeypatch):
     """semi.strong_scale=[0.5,1.5]: the strong views arrive zoomed with their maps, every semi step's
     pseudo-boxes (RoI and RPN) are moved into them and clipped, and the soft-background teacher

@@ -13,7 +13,11 @@ two-stage detector) the RPN trains on its own pseudo-boxes, the teacher's detect
 score whatever their class, while the RoI head keeps ``semi.threshold``'s (:func:`two_target_losses`).
 With ``semi.teacher_flip`` (a two-stage detector) the teacher's RoI head also sees each weak view's
 mirror image and its outputs are averaged, for the pseudo-labels and the soft targets (Humble
-Teacher's teacher ensemble, :func:`finetune.semi.soft.teacher_forward`).
+Teacher's teacher ensemble, :func:`finetune.semi.soft.teacher_forward`). ``semi.extra_teachers``
+(checkpoints or run dirs of Faster R-CNNs trained on the same classes, e.g. the labeled set with
+other seeds) joins frozen detectors to that ensemble: their RoI heads score the teacher's proposals
+too. They are loaded at setup (``weights_only``), never trained, and not part of the run's
+checkpoints (a resumed run loads them again from the same paths).
 The two modes differ only in their settings (``conf/finetune/semi/``) and files.
 
 Unlabeled images without a pseudo-box train as all background. One rule for every detector
@@ -60,11 +64,39 @@ BOX_TERMS = ("loss_box_reg", "loss_rpn_box_reg", "bbox_regression")
 TEACHER_OPTIONS: dict[str, Any] = {"soft_background": False, "pseudo_nms_iou": None, "max_pseudo_per_image": None,
                                    "ema_ramp": False, "ema_time_constant": None, "strong_view": "unbiased_teacher",
                                    "rpn_threshold": None, "soft_classes": None, "strong_scale": None,
-                                   "teacher_flip": False}
+                                   "teacher_flip": False, "extra_teachers": None}
 
 SOFT_CLASSES = ("background", "all")  # semi.soft_classes: which sampled RoIs take the teacher's distribution
 
 EMPTY_WEIGHT = 0.01  # Consistent Teacher's background_weight
+
+
+def load_extra_teachers(paths: Sequence[str] | None, module: SemiStep) -> list[FasterRCNN]:
+    """``semi.extra_teachers``' detectors, frozen in eval mode: each a checkpoint or a run dir (its best,
+    else last checkpoint) of a Faster R-CNN with the run's classes.
+
+    Raises:
+        FileNotFoundError: a path without a checkpoint.
+        TypeError: a detector that is not a Faster R-CNN (or a run that is not).
+        ValueError: a detector with other classes than the run.
+    """
+    from finetune.api import resolve_checkpoint
+    from finetune.checkpoint import load_detection_checkpoint
+
+    out = []
+    for path in paths or []:
+        ckpt = resolve_checkpoint(path)
+        other = load_detection_checkpoint(ckpt)
+        if not isinstance(other.model, FasterRCNN) or not isinstance(module.model, FasterRCNN):
+            raise TypeError(f"semi.extra_teachers: {ckpt} holds a {type(other.model).__name__} for a "
+                             f"{type(module.model).__name__} run; both must be Faster R-CNNs (RoI heads)")
+        mine, theirs = module.label_map, other.label_map
+        if (mine.cat_ids, mine.class_names) != (theirs.cat_ids, theirs.class_names):
+            raise ValueError(f"semi.extra_teachers: {ckpt} detects {theirs.class_names} (ids {theirs.cat_ids}), "
+                             f"the run {mine.class_names} (ids {mine.cat_ids}): an ensemble needs the same classes")
+        out.append(other.model.eval().requires_grad_(False))
+        log.info("semi.extra_teachers: %s (%s weights) joins the teacher ensemble", ckpt, other.deployed_weights)
+    return out
 
 
 def teacher_options_set(settings: Mapping[str, Any]) -> list[str]:
@@ -174,6 +206,12 @@ class TeacherStudentMode(SemiMode):
         if flip:
             require(str(cfg.detector.name), ("roi_heads",), "semi.teacher_flip (the teacher's RoI head averaged over "
                     "the view and its mirror image)")
+        extra = s.get("extra_teachers")
+        if extra is not None:
+            if isinstance(extra, str) or not isinstance(extra, Sequence) or not extra:
+                raise TypeError(f"semi.extra_teachers must be a non-empty list of checkpoints or run dirs, or null; "
+                                f"got {extra!r}")
+            require(str(cfg.detector.name), ("roi_heads",), "semi.extra_teachers (their RoI heads join the teacher's)")
         if bool(s.get("soft_background", False)):
             require(str(cfg.detector.name), ("roi_heads",), "semi.soft_background=true (it weights the pseudo-labeled "
                     "RoI loss by the teacher)")
@@ -224,6 +262,7 @@ class TeacherStudentMode(SemiMode):
         if self.teacher_flip and not caps.roi_heads:
             raise ValueError("semi.teacher_flip averages the teacher's RoI head over the view and its mirror image: "
                              f"it needs a detector with roi_heads, not {type(module.model).__name__}")
+        self.extra_teachers = load_extra_teachers(self.settings.get("extra_teachers"), module)
         self.empty_weight = empty_weight(self.settings)
         # semi.rpn_threshold: the RPN's pseudo-boxes, class-agnostic, under the same per-image limits.
         rpn = _number(self.settings, "rpn_threshold")
@@ -262,9 +301,10 @@ class TeacherStudentMode(SemiMode):
         strong = [im.to(module.device) for im in unlabeled["strong"]]
         teacher.eval()
         tpass = None
-        if self.soft_background or self.soft_classes is not None or self.teacher_flip:
+        extra = [m.to(module.device) for m in self.extra_teachers]  # a no-op once there
+        if self.soft_background or self.soft_classes is not None or self.teacher_flip or extra:
             # features kept to score the student's RoIs; with teacher_flip, the mirror images' too
-            tpass = teacher_forward(teacher, weak, flip=self.teacher_flip)  # type: ignore[arg-type]
+            tpass = teacher_forward(teacher, weak, flip=self.teacher_flip, extra=extra)  # type: ignore[arg-type]
             dets = tpass.detections
             if not (self.soft_background or self.soft_classes is not None):
                 tpass = None  # its features (both views') are not needed past the pseudo-labels
