@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
@@ -74,6 +75,21 @@ ARMS = ("converge", "labeled", "semi", "control", "ceiling")
 # perfect pseudo-labels could add within the continuation's budget. When it is near labeled-only, the
 # budget (LR, steps) is what limits any semi arm, not the pseudo-labels.
 EXTRA_ARMS = ("labeled_time", "oracle")
+# converge:K, the converged run again with training seed K on the same split (not an arm of the
+# table's comparison: a detector for semi.extra_teachers). A variant names it as CONVERGE_K, e.g.
+# --variant 'ens=semi.extra_teachers=[CONVERGE_101,CONVERGE_102]': each seed's converge:K runs first
+# and the token becomes its run dir.
+TEACHER_TOKEN = re.compile(r"\bCONVERGE_(\d+)\b")
+
+
+def is_converge(arm: str) -> bool:
+    """``converge`` and its other-seed runs ``converge:K``."""
+    return arm == "converge" or re.fullmatch(r"converge:\d+", arm) is not None
+
+
+def teacher_seeds(arm: str, a: argparse.Namespace) -> list[int]:
+    """The training seeds of the ``converge:K`` runs a semi arm's overrides name (``CONVERGE_K``)."""
+    return [int(k) for k in TEACHER_TOKEN.findall(semi_overrides(arm, a))] if is_semi(arm) else []
 
 
 # Settings added to the configs after the ledger had runs, with the value that behaves as before they
@@ -141,6 +157,8 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     config = config_hash(tuple(arm_settings(arm, a)))
     if arm == "converge":
         return {**base, "arm": arm, "epochs": p["converge_epochs"], "config": config}
+    if is_converge(arm):
+        return {**base, "arm": arm, "epochs": p["converge_epochs"], "config": config, "train_seed": int(arm[9:])}
     if arm == "ceiling":
         return {**base, "arm": arm, "fraction": 1.0, "unlabeled_labels": a.unlabeled is not None,
                 "epochs": p["converge_epochs"], "continue_steps": p["continue_steps"], "config": config}
@@ -150,6 +168,8 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
         r.update(fraction=1.0, unlabeled_labels=a.unlabeled is not None)
     if is_semi(arm):
         r["semi"] = semi_overrides(arm, a)
+        if teacher_seeds(arm, a):  # a changed extra teacher re-runs the arm
+            r["extra_teachers"] = [recipe(f"converge:{k}", seed, a) for k in teacher_seeds(arm, a)]
     return {**r, "config": config}
 
 
@@ -233,11 +253,12 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
     """The Hydra overrides of one arm's run."""
     p = a.protocol
     train = full_set(a) if arm in ("ceiling", "oracle") else split["labeled"]
+    train_seed = int(arm[9:]) if is_converge(arm) and arm != "converge" else seed
     common = [*shlex.split(p["finetune"]), *shlex.split(a.args), f"data.train_json={quote(train)}",
-              f"data.val_json={quote(a.val)}", f"seed={seed}"]
+              f"data.val_json={quote(a.val)}", f"seed={train_seed}"]
     cfg = finetune_config(common)
     per_epoch = steps_per_epoch(num_images(train), int(cfg.data.batch_size))
-    if arm == "converge":
+    if is_converge(arm):
         epochs = int(p["converge_epochs"])
         return [*common, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every_dividing(epochs)}"]
     if arm == "ceiling":  # the converged run's and the continuation's steps, in epochs of the full set
@@ -255,6 +276,8 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
            f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={every}", *extra[2:]]
     if is_semi(arm):
         out.append(f"semi.unlabeled={quote(split['unlabeled'])}")
+        runs = {f"CONVERGE_{k}": str(run_dir_of(f"converge:{k}", seed, a)) for k in teacher_seeds(arm, a)}
+        out = [TEACHER_TOKEN.sub(lambda m: runs[m.group(0)], o) for o in out]
     return out
 
 
@@ -321,10 +344,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 continue
             split = split or split_of(seed, a)
             start = None
-            if arm not in ("converge", "ceiling"):  # needs the converged detector (run here if not yet)
+            if not is_converge(arm) and arm != "ceiling":  # needs the converged detector (run here if not yet)
                 conv = run_arm("converge", seed, a, split)
-                if conv is None:
-                    print(f"== seed {seed}: another process is converging it; its continuations later", flush=True)
+                # and the other-seed detectors its semi.extra_teachers name
+                extra = [run_arm(f"converge:{k}", seed, a, split) for k in teacher_seeds(arm, a)]
+                if conv is None or None in extra:
+                    print(f"== seed {seed}: another process is converging one of {arm}'s detectors; it runs later",
+                          flush=True)
                     continue
                 start = best_checkpoint_of(conv)
             run_arm(arm, seed, a, split, start)
@@ -583,10 +609,14 @@ def per_class_table(runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
 
 
 def table_arms(a: argparse.Namespace) -> list[str]:
-    """The table's rows: the protocol's arms with each ``--variant`` after ``semi``."""
+    """The table's rows: the protocol's arms with each ``--variant`` after ``semi``, and after ``converge``
+    the other-seed detectors (``converge:K``) that the variants name."""
     out = []
     for arm in ARMS:
         out.append(arm)
+        if arm == "converge":
+            out += [f"converge:{k}" for k in sorted({int(k) for v in a.variants.values()
+                                                     for k in TEACHER_TOKEN.findall(v)})]
         if arm == "labeled":
             out += list(EXTRA_ARMS)
         if arm == "semi":
@@ -658,7 +688,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None,
                    help="the ledger's and table's name (default: the dataset's or --train's folder)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--arms", nargs="+", default=None,
+    p.add_argument("--arms", nargs="+", default=None,  # converge:K as well (see TEACHER_TOKEN)
                    help=f"of {', '.join(ARMS)}, semi:NAME for each --variant (default: these) and the opt-in "
                         f"{', '.join(EXTRA_ARMS)} (labeled-only at the semi arm's wall time; the continuation on "
                         "every image's true labels)")
@@ -716,6 +746,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     known = [*ARMS, *EXTRA_ARMS, *(f"semi:{n}" for n in a.variants)]
     a.arms = a.pending_arms or [arm for arm in known if arm not in EXTRA_ARMS]
     for arm in a.arms:
+        if is_converge(arm):
+            continue
         if arm not in known:
             p.error(f"--arms {arm}: not one of {', '.join(known)}")
     if a.unlabeled is not None and {"ceiling", "oracle"} & set(a.arms) and not has_boxes(a.unlabeled):

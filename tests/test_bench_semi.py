@@ -58,7 +58,7 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
         ov = [o.replace("'", "") for o in overrides]  # paths come shell-quoted for Hydra
         calls.append((arm_of(ov), ov))
         seed = int(next(o for o in ov if o.startswith("seed=")).split("=")[1])
-        ap = AP[arm_of(ov)][seed]
+        ap = AP[arm_of(ov)].get(seed, 0.2)  # converge:K runs train with seed K
         semi = arm_of(ov) in ("semi", "control", "semi:erase")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints" / "best.ckpt").write_bytes(b"")
@@ -233,13 +233,43 @@ def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[
         bs.parse([*fake["argv"], "--arms", "semi:nope"])
 
 
+def test_extra_teachers_variant_runs_the_other_seed_detectors_on_the_same_split(fake: dict[str, Any]) -> None:
+    """CONVERGE_K in a variant: each split seed's converged run with training seed K runs first, on that
+    split's labeled images, and the token becomes its run dir; the ledger and the table keep them."""
+    a = bs.parse([*fake["argv"], "--seeds", "1", "--arms", "converge", "semi:ens",
+                  "--variant", "ens=semi.extra_teachers=[CONVERGE_101,CONVERGE_102]"])
+    bs.run(a)
+    calls, runs = fake["calls"], fake["tmp"] / "runs" / "seed1"
+    seeds = [next(o for o in ov if o.startswith("seed=")) for _, ov in calls]
+    assert seeds == ["seed=1", "seed=101", "seed=102", "seed=1"]  # the teachers before the arm naming them
+    labeled = {o for _, ov in calls for o in ov if o.startswith("data.train_json=")}
+    assert len(labeled) == 1 and next(iter(labeled)).endswith("split_f0.1_seed1/labeled.json")
+    assert not any(o.startswith("init_from=") for _, ov in calls[1:3] for o in ov)
+    dirs = [next(d for d in runs.iterdir() if d.name.startswith(f"converge-{k}_")) for k in (101, 102)]
+    assert f"semi.extra_teachers=[{dirs[0]},{dirs[1]}]" in calls[3][1]
+    ledger = bs.load_ledger(fake["tmp"] / "ledger.json")["runs"]
+    assert {"converge:101/seed1", "converge:102/seed1", "semi:ens/seed1"} <= set(ledger)
+    assert ledger["semi:ens/seed1"]["fingerprint"] != bs.fingerprint(bs.recipe("semi", 1, a))
+    rows = [line.split(" | ")[0] for line in bs.table(bs.load_ledger(fake["tmp"] / "ledger.json"), a, "cmd")
+            .split("\n\n")[1].splitlines() if line.startswith("| ") and "seeds" not in line]
+    assert rows[:3] == ["| converge", "| converge:101", "| converge:102"]
+    calls.clear()
+    bs.run(a)
+    assert calls == []  # all in the ledger
+    # Another teacher seed is another recipe for the arm: it re-runs, after its new detector.
+    b = bs.parse([*fake["argv"], "--seeds", "1", "--arms", "semi:ens", "--variant",
+                  "ens=semi.extra_teachers=[CONVERGE_101,CONVERGE_103]"])
+    bs.run(b)
+    assert [next(o for o in ov if o.startswith("seed=")) for _, ov in calls] == ["seed=103", "seed=1"]
+
+
 def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
     from omegaconf import OmegaConf
 
     settings = ("experiment=semi_bench", "semi=bench")
     config = OmegaConf.to_container(bs.finetune_config(settings), resolve=False)
     assert set(bs.ADDED_SETTINGS) == {"semi.strong_view", "semi.rpn_threshold", "semi.soft_classes",
-                                      "semi.strong_scale", "semi.teacher_flip"}
+                                      "semi.strong_scale", "semi.teacher_flip", "semi.extra_teachers"}
     for dotted, neutral in bs.ADDED_SETTINGS.items():
         group, leaf = dotted.split(".")
         assert config[group][leaf] == neutral
@@ -250,6 +280,7 @@ def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
     assert bs.config_hash((*settings, "semi.soft_classes=all")) != bs.config_hash(settings)
     assert bs.config_hash((*settings, "semi.strong_scale=[0.5,1.5]")) != bs.config_hash(settings)
     assert bs.config_hash((*settings, "semi.teacher_flip=true")) != bs.config_hash(settings)
+    assert bs.config_hash((*settings, "semi.extra_teachers=[a]")) != bs.config_hash(settings)
 
 
 def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, Any]) -> None:
