@@ -46,7 +46,7 @@ def detect(model: nn.Module, images: list[torch.Tensor], tta: str | None = None)
     if tta is None:
         return model(images)  # type: ignore[no-any-return]
     if tta == "flip":
-        from finetune.semi.soft import teacher_forward
+        from finetune.detectors.roi_ensemble import teacher_forward
 
         return teacher_forward(model, images, flip=True).detections  # type: ignore[arg-type]
     raise ValueError(f"tta must be None or one of {TTA_MODES}, got {tta!r}")

@@ -372,17 +372,17 @@ def test_teacher_flip_run_pseudo_labels_from_the_view_and_its_mirror(synthetic_d
     """semi.teacher_flip=true: every semi step's pseudo-labels come from the teacher's RoI head averaged
     over each weak view and its mirror image (its mirrored features are there); the setting is
     recorded. Refused for a detector without RoI heads, at a non-boolean value and without a teacher."""
-    from finetune.semi import soft
+    from finetune.detectors import roi_ensemble
     from finetune.semi.plan import check_config, check_unused
 
     calls = []
-    real = soft.head_outputs
+    real = roi_ensemble.head_outputs
 
     def spy(teacher, tpass, rois):
         calls.append((tpass.mirrored_features is not None, sum(len(r) for r in rois)))
         return real(teacher, tpass, rois)
 
-    monkeypatch.setattr(soft, "head_outputs", spy)
+    monkeypatch.setattr(roi_ensemble, "head_outputs", spy)
     m = train(smoke_cfg(synthetic_data["root"], "semi=unbiased_teacher", "semi.teacher_flip=true", "semi.burn_in=1",
                         "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false"), run_dir=tmp_path)
     assert m["semi"]["settings"]["teacher_flip"] is True
@@ -405,7 +405,7 @@ def test_extra_teachers_run_scores_each_step_with_the_other_detectors(synthetic_
     detector of other classes."""
     from types import SimpleNamespace
 
-    from finetune.semi import soft
+    from finetune.detectors import roi_ensemble
     from finetune.semi.plan import check_config, check_unused
     from finetune.semi.teacher_student import load_extra_teachers
     from pretrain.core.data.label_map import LabelMap
@@ -415,7 +415,7 @@ def test_extra_teachers_run_scores_each_step_with_the_other_detectors(synthetic_
     train(smoke_cfg(root, "trainer.max_epochs=1", "eval.plots=false", "seed=7"), run_dir=other_dir)
     before = torch.load(other_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     calls = []
-    real = soft.head_outputs
+    real = roi_ensemble.head_outputs
 
     def spy(teacher, tpass, rois):
         extra = tpass.extra or []
@@ -424,7 +424,7 @@ def test_extra_teachers_run_scores_each_step_with_the_other_detectors(synthetic_
             assert not model.training and not any(p.requires_grad for p in model.parameters())
         return real(teacher, tpass, rois)
 
-    monkeypatch.setattr(soft, "head_outputs", spy)
+    monkeypatch.setattr(roi_ensemble, "head_outputs", spy)
     m = train(smoke_cfg(root, "semi=unbiased_teacher", f"semi.extra_teachers=[{other_dir}]", "semi.teacher_flip=true",
                         "semi.burn_in=1", "semi.ema_decay=0.5", "trainer.max_epochs=1", "eval.plots=false"),
               run_dir=tmp_path / "semi")

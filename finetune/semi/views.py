@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import clip_boxes_to_image
 
+from finetune.detectors.roi_ensemble import flip_boxes  # noqa: F401 (the views' mirror, re-exported)
 from finetune.transforms import (
     RandomScaleJitter,
     strong_augment,  # noqa: F401 (the strong view, shared with fine-tuning's strong_copy)
@@ -27,14 +28,6 @@ from finetune.transforms import (
 def weak_view(image: torch.Tensor, flip: bool) -> torch.Tensor:
     """The weak view: the image, horizontally flipped or not (the detector resizes it)."""
     return image.flip(-1) if flip else image
-
-
-def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """xyxy boxes mirrored in an image of ``width``: x1' = W - x2, x2' = W - x1."""
-    out = boxes.clone()
-    out[..., 0] = width - boxes[..., 2]
-    out[..., 2] = width - boxes[..., 0]
-    return out
 
 
 IDENTITY = (1.0, 1.0, 0.0, 0.0)  # (sx, sy, tx, ty) of a strong view with the weak view's geometry
