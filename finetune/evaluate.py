@@ -4,7 +4,8 @@ Usage::
 
     python -m finetune.evaluate CKPT --ann COCO_JSON [--images ROOT] [--out DIR]
         [--backend pycocotools|faster_coco_eval] [--batch-size 4] [--device auto]
-        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N] [--pre-nms N]
+        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N] [--pre-nms N] [--tta none|flip]
+        [--confusion-iou 0.5] [--confusion-score 0.5]
 
 writes ``metrics.json`` (12-number COCO summary, per-class AP, the confusion matrix of
 :mod:`finetune.confusion`, the annotation file used) and

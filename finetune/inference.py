@@ -19,7 +19,7 @@ where the time goes and what each setting costs in AP):
 
 And one that trades time for AP: **tta** ``flip`` (Faster R-CNN) averages the RoI head's class
 probabilities and box deltas for the RPN's proposals over each image and its mirror image, the
-teacher ensemble of ``semi.teacher_flip`` (:func:`finetune.semi.soft.teacher_forward`): twice the
+teacher ensemble of ``semi.teacher_flip`` (:func:`finetune.detectors.roi_ensemble.teacher_forward`): twice the
 backbone's cost (chess, the converged detectors of split seeds 1-3: +0.5, +1.4, +1.8 AP at bf16).
 """
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from finetune.detectors import capabilities_of
+from finetune.detectors.roi_ensemble import teacher_forward
 from pretrain.core.run.precision import choose
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -46,8 +47,6 @@ def detect(model: nn.Module, images: list[torch.Tensor], tta: str | None = None)
     if tta is None:
         return model(images)  # type: ignore[no-any-return]
     if tta == "flip":
-        from finetune.detectors.roi_ensemble import teacher_forward
-
         return teacher_forward(model, images, flip=True).detections  # type: ignore[arg-type]
     raise ValueError(f"tta must be None or one of {TTA_MODES}, got {tta!r}")
 
