@@ -3,7 +3,7 @@
 Usage::
 
     python -m finetune.predict CKPT IMAGE_OR_FOLDER [...] [--out DIR] [--score 0.5] [--device auto]
-        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N] [--pre-nms N]
+        [--precision auto|32|bf16-mixed|16-mixed] [--proposals N] [--pre-nms N] [--tta none|flip]
 
 writes ``predictions.json`` (per image: file, size and detections with ``bbox`` [x, y, w, h] in
 the image's own pixels, score, original ``category_id`` and class name) and one PNG per image
