@@ -26,6 +26,7 @@ from finetune.bn_recalibrate import image_batches, recalibrate_bn
 from finetune.coco_eval import evaluate_coco
 from finetune.coco_results import detections_to_coco
 from finetune.detectors import build_detector
+from finetune.inference import detect
 from finetune.optim import backbone_norms, freeze_parts, linear_probe_factors, param_groups
 from finetune.transforms import strong_augment
 from pretrain.core.backbone.resnet import build_resnet
@@ -241,8 +242,6 @@ class DetectionModule(pl.LightningModule):
         boxes in the annotation file's frame (``coco.imgs[id]`` gives its size). Validation and
         :func:`finetune.evaluate.predict_dataset` both predict through this; ``tta``: see
         :mod:`finetune.inference`."""
-        from finetune.inference import detect
-
         outputs = detect(self.model, [im.to(self.device) for im in images], tta)
         lookup = self.label_map.label_to_cat_id
         return {

@@ -87,6 +87,11 @@ def is_converge(arm: str) -> bool:
     return arm == "converge" or re.fullmatch(r"converge:\d+", arm) is not None
 
 
+def train_seed_of(arm: str) -> int | None:
+    """K of a ``converge:K`` arm (its training seed); None for every other arm."""
+    return int(arm[len("converge:"):]) if arm != "converge" and is_converge(arm) else None
+
+
 def teacher_seeds(arm: str, a: argparse.Namespace) -> list[int]:
     """The training seeds of the ``converge:K`` runs a semi arm's overrides name (``CONVERGE_K``)."""
     return [int(k) for k in TEACHER_TOKEN.findall(semi_overrides(arm, a))] if is_semi(arm) else []
@@ -155,10 +160,10 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     base = {"data": a.name, "data_hash": data_hash(a), "fraction": None if a.unlabeled else p["fraction"], "seed": seed,
             "working_size": p.get("working_size"), "finetune": p["finetune"], "args": a.args}
     config = config_hash(tuple(arm_settings(arm, a)))
-    if arm == "converge":
-        return {**base, "arm": arm, "epochs": p["converge_epochs"], "config": config}
     if is_converge(arm):
-        return {**base, "arm": arm, "epochs": p["converge_epochs"], "config": config, "train_seed": int(arm[9:])}
+        k = train_seed_of(arm)
+        return {**base, "arm": arm, "epochs": p["converge_epochs"], "config": config,
+                **({"train_seed": k} if k is not None else {})}
     if arm == "ceiling":
         return {**base, "arm": arm, "fraction": 1.0, "unlabeled_labels": a.unlabeled is not None,
                 "epochs": p["converge_epochs"], "continue_steps": p["continue_steps"], "config": config}
@@ -168,8 +173,9 @@ def recipe(arm: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
         r.update(fraction=1.0, unlabeled_labels=a.unlabeled is not None)
     if is_semi(arm):
         r["semi"] = semi_overrides(arm, a)
-        if teacher_seeds(arm, a):  # a changed extra teacher re-runs the arm
-            r["extra_teachers"] = [recipe(f"converge:{k}", seed, a) for k in teacher_seeds(arm, a)]
+        teachers = teacher_seeds(arm, a)
+        if teachers:  # a changed extra teacher re-runs the arm
+            r["extra_teachers"] = [recipe(f"converge:{k}", seed, a) for k in teachers]
     return {**r, "config": config}
 
 
@@ -253,7 +259,8 @@ def overrides(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Pa
     """The Hydra overrides of one arm's run."""
     p = a.protocol
     train = full_set(a) if arm in ("ceiling", "oracle") else split["labeled"]
-    train_seed = int(arm[9:]) if is_converge(arm) and arm != "converge" else seed
+    k = train_seed_of(arm)
+    train_seed = seed if k is None else k
     common = [*shlex.split(p["finetune"]), *shlex.split(a.args), f"data.train_json={quote(train)}",
               f"data.val_json={quote(a.val)}", f"seed={train_seed}"]
     cfg = finetune_config(common)

@@ -13,7 +13,7 @@ two-stage detector) the RPN trains on its own pseudo-boxes, the teacher's detect
 score whatever their class, while the RoI head keeps ``semi.threshold``'s (:func:`two_target_losses`).
 With ``semi.teacher_flip`` (a two-stage detector) the teacher's RoI head also sees each weak view's
 mirror image and its outputs are averaged, for the pseudo-labels and the soft targets (Humble
-Teacher's teacher ensemble, :func:`finetune.semi.soft.teacher_forward`). ``semi.extra_teachers``
+Teacher's teacher ensemble, :func:`finetune.detectors.roi_ensemble.teacher_forward`). ``semi.extra_teachers``
 (checkpoints or run dirs of Faster R-CNNs trained on the same classes, e.g. the labeled set with
 other seeds) joins frozen detectors to that ensemble: their RoI heads score the teacher's proposals
 too. They are loaded at setup (``weights_only``), never trained, and not part of the run's
