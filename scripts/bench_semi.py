@@ -518,10 +518,11 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     # each semi arm against labeled-only at equal wall time; a variant against the protocol's semi arm
     vs_time = paired([x for x in arms if x.startswith("semi")], "labeled_time")
     vs_semi = paired([x for x in arms if x.startswith("semi:")], "semi")
+    vs_control = paired([x for x in arms if x.startswith("semi")], "control")
     lines.append("")
     time_steps = (round(statistics.mean(e["steps"] for e in runs["labeled_time"].values()))
                   if runs["labeled_time"] else continuation_steps("labeled_time", a))  # as run (whole epochs)
-    lines.append(verdict(diffs, spread, vs_semi, vs_time, time_steps))
+    lines.append(verdict(diffs, spread, vs_semi, vs_time, time_steps, vs_control))
     lines += per_class_table(runs, diffs)
     again = reproductions(ledger, runs)
     if again:
@@ -633,11 +634,18 @@ def table_arms(a: argparse.Namespace) -> list[str]:
 
 def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
             vs_semi: Mapping[str, list[float]] | None = None, vs_time: Mapping[str, list[float]] | None = None,
-            time_steps: int | None = None) -> str:
+            time_steps: int | None = None, vs_control: Mapping[str, list[float]] | None = None) -> str:
     """What the table says, from its own numbers: a gain counts when the mean paired difference
-    exceeds the larger of the two arms' std over the seeds. ``vs_semi``: each variant's paired AP
-    differences to the protocol's semi arm; ``vs_time``: each semi arm's to labeled-only continued
-    for ``time_steps`` steps (equal wall time)."""
+    exceeds the larger of the two arms' std over the seeds (the splits' spread); one inside that spread
+    but beyond the std of the paired differences themselves (and ahead in every seed but at most one) is
+    said to be so, with both figures: the seeds' splits differ more than the arms do on each.
+    ``vs_semi``: each variant's paired AP differences to the protocol's semi arm; ``vs_time``: each semi
+    arm's to labeled-only continued for ``time_steps`` steps (equal wall time); ``vs_control``: each
+    semi arm's to the control on the seeds both have (what the unlabeled images add)."""
+    def paired_ap(d: list[float]) -> str:
+        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
+        return f"{statistics.mean(d) * 100:+.1f}{sd} AP (paired, {len(d)} seed{'s' if len(d) > 1 else ''})."
+
     out = []
     variants = [(arm, f"Teacher-student training with `{arm}`") for arm in diffs if arm.startswith("semi:")]
     for arm, what in (("semi", "Teacher-student training"), *variants,
@@ -650,18 +658,18 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
         if len(diffs[arm]) < 2:  # one pair has no spread to weigh a difference against
             out.append(f"{what}: {m * 100:+.1f} AP against labeled-only continued on 1 seed (no verdict before 2).")
             continue
+        sd = statistics.stdev(diffs[arm])
+        ahead = sum(x > 0 for x in diffs[arm]) if m > 0 else sum(x < 0 for x in diffs[arm])
         word = "beats" if m > s else ("falls below" if m < -s else "is within the spread of")
-        out.append(f"{what} {word} labeled-only continued: {m * 100:+.1f} AP (paired, {len(diffs[arm])} seeds; "
-                   f"spread {s * 100:.1f}).")
-    for arm in ("semi", *(v for v, _ in variants)):
-        if arm in diffs and "control" in diffs:
-            gap = statistics.mean(diffs[arm]) - statistics.mean(diffs["control"])
-            name = "" if arm == "semi" else f" (`{arm}`)"
-            out.append(f"What the unlabeled images add beyond the control{name}: {gap * 100:+.1f} AP.")
-    def paired_ap(d: list[float]) -> str:
-        sd = f" +- {statistics.stdev(d) * 100:.1f}" if len(d) > 1 else ""
-        return f"{statistics.mean(d) * 100:+.1f}{sd} AP (paired, {len(d)} seed{'s' if len(d) > 1 else ''})."
-
+        tail = f"spread {s * 100:.1f}"
+        if -s <= m <= s and abs(m) > sd and ahead >= len(diffs[arm]) - 1:
+            word = "is ahead of" if m > 0 else "is behind"
+            tail = f"beyond its paired std, within the splits' spread {s * 100:.1f}"
+        out.append(f"{what} {word} labeled-only continued: {m * 100:+.1f} +- {sd * 100:.1f} AP (paired, "
+                   f"{len(diffs[arm])} seeds, {'ahead' if m > 0 else 'behind'} in {ahead}; {tail}).")
+    for arm, d in (vs_control or {}).items():
+        name = "" if arm == "semi" else f" (`{arm}`)"
+        out.append(f"What the unlabeled images add beyond the control{name}: {paired_ap(d)}")
     for arm, d in (vs_time or {}).items():
         out.append(f"`{arm}` against labeled-only continued for {time_steps} steps (equal wall time): {paired_ap(d)}")
     for arm, d in (vs_semi or {}).items():

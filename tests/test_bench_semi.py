@@ -130,10 +130,13 @@ def test_table_pairs_every_arm_with_labeled_only_continued(fake: dict[str, Any])
     # semi - labeled: +5 and +6 AP -> +5.5 +- 0.7; spreads: semi 2.1, labeled 1.4
     assert "| semi | 2 | 26.5 +- 2.1 | 53.0 +- 4.2 | 25.5 +- 2.1 | 5.5 +- 0.7 | 50.0 / 25.0 | 2.00 |" in text
     assert "| labeled | 2 | 21.0 +- 1.4 |" in text and "| ceiling | 2 | 41.0 +- 1.4 |" in text
-    assert "Teacher-student training beats labeled-only continued: +5.5 AP" in text
+    assert ("Teacher-student training beats labeled-only continued: +5.5 +- 0.7 AP (paired, 2 seeds, ahead in 2; "
+            "spread 2.1).") in text
+    # control - labeled: +1 and 0 -> +0.5 +- 0.7, inside both its paired std and the spread (1.4)
     assert ("The control (EMA teacher, no unlabeled loss) is within the spread of labeled-only continued: "
-            "+0.5 AP") in text
-    assert "What the unlabeled images add beyond the control: +5.0 AP." in text
+            "+0.5 +- 0.7 AP") in text
+    # semi - control on each seed: +4 and +6
+    assert "What the unlabeled images add beyond the control: +5.0 +- 1.4 AP (paired, 2 seeds)." in text
     # labeled ends at 20/22, the converged runs' best validations were 19/21 (their AP + 0.01)
     assert "Labeled-only continued ends +1.0 AP from the checkpoint it started at" in text
     assert "python scripts/bench_semi.py X" in text and "no semi method can show a gain" not in text
@@ -214,8 +217,8 @@ def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[
     arms_table = text.split("\n\n")[1]  # the per-class table further down has rows of its own
     rows = [line.split(" | ")[0] for line in arms_table.splitlines() if line.startswith("| ") and "seeds" not in line]
     assert rows == ["| converge", "| labeled", "| semi", "| semi:erase", "| control", "| ceiling"]
-    assert "Teacher-student training with `semi:erase` beats labeled-only continued: +4.0 AP" in text
-    assert "What the unlabeled images add beyond the control (`semi:erase`): +3.5 AP." in text
+    assert "Teacher-student training with `semi:erase` beats labeled-only continued: +4.0 +- 1.4 AP" in text
+    assert "What the unlabeled images add beyond the control (`semi:erase`): +3.5 +- 2.1 AP (paired, 2 seeds)." in text
     assert "`semi:erase` adds `semi.strong_view=soft_teacher`" in text
     assert "`semi:erase` against `semi` on the same seeds: -1.5 +- 0.7 AP (paired, 2 seeds)." in text
     # the ledger keeps the variant: a report without --variant still has its row
@@ -322,7 +325,7 @@ def test_oracle_continues_on_every_true_label_and_tells_budget_from_pseudo_label
     ledger = bs.load_ledger(tmp / "ledger.json")
     text = bs.table(ledger, a, "cmd")
     assert "| oracle | 2 | 30.5 +- 0.7 |" in text
-    assert "The oracle (the continuation on every image's true labels) beats labeled-only continued: +9.5 AP" in text
+    assert "The oracle (the continuation on every image's true labels) beats labeled-only continued: +9.5 +- 0.7 AP" in text
     assert "the budget, not the pseudo-labels" not in text
     for s, ap in ((1, 0.205), (2, 0.22)):  # perfect labels adding nothing: the continuation's budget is the limit
         ledger["runs"][f"oracle/seed{s}"]["AP"] = ap
@@ -460,3 +463,20 @@ def test_named_right_row_from_the_runs_confusion_matrices() -> None:
     lines = bs.per_class_table(runs, {"semi": [0.05, 0.05]})
     row = next(line for line in lines if line.startswith("| *named right*"))
     assert row == f"| *named right* | {100 * (16 / 20 + 20 / 30) / 2:.1f} (2) | +0.0 (1) | +17.5 (2) |"
+
+
+def test_verdict_tells_a_paired_gain_inside_the_splits_spread_from_noise() -> None:
+    # chess_long's shape: every seed ahead (+0.9, +2.5, +3.0: +2.1 +- 1.1) while the splits differ by 4.5 AP
+    diffs = {"semi:x": [0.009, 0.025, 0.030], "control": [0.000, 0.010, -0.012]}
+    spread = {"semi:x": 0.045, "control": 0.045}
+    text = bs.verdict(diffs, spread, vs_control={"semi:x": [0.009, 0.015, 0.042]})
+    assert ("Teacher-student training with `semi:x` is ahead of labeled-only continued: +2.1 +- 1.1 AP (paired, "
+            "3 seeds, ahead in 3; beyond its paired std, within the splits' spread 4.5).") in text
+    # the control's mean (-0.1) is inside its paired std (1.1): no claim either way
+    assert "The control (EMA teacher, no unlabeled loss) is within the spread of labeled-only continued: -0.1" in text
+    assert "What the unlabeled images add beyond the control (`semi:x`): +2.2 +- 1.8 AP (paired, 3 seeds)." in text
+    # two of three seeds behind is not "ahead", however large the mean
+    text = bs.verdict({"semi": [0.09, -0.001, -0.002]}, {"semi": 0.10})
+    assert "is within the spread of labeled-only continued: +2.9 +- 5.3 AP (paired, 3 seeds, ahead in 1" in text
+    # beyond the splits' spread it beats, whatever the paired std
+    assert "beats labeled-only continued" in bs.verdict({"semi": [0.05, 0.06]}, {"semi": 0.02})
