@@ -325,7 +325,8 @@ def test_oracle_continues_on_every_true_label_and_tells_budget_from_pseudo_label
     ledger = bs.load_ledger(tmp / "ledger.json")
     text = bs.table(ledger, a, "cmd")
     assert "| oracle | 2 | 30.5 +- 0.7 |" in text
-    assert "The oracle (the continuation on every image's true labels) beats labeled-only continued: +9.5 +- 0.7 AP" in text
+    assert ("The oracle (the continuation on every image's true labels) beats labeled-only continued: "
+            "+9.5 +- 0.7 AP") in text
     assert "the budget, not the pseudo-labels" not in text
     for s, ap in ((1, 0.205), (2, 0.22)):  # perfect labels adding nothing: the continuation's budget is the limit
         ledger["runs"][f"oracle/seed{s}"]["AP"] = ap
