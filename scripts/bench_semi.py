@@ -26,7 +26,9 @@ the splitter draw ``fraction`` of ``--train`` as labeled and hide the rest's lab
 then gives the pseudo-labels' precision and recall). Every finished run goes into a ledger
 (``benchmarks/semi/<name>.json``, tracked in git) keyed by arm and seed with a fingerprint of its
 recipe; a run whose fingerprint is there is skipped, an interrupted one resumes from its last
-checkpoint, and several processes over the same seeds share the ledger and never the same run.
+checkpoint, and several processes over the same seeds share the ledger and never the same run. A
+process fingerprints every recipe as ``conf/`` composes at its start and stops before its next run
+if ``conf/`` has changed since (start it again: the ledger resumes).
 ``--reproduce ARM/seedN`` runs one recorded run again in a directory of its own (the same recipe; a
 continuation from the same converged checkpoint) and sets its AP beside the ledger's and the arm's
 spread over seeds; the table keeps that line.
@@ -237,6 +239,27 @@ def config_hash(settings: tuple[str, ...]) -> str:
     return fingerprint(config)  # type: ignore[arg-type]
 
 
+def pin_recipes(a: argparse.Namespace) -> None:
+    """Compose every config this process will fingerprint now, at its start (``config_hash`` keeps
+    them): a run's directory and ledger row are named by the recipe the process started with, not by
+    whatever ``conf/`` holds when the arm's turn comes."""
+    for seed in a.seeds:
+        for arm in a.arms:
+            recipe(arm, seed, a)  # a continuation's includes its converged run's and extra teachers'
+
+
+def conf_unchanged(arm: str, a: argparse.Namespace) -> None:
+    """Refuse to start ``arm`` when ``conf/`` composes differently from when this process pinned its
+    recipes: the run (which composes its own config as it starts) would be filed under a fingerprint
+    that does not describe it."""
+    settings = tuple(arm_settings(arm, a))
+    if config_hash.__wrapped__(settings) != config_hash(settings):
+        raise SystemExit(f"{arm}: conf/ changed since this benchmark process started, so its recorded fingerprint "
+                         "would not describe the run; start the benchmark again (the ledger resumes). A setting "
+                         "added at the value that behaves as before belongs in bench_semi.ADDED_SETTINGS, so that "
+                         "it does not re-run every recorded run.")
+
+
 def key(arm: str, seed: int) -> str:
     return f"{arm}/seed{seed}"
 
@@ -340,6 +363,7 @@ def at_working_size(a: argparse.Namespace) -> None:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """Every (seed, arm) of ``a`` not in the ledger: the converged run first, then its continuations."""
+    pin_recipes(a)
     if any(not done(load_ledger(a.ledger), arm, s, a) for s in a.seeds for arm in a.arms):
         at_working_size(a)
     if a.variants:  # the table of a later run (or --report-only) without --variant keeps these rows
@@ -381,6 +405,7 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, split: Mapping[str, Path
         if not mine:
             print(f"== {key(arm, seed)}: another benchmark process is running it, skipped", flush=True)
             return None
+        conf_unchanged(arm, a)
         print(f"== {a.name} {key(arm, seed)} -> {run_dir}", flush=True)
         run_stage("finetune", run_dir, overrides(arm, seed, a, split, start))
     e = entry(json.loads((run_dir / "metrics.json").read_text()), rec)
@@ -399,6 +424,7 @@ def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
     seed = int(seed_text)
     if arm not in table_arms(a):
         raise SystemExit(f"--reproduce {which}: {arm} is not one of {', '.join(table_arms(a))}")
+    recipe(arm, seed, a)  # pinned: see pin_recipes
     if not done(load_ledger(a.ledger), arm, seed, a):
         raise SystemExit(f"--reproduce {which}: the ledger {a.ledger} has no run of it at today's recipe; run it first "
                          f"(--seeds {seed} --arms {arm})")
@@ -416,6 +442,7 @@ def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
         with claimed(run_dir) as mine:
             if not mine:
                 raise SystemExit(f"--reproduce {which}: another process is running {run_dir}")
+            conf_unchanged(arm, a)
             print(f"== {a.name} reproduce {key(arm, seed)} -> {run_dir}", flush=True)
             run_stage("finetune", run_dir, overrides(arm, seed, a, split, start))
     recorded = (load_ledger(a.ledger).get("reproduced") or {}).get(key(arm, seed))

@@ -286,6 +286,42 @@ def test_an_option_added_at_its_neutral_value_keeps_old_fingerprints() -> None:
     assert bs.config_hash((*settings, "semi.extra_teachers=[a]")) != bs.config_hash(settings)
 
 
+def test_a_conf_change_under_a_running_benchmark_stops_it_before_the_next_run(
+        fake: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    compose, record = bs.finetune_config, fake["calls"]
+    changed: dict[str, Any] = {}
+
+    def finetune_config(settings: Any) -> Any:  # conf/ as it reads once the first run has started
+        cfg = compose(settings)
+        if changed:
+            OmegaConf.set_struct(cfg, False)
+            cfg.semi.update(changed)
+        return cfg
+
+    def edit_conf_during_first_run(stage: str, run_dir: Path, overrides: list[str]) -> Path:
+        changed.update(late_option=value)  # a user edits conf/ while the benchmark trains
+        return run_stage(stage, run_dir, overrides)
+
+    monkeypatch.setattr(bs, "finetune_config", finetune_config)
+    run_stage = bs.run_stage
+    monkeypatch.setattr(bs, "run_stage", edit_conf_during_first_run)
+    a = bs.parse([*fake["argv"], "--seeds", "1"])
+    value = 3  # a new option at a value that changes what the runs do: the next run must not start
+    with pytest.raises(SystemExit, match="labeled: conf/ changed since this benchmark process started"):
+        bs.run(a)
+    assert [arm for arm, _ in record] == ["converge"]  # the converged run finished and is in the ledger
+    assert list(bs.load_ledger(a.ledger)["runs"]) == ["converge/seed1"]
+    # Declared neutral (the value that behaves as before), the option changes no fingerprint: a new
+    # process over the edited conf/ goes on where the first stopped.
+    monkeypatch.setitem(bs.ADDED_SETTINGS, "semi.late_option", 3)
+    bs.config_hash.cache_clear()
+    bs.run(bs.parse([*fake["argv"], "--seeds", "1"]))
+    assert [arm for arm, _ in record] == ["converge", "labeled", "semi", "control", "ceiling"]
+    bs.config_hash.cache_clear()  # the other tests compose the real conf/
+
+
 def test_labeled_time_is_opt_in_and_runs_the_semi_arms_compute(fake: dict[str, Any]) -> None:
     bs.run(bs.parse(fake["argv"]))
     assert "labeled_time" not in {arm for arm, _ in fake["calls"]}  # not a default arm
