@@ -244,7 +244,7 @@ def pin_recipes(a: argparse.Namespace) -> None:
     them): a run's directory and ledger row are named by the recipe the process started with, not by
     whatever ``conf/`` holds when the arm's turn comes."""
     for seed in a.seeds:
-        for arm in a.arms:
+        for arm in dict.fromkeys([*a.arms, *table_arms(a)]):  # the table at the end fingerprints its rows too
             recipe(arm, seed, a)  # a continuation's includes its converged run's and extra teachers'
 
 
@@ -424,7 +424,7 @@ def reproduce(which: str, a: argparse.Namespace) -> dict[str, Any]:
     seed = int(seed_text)
     if arm not in table_arms(a):
         raise SystemExit(f"--reproduce {which}: {arm} is not one of {', '.join(table_arms(a))}")
-    recipe(arm, seed, a)  # pinned: see pin_recipes
+    pin_recipes(a)
     if not done(load_ledger(a.ledger), arm, seed, a):
         raise SystemExit(f"--reproduce {which}: the ledger {a.ledger} has no run of it at today's recipe; run it first "
                          f"(--seeds {seed} --arms {arm})")
@@ -663,9 +663,11 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
             vs_semi: Mapping[str, list[float]] | None = None, vs_time: Mapping[str, list[float]] | None = None,
             time_steps: int | None = None, vs_control: Mapping[str, list[float]] | None = None) -> str:
     """What the table says, from its own numbers: a gain counts when the mean paired difference
-    exceeds the larger of the two arms' std over the seeds (the splits' spread); one inside that spread
-    but beyond the std of the paired differences themselves (and ahead in every seed but at most one) is
-    said to be so, with both figures: the seeds' splits differ more than the arms do on each.
+    exceeds the larger of the two arms' std over the seeds (the splits' spread) and every seed agrees
+    (all but one from 5 seeds on); one inside that spread but beyond the std of the paired differences
+    themselves, with the seeds agreeing, is said to be so with both figures (the splits differ more
+    than the arms do on each); a mean beyond the spread that not enough seeds agree with is said to be
+    only that.
     ``vs_semi``: each variant's paired AP differences to the protocol's semi arm; ``vs_time``: each semi
     arm's to labeled-only continued for ``time_steps`` steps (equal wall time); ``vs_control``: each
     semi arm's to the control on the seeds both have (what the unlabeled images add)."""
@@ -685,15 +687,22 @@ def verdict(diffs: Mapping[str, list[float]], spread: Mapping[str, float],
         if len(diffs[arm]) < 2:  # one pair has no spread to weigh a difference against
             out.append(f"{what}: {m * 100:+.1f} AP against labeled-only continued on 1 seed (no verdict before 2).")
             continue
-        sd = statistics.stdev(diffs[arm])
-        ahead = sum(x > 0 for x in diffs[arm]) if m > 0 else sum(x < 0 for x in diffs[arm])
-        word = "beats" if m > s else ("falls below" if m < -s else "is within the spread of")
-        tail = f"spread {s * 100:.1f}"
-        if -s <= m <= s and abs(m) > sd and ahead >= len(diffs[arm]) - 1:
+        n, sd = len(diffs[arm]), statistics.stdev(diffs[arm])
+        side = "ahead" if m >= 0 else "behind"
+        count = sum(x > 0 for x in diffs[arm]) if m >= 0 else sum(x < 0 for x in diffs[arm])
+        # the same sign on every seed (all but one from 5 seeds on), and a mean the table can print
+        consistent = count >= n - (n >= 5) and abs(m) >= 0.0005
+        word, tail = "is within the spread of", f"spread {s * 100:.1f}"
+        if abs(m) > s and consistent:
+            word = "beats" if m > 0 else "falls below"
+        elif abs(m) > s:  # a mean beyond the spread that one seed carries
+            word = "is above" if m > 0 else "is below"
+            tail = f"{'not every seed agrees' if n < 5 else 'two seeds or more disagree'}; spread {s * 100:.1f}"
+        elif consistent and abs(m) > sd:
             word = "is ahead of" if m > 0 else "is behind"
             tail = f"beyond its paired std, within the splits' spread {s * 100:.1f}"
         out.append(f"{what} {word} labeled-only continued: {m * 100:+.1f} +- {sd * 100:.1f} AP (paired, "
-                   f"{len(diffs[arm])} seeds, {'ahead' if m > 0 else 'behind'} in {ahead}; {tail}).")
+                   f"{n} seeds, {side} in {count}; {tail}).")
     for arm, d in (vs_control or {}).items():
         name = "" if arm == "semi" else f" (`{arm}`)"
         out.append(f"What the unlabeled images add beyond the control{name}: {paired_ap(d)}")
