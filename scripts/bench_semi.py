@@ -558,7 +558,8 @@ def table(ledger: Mapping[str, Any], a: argparse.Namespace, command: str) -> str
     lines.append(f"\nCommand: `{command}`. Protocol `conf/bench/semi.yaml`: converge {p['converge_epochs']} epochs "
                  f"of the labeled set, then {p['continue_steps']} steps at {p['continue_lr_factor']} x the LR, "
                  f"`{p['finetune']} {a.args}`".rstrip() + f"; semi arm `{p['semi']}`"
-                 + "".join(f"; `semi:{n}` adds `{o}`" for n, o in a.variants.items()) + ".")
+                 + "".join(f"; `semi:{n}` adds `{o}`" for n, o in a.variants.items() if runs.get(f"semi:{n}"))
+                 + ".")  # the variants with a row in this table
     machines = sorted({e["machine"] for r in runs.values() for e in r.values()})
     dates = sorted({e["date"] for r in runs.values() for e in r.values()})
     if machines:

@@ -227,6 +227,10 @@ def test_a_variant_is_one_more_semi_arm_and_reuses_the_recorded_runs(fake: dict[
     capsys.readouterr()
     bs.main([*fake["argv"], "--report-only"])
     assert "| semi:erase | 2 | 25.0 +- 2.8 |" in capsys.readouterr().out
+    # a variant named but never run has no row, and the protocol line does not list it
+    bs.main([*fake["argv"], "--report-only", "--variant", "later=semi.threshold=0.8"])
+    out = capsys.readouterr().out
+    assert "`semi:erase` adds" in out and "semi:later" not in out
     with pytest.raises(SystemExit):
         bs.parse([*fake["argv"], "--variant", "erase=semi.x=1", "--variant", "erase=semi.x=2"])
     for bad in ("erase", "=semi.x=1", "er ase=semi.x=1", "erase= "):
