@@ -651,8 +651,7 @@ def table_arms(a: argparse.Namespace) -> list[str]:
     for arm in ARMS:
         out.append(arm)
         if arm == "converge":
-            out += [f"converge:{k}" for k in sorted({int(k) for v in a.variants.values()
-                                                     for k in TEACHER_TOKEN.findall(v)})]
+            out += [f"converge:{k}" for k in sorted({k for n in a.variants for k in teacher_seeds(f"semi:{n}", a)})]
         if arm == "labeled":
             out += list(EXTRA_ARMS)
         if arm == "semi":
